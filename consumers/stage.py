@@ -1,0 +1,172 @@
+"""What a worker is: a :class:`Stage`, a typed handler from input events to output events.
+
+The stage runtime (:mod:`consumers.runtime`) owns everything about Kafka: commits,
+retries, batching, tracing, metrics. A stage only parses a record value and maps
+a batch of events to their outputs, in a worker thread, off the event loop.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from schemas import Event, Topics
+
+if TYPE_CHECKING:
+    from genseg.blobstore import BlobStore
+    from genseg.settings import Settings
+
+In = TypeVar("In", bound=Event)
+
+
+class StageError(Exception):
+    """Base of the errors a handler raises on purpose."""
+
+    #: ``error.type`` in the dead-letter event.
+    error_type: str = "error"
+
+
+class PermanentError(StageError):
+    """Retrying cannot help (bad input, refused reference): dead-letter at once."""
+
+    error_type = "permanent"
+
+    def __init__(self, message: str, error_type: str | None = None) -> None:
+        super().__init__(message)
+        if error_type:
+            self.error_type = error_type
+
+
+class TransientError(StageError):
+    """Worth retrying with backoff (store or broker hiccup, out of memory)."""
+
+    error_type = "transient"
+
+
+@dataclass
+class Output:
+    """One record to publish: ``event`` to the full topic name ``topic``, keyed by its id."""
+
+    topic: str
+    event: Event
+    key: str | None = None
+
+    @property
+    def record_key(self) -> str:
+        return self.key if self.key is not None else str(getattr(self.event, "id", ""))
+
+
+#: What a handler returns for each input event: its outputs, or the error it met.
+ItemResult = list[Output] | BaseException
+
+
+@dataclass
+class Phase:
+    """A timed phase of handler work, replayed as a span under each record it served."""
+
+    name: str
+    start_ns: int
+    end_ns: int = 0
+    attributes: dict[str, Any] = field(default_factory=dict)
+    item: int | None = None  # None: served every item of the batch
+    parent: int | None = None  # index of the enclosing phase in StageContext.phases
+
+
+class StageContext:
+    """Services a handler may use while it works on one batch (in a worker thread).
+
+    - ``blob``: the blob store for inputs and outputs;
+    - ``emit(output, item=i)``: publish a side record now (progress), fire-and-forget;
+    - ``phase(name, item=None)``: time a phase; it becomes a span under the record(s)
+      it served and an entry of :meth:`timings_ms`.
+    """
+
+    def __init__(
+        self,
+        *,
+        blob: BlobStore,
+        topics: Topics,
+        settings: Settings | None = None,
+        emit: Callable[[Output, int | None], None] | None = None,
+        attempt: int = 1,
+    ) -> None:
+        self.blob = blob
+        self.topics = topics
+        self.settings = settings
+        self.attempt = attempt
+        self.phases: list[Phase] = []
+        self._emit = emit
+        self._stack = threading.local()
+
+    def emit(self, output: Output, item: int | None = None) -> None:
+        """Publish ``output`` without waiting (for progress events)."""
+        if self._emit is not None:
+            self._emit(output, item)
+
+    @contextmanager
+    def phase(self, name: str, item: int | None = None, **attributes: Any) -> Iterator[Phase]:
+        """Time the enclosed work as phase ``name`` (for record ``item``, or all)."""
+        stack: list[int] = self._stack.__dict__.setdefault("open", [])
+        record = Phase(
+            name=name,
+            start_ns=time.time_ns(),
+            attributes=dict(attributes),
+            item=item,
+            parent=stack[-1] if stack else None,
+        )
+        self.phases.append(record)
+        stack.append(len(self.phases) - 1)
+        try:
+            yield record
+        finally:
+            stack.pop()
+            record.end_ns = time.time_ns()
+
+    def timings_ms(self, item: int) -> dict[str, float]:
+        """Milliseconds per top-level phase that served ``item`` (summed by name)."""
+        out: dict[str, float] = {}
+        for p in self.phases:
+            if p.parent is None and p.end_ns and p.item in (None, item):
+                out[p.name] = out.get(p.name, 0.0) + (p.end_ns - p.start_ns) / 1e6
+        return {k: round(v, 3) for k, v in out.items()}
+
+
+class Stage(ABC, Generic[In]):
+    """A worker's logic. Subclasses set ``name`` and ``input_topic`` and implement
+    :meth:`parse` and :meth:`handle`."""
+
+    #: Stage name: the ``stage`` of dead-letter events, a metrics label, the group suffix.
+    name: str = "stage"
+    #: Short name of the topic consumed (see :class:`schemas.Topics`).
+    input_topic: str = "prompts"
+
+    def setup(self) -> None:  # noqa: B027 - optional hook
+        """Load models; called once in the worker thread before consuming."""
+
+    @abstractmethod
+    def parse(self, raw: bytes) -> In:
+        """Decode one record value; raise :class:`schemas.InvalidEvent` on bad input."""
+
+    def batch_key(self, event: In) -> Hashable | None:
+        """Events with equal non-None keys may share a batch; None: always alone."""
+        return None
+
+    @abstractmethod
+    def handle(self, events: list[In], ctx: StageContext) -> list[ItemResult]:
+        """Map a batch to one result per event, in order. Runs in a worker thread.
+
+        Raise (or return) :class:`PermanentError` for failures retrying cannot fix;
+        any other exception is retried with backoff, then dead-lettered.
+        """
+
+    def request_id(self, event: In) -> str | None:
+        return getattr(event, "id", None)
+
+    def image_index(self, event: In) -> int | None:
+        """The image a failure of this event covers (None: the whole request)."""
+        return getattr(event, "image_index", None)

@@ -1,0 +1,1 @@
+"""The generator stage: diffusers text-to-image and inpainting."""

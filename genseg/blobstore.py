@@ -1,0 +1,255 @@
+"""Claim-check blob store: pixels live here, events carry references to them.
+
+Two back ends behind one interface: a local directory (``file://`` URIs) and
+S3 (``s3://bucket/prefix``, through obstore). Writes are atomic, keys are
+deterministic (a redelivered record overwrites, never forks), the sha256 is
+recorded on write and verified on read, and references outside the configured
+store are refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from datetime import timedelta
+from pathlib import Path
+from urllib.parse import quote, unquote, urlsplit
+
+from schemas import BlobRef
+
+log = logging.getLogger(__name__)
+
+
+class BlobError(Exception):
+    """Base of blob store errors."""
+
+
+class ForeignBlobRef(BlobError):
+    """A reference that points outside the configured store (traversal, other bucket or scheme)."""
+
+
+class BlobNotFound(BlobError):
+    """The referenced blob does not exist."""
+
+
+class BlobIntegrityError(BlobError):
+    """The blob's bytes do not match the reference's sha256 or size."""
+
+
+class BlobTooLarge(BlobError):
+    """The blob is larger than the reader allows."""
+
+
+class BlobUnavailable(BlobError):
+    """The store could not be reached; worth retrying."""
+
+
+def _segment(value: str) -> str:
+    """Encode one key segment so ids like ``..`` or ``a:b`` stay one safe path component."""
+    encoded = "".join(
+        ch if ch.isascii() and (ch.isalnum() or ch in "_-.") else "".join(
+            f"%{b:02X}" for b in ch.encode("utf-8")
+        )
+        for ch in value
+    )
+    if encoded.startswith("."):  # never '.', '..' or a hidden file
+        encoded = "%2E" + encoded[1:]
+    return encoded or "%00"
+
+
+def blob_key(request_id: str, image_index: int | None, stage: str, name: str) -> str:
+    """The deterministic key of one output: ``{id}/{image_index}/{stage}/{name}``."""
+    index = "all" if image_index is None else str(int(image_index))
+    return "/".join((_segment(request_id), index, _segment(stage), _segment(name)))
+
+
+def _check_key(key: str) -> str:
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ForeignBlobRef(f"unsafe blob key {key!r}")
+    if "\\" in key or "\x00" in key:
+        raise ForeignBlobRef(f"unsafe blob key {key!r}")
+    return key
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class BlobStore(ABC):
+    """Put and get bytes by key; references are :class:`schemas.BlobRef`."""
+
+    #: The store's base URL as configured (``GENSEG_BLOB_URL``).
+    url: str
+
+    def put(self, key: str, data: bytes, media_type: str) -> BlobRef:
+        """Write ``data`` atomically under ``key`` and return its reference."""
+        _check_key(key)
+        self._write(key, data, media_type)
+        return BlobRef(
+            uri=self.uri_for(key), sha256=sha256_hex(data), media_type=media_type, bytes=len(data)
+        )
+
+    def get(self, ref: BlobRef, *, max_bytes: int | None = None) -> bytes:
+        """Read the blob behind ``ref``, refusing foreign references and corrupted bytes."""
+        key = self.key_of(ref.uri)
+        if max_bytes is not None and ref.bytes > max_bytes:
+            raise BlobTooLarge(f"blob {ref.uri} has {ref.bytes} bytes, limit {max_bytes}")
+        data = self._read(key)
+        if len(data) != ref.bytes or sha256_hex(data) != ref.sha256:
+            raise BlobIntegrityError(
+                f"blob {ref.uri} does not match its reference "
+                f"(expected {ref.bytes} bytes sha256 {ref.sha256[:12]}..., "
+                f"got {len(data)} bytes sha256 {sha256_hex(data)[:12]}...)"
+            )
+        return data
+
+    @abstractmethod
+    def uri_for(self, key: str) -> str:
+        """The URI written into references for ``key``."""
+
+    @abstractmethod
+    def key_of(self, uri: str) -> str:
+        """The key inside this store that ``uri`` names; :class:`ForeignBlobRef` otherwise."""
+
+    @abstractmethod
+    def _write(self, key: str, data: bytes, media_type: str) -> None: ...
+
+    @abstractmethod
+    def _read(self, key: str) -> bytes: ...
+
+    @staticmethod
+    def from_url(url: str) -> BlobStore:
+        """``s3://bucket/prefix`` or a local directory (a path or ``file://`` URL)."""
+        scheme = urlsplit(url).scheme
+        if scheme == "s3":
+            return S3BlobStore(url)
+        if scheme in ("", "file"):
+            return LocalBlobStore(url)
+        raise ValueError(f"unsupported blob store URL {url!r}: use a directory or s3://bucket/prefix")
+
+
+class LocalBlobStore(BlobStore):
+    """Blobs as files under one root directory; atomic by write-then-rename."""
+
+    def __init__(self, url: str | os.PathLike[str]) -> None:
+        text = os.fspath(url)
+        path = unquote(urlsplit(text).path) if text.startswith("file://") else text
+        self.root = Path(path).expanduser().resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.url = self.root.as_uri()
+
+    def uri_for(self, key: str) -> str:
+        # Quote '%' too: keys hold %-escapes of their own (see _segment), and key_of
+        # must decode exactly one level.
+        return f"{self.url}/{quote(key, safe='/')}"
+
+    def key_of(self, uri: str) -> str:
+        parts = urlsplit(uri)
+        if parts.scheme != "file" or parts.netloc not in ("", "localhost"):
+            raise ForeignBlobRef(f"reference {uri[:200]!r} is not in the store {self.url}")
+        prefix = urlsplit(self.url).path + "/"
+        if not parts.path.startswith(prefix):
+            raise ForeignBlobRef(f"reference {uri[:200]!r} is outside the store {self.url}")
+        key = unquote(parts.path[len(prefix) :])
+        _check_key(key)
+        resolved = (self.root / key).resolve()
+        if not resolved.is_relative_to(self.root):
+            raise ForeignBlobRef(f"reference {uri[:200]!r} escapes the store {self.url}")
+        return key
+
+    def _path(self, key: str) -> Path:
+        return self.root / key
+
+    def _write(self, key: str, data: bytes, media_type: str) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def _read(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise BlobNotFound(f"no blob at {self.uri_for(key)}") from None
+
+
+class S3BlobStore(BlobStore):
+    """Blobs in one S3 bucket under one prefix, through obstore.
+
+    Credentials, region and endpoint come from the standard ``AWS_*`` variables
+    (``AWS_ENDPOINT_URL`` for S3-compatible servers, ``AWS_ALLOW_HTTP=true`` for
+    plain HTTP on loopback). Retries are kept short: the stage runtime owns
+    retry-with-backoff, so a store outage surfaces as :class:`BlobUnavailable`.
+    """
+
+    def __init__(self, url: str, *, timeout_s: float = 10.0, max_retries: int = 2) -> None:
+        from obstore.store import S3Store
+
+        parts = urlsplit(url)
+        if parts.scheme != "s3" or not parts.netloc:
+            raise ValueError(f"expected s3://bucket/prefix, got {url!r}")
+        self.bucket = parts.netloc
+        self.prefix = parts.path.strip("/")
+        self.url = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        client_options = {"timeout": timedelta(seconds=timeout_s)}
+        if os.environ.get("AWS_ALLOW_HTTP", "").lower() in ("1", "true", "yes"):
+            client_options["allow_http"] = True  # type: ignore[assignment]
+        self._store = S3Store(
+            self.bucket,
+            prefix=self.prefix or None,
+            client_options=client_options,  # type: ignore[arg-type]
+            retry_config={
+                "max_retries": max_retries,
+                "retry_timeout": timedelta(seconds=timeout_s),
+                "backoff": {
+                    "init_backoff": timedelta(milliseconds=100),
+                    "max_backoff": timedelta(seconds=2),
+                    "base": 2,
+                },
+            },
+        )
+
+    def uri_for(self, key: str) -> str:
+        return f"{self.url}/{key}"
+
+    def key_of(self, uri: str) -> str:
+        parts = urlsplit(uri)
+        if parts.scheme != "s3" or parts.netloc != self.bucket:
+            raise ForeignBlobRef(f"reference {uri[:200]!r} is not in the store {self.url}")
+        path = parts.path.lstrip("/")
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        if not path.startswith(prefix):
+            raise ForeignBlobRef(f"reference {uri[:200]!r} is outside the store {self.url}")
+        return _check_key(path[len(prefix) :])
+
+    def _write(self, key: str, data: bytes, media_type: str) -> None:
+        import obstore
+
+        try:
+            obstore.put(self._store, key, data, attributes={"Content-Type": media_type})
+        except obstore.exceptions.BaseError as exc:
+            raise BlobUnavailable(f"could not write {self.uri_for(key)}: {exc}") from None
+        except OSError as exc:
+            raise BlobUnavailable(f"could not write {self.uri_for(key)}: {exc}") from None
+
+    def _read(self, key: str) -> bytes:
+        import obstore
+
+        try:
+            return bytes(obstore.get(self._store, key).bytes())
+        except FileNotFoundError:
+            raise BlobNotFound(f"no blob at {self.uri_for(key)}") from None
+        except obstore.exceptions.NotFoundError:
+            raise BlobNotFound(f"no blob at {self.uri_for(key)}") from None
+        except (obstore.exceptions.BaseError, OSError) as exc:
+            raise BlobUnavailable(f"could not read {self.uri_for(key)}: {exc}") from None

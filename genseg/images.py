@@ -1,0 +1,78 @@
+"""Image and heat-map codecs shared by the workers, with limits for hostile input.
+
+Heat map format (the blob behind ``image-ready.heatmaps[target]``): a 16-bit
+grayscale PNG (PIL mode ``I;16``) whose aspect ratio is the image's, usually at
+the latent resolution (height/8 x width/8). Values are min-max normalised: 0 is
+the least attended position, 65535 the peak (1.0 after :func:`decode_heatmap`).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image
+
+from consumers.stage import PermanentError
+
+PNG = "image/png"
+HEATMAP_MEDIA_TYPE = "image/png"
+
+
+class InvalidImage(PermanentError):
+    """An image blob that cannot be decoded safely (truncated, not an image, too large)."""
+
+    error_type = "invalid_image"
+
+
+def encode_png(image: Image.Image) -> bytes:
+    """PNG bytes of ``image``; deterministic for the same pixels."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def decode_image(data: bytes, *, max_pixels: int, mode: str | None = "RGB") -> Image.Image:
+    """Decode an image blob, refusing decompression bombs and truncated files.
+
+    The pixel count is checked from the header before any pixel is decoded.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise InvalidImage(
+                    f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels"
+                )
+            image.load()
+    except InvalidImage:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidImage(f"image refused as a decompression bomb: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InvalidImage(f"image could not be decoded: {exc}") from None
+    return image.convert(mode) if mode and image.mode != mode else image
+
+
+def encode_heatmap(heatmap: np.ndarray) -> bytes:
+    """16-bit PNG of a float heat map ``[h, w]``, min-max normalised to 0..65535."""
+    if heatmap.ndim != 2:
+        raise ValueError(f"heat map must be 2-D, got shape {heatmap.shape}")
+    values = np.nan_to_num(heatmap.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = float(values.min()), float(values.max())
+    scaled = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+    pixels = np.round(scaled * 65535).astype(np.uint16)
+    return encode_png(Image.fromarray(pixels))
+
+
+def decode_heatmap(data: bytes, *, max_pixels: int = 4096 * 4096) -> np.ndarray:
+    """Float32 heat map ``[h, w]`` in 0..1 from :func:`encode_heatmap`'s PNG."""
+    image = decode_image(data, max_pixels=max_pixels, mode=None)
+    pixels = np.asarray(image, dtype=np.float64)
+    if pixels.ndim != 2:
+        raise InvalidImage(f"heat map must be single-channel, got mode {image.mode}")
+    peak = 65535.0 if pixels.max(initial=0) > 255 or image.mode.startswith("I") else 255.0
+    return (pixels / peak).astype(np.float32)

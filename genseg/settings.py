@@ -1,0 +1,93 @@
+"""Deployment settings, read from the environment (DESIGN.md Part 1).
+
+Every setting has a matching environment variable; the CLI's flags override them.
+Secrets are ``SecretStr`` so they never appear in logs or reprs.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas import Topics
+
+ModelProfile = Literal["tiny", "random", "pretrained"]
+
+
+class Settings(BaseSettings):
+    """All settings of one genseg process."""
+
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", populate_by_name=True)
+
+    kafka_bootstrap_servers: str = Field(
+        default="127.0.0.1:9092", validation_alias="KAFKA_BOOTSTRAP_SERVERS"
+    )
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        default="PLAINTEXT", validation_alias="KAFKA_SECURITY_PROTOCOL"
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        default=None, validation_alias="KAFKA_SASL_MECHANISM"
+    )
+    kafka_sasl_username: str | None = Field(default=None, validation_alias="KAFKA_SASL_USERNAME")
+    kafka_sasl_password: SecretStr | None = Field(
+        default=None, validation_alias="KAFKA_SASL_PASSWORD"
+    )
+    kafka_ssl_cafile: str | None = Field(default=None, validation_alias="KAFKA_SSL_CAFILE")
+    kafka_ssl_certfile: str | None = Field(default=None, validation_alias="KAFKA_SSL_CERTFILE")
+    kafka_ssl_keyfile: str | None = Field(default=None, validation_alias="KAFKA_SSL_KEYFILE")
+    kafka_ssl_check_hostname: bool = Field(
+        default=True, validation_alias="KAFKA_SSL_CHECK_HOSTNAME"
+    )
+
+    topic_prefix: str = Field(
+        default="genseg", pattern=r"^[A-Za-z0-9._-]{1,100}$", validation_alias="GENSEG_TOPIC_PREFIX"
+    )
+    blob_url: str = Field(default="./genseg-blobs", validation_alias="GENSEG_BLOB_URL")
+    #: Largest image (width x height) a worker decodes; guards against decompression bombs.
+    max_image_pixels: int = Field(
+        default=4096 * 4096, ge=64 * 64, validation_alias="GENSEG_MAX_IMAGE_PIXELS"
+    )
+
+    models: ModelProfile = Field(default="tiny", validation_alias="GENSEG_MODELS")
+    sd_model: str = Field(
+        default="stable-diffusion-v1-5/stable-diffusion-v1-5", validation_alias="SD_MODEL"
+    )
+    sd_inpaint_model: str = Field(
+        default="stable-diffusion-v1-5/stable-diffusion-inpainting",
+        validation_alias="SD_INPAINT_MODEL",
+    )
+    sam_model: Literal["vit_h", "vit_l", "vit_b"] = Field(
+        default="vit_h", validation_alias="SAM_MODEL"
+    )
+    sam_checkpoint: str | None = Field(default=None, validation_alias="SAM_CHECKPOINT")
+    #: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:1``...
+    device: str = Field(default="auto", validation_alias="GENSEG_DEVICE")
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.topic_prefix)
+
+    def kafka_kwargs(self) -> dict[str, Any]:
+        """Connection keyword arguments shared by aiokafka producers, consumers and admins."""
+        kwargs: dict[str, Any] = {
+            "bootstrap_servers": self.kafka_bootstrap_servers,
+            "security_protocol": self.kafka_security_protocol,
+        }
+        if self.kafka_security_protocol in ("SSL", "SASL_SSL"):
+            kwargs["ssl_context"] = self.ssl_context()
+        if self.kafka_security_protocol.startswith("SASL"):
+            kwargs["sasl_mechanism"] = self.kafka_sasl_mechanism or "PLAIN"
+            kwargs["sasl_plain_username"] = self.kafka_sasl_username
+            if self.kafka_sasl_password is not None:
+                kwargs["sasl_plain_password"] = self.kafka_sasl_password.get_secret_value()
+        return kwargs
+
+    def ssl_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=self.kafka_ssl_cafile)
+        context.check_hostname = self.kafka_ssl_check_hostname
+        if self.kafka_ssl_certfile:
+            context.load_cert_chain(self.kafka_ssl_certfile, self.kafka_ssl_keyfile)
+        return context

@@ -1,0 +1,1 @@
+"""Publishing: the event publisher and the upstream client API."""

@@ -1,0 +1,323 @@
+"""The events of the public contract (DESIGN.md Part 1) as pydantic v2 models.
+
+Every model ignores unknown fields (forward compatibility) and carries a ``schema``
+field naming its type and version. Units: sizes and boxes are in pixels of the
+generated image, boxes are ``[x, y, w, h]`` with the origin at the top-left
+corner, times are milliseconds.
+
+Fields marked *addition* extend the contract additively; they are listed in
+docs/contract.md.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+
+SCHEMA_PROMPT = "genseg.prompt/v1"
+SCHEMA_INPAINT = "genseg.inpaint/v1"
+SCHEMA_IMAGE = "genseg.image/v1"
+SCHEMA_MASKS = "genseg.masks/v1"
+SCHEMA_ASSET = "genseg.asset/v1"
+SCHEMA_PROGRESS = "genseg.progress/v1"
+SCHEMA_DEAD_LETTER = "genseg.dead_letter/v1"
+
+ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+MAX_PROMPT_CHARS = 2000
+MAX_TARGETS = 10
+DEAD_LETTER_VALUE_LIMIT = 64 * 1024
+
+RequestId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+TargetName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+Sampler = Literal["dpmpp_2m", "dpmpp_2m_karras", "euler_a", "ddim", "unipc"]
+SegmentationMode = Literal["attention", "boxes", "points", "auto"]
+
+
+class Event(BaseModel):
+    """Base of every contract model: unknown fields are ignored, never fatal."""
+
+    model_config = ConfigDict(
+        extra="ignore", validate_by_name=True, validate_by_alias=True, serialize_by_alias=True
+    )
+
+    def to_json_bytes(self) -> bytes:
+        """The record value: UTF-8 JSON without null-valued optional fields."""
+        return self.model_dump_json(exclude_none=True).encode("utf-8")
+
+
+class BlobRef(Event):
+    """Claim-check reference to bytes in the blob store."""
+
+    uri: str = Field(min_length=1, max_length=2048)
+    sha256: Sha256Hex
+    media_type: str = Field(min_length=1, max_length=255)
+    bytes: int = Field(ge=0)
+
+
+# --- request options ------------------------------------------------------------
+
+
+class Point(Event):
+    """A SAM point prompt in pixels; ``label`` 1 = foreground, 0 = background."""
+
+    x: float = Field(ge=0)
+    y: float = Field(ge=0)
+    label: Literal[0, 1] = 1
+
+
+BBox = Annotated[list[float], Field(min_length=4, max_length=4)]
+
+
+class SegmentationOptions(Event):
+    """How the segmenter finds objects. Defaults are the source article's."""
+
+    mode: SegmentationMode = "attention"
+    min_confidence: float = Field(default=0.8, ge=0.0, le=1.0)
+    max_objects: int = Field(default=5, ge=1, le=100)
+    smooth_px: int = Field(default=2, ge=0, le=32)
+    scales: list[Annotated[float, Field(gt=0.0, le=2.0)]] = Field(
+        default_factory=lambda: [1.0], min_length=1, max_length=5
+    )
+    boxes: list[BBox] | None = Field(default=None, max_length=100)
+    points: list[Point] | None = Field(default=None, max_length=100)
+
+    @field_validator("boxes")
+    @classmethod
+    def _positive_boxes(cls, boxes: list[list[float]] | None) -> list[list[float]] | None:
+        for box in boxes or []:
+            x, y, w, h = box
+            if x < 0 or y < 0 or w <= 0 or h <= 0:
+                raise ValueError("a box is [x, y, w, h] with x, y >= 0 and w, h > 0")
+        return boxes
+
+    @model_validator(mode="after")
+    def _explicit_prompts_present(self) -> SegmentationOptions:
+        if self.mode == "boxes" and not self.boxes:
+            raise ValueError("segmentation.mode 'boxes' needs segmentation.boxes")
+        if self.mode == "points" and not self.points:
+            raise ValueError("segmentation.mode 'points' needs segmentation.points")
+        return self
+
+
+class AssetOptions(Event):
+    """How cut-outs are written: cropped to the object's box, or the full canvas."""
+
+    crop: bool = True
+
+
+class ProgressiveOptions(Event):
+    """*Addition.* Draft small, upscale, refine with an img2img pass.
+
+    The draft is generated at ``draft_scale`` times the requested size (rounded to
+    multiples of 8), upscaled, then refined with ``strength`` of the steps.
+    """
+
+    draft_scale: float = Field(default=0.5, ge=0.25, lt=1.0)
+    strength: float = Field(default=0.5, gt=0.0, le=1.0)
+
+
+Dimension = Annotated[int, Field(ge=64, le=2048)]
+
+
+class GenerationOptions(Event):
+    """Options shared by prompt and inpaint events."""
+
+    id: RequestId
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    targets: list[TargetName] = Field(default_factory=list, max_length=MAX_TARGETS)
+    width: Dimension = 512
+    height: Dimension = 512
+    steps: int = Field(default=25, ge=1, le=150)
+    guidance_scale: float = Field(default=7.5, ge=0.0, le=30.0)
+    sampler: Sampler = "dpmpp_2m"
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    num_images: int = Field(default=1, ge=1, le=8)
+    segmentation: SegmentationOptions = Field(default_factory=SegmentationOptions)
+    asset: AssetOptions = Field(default_factory=AssetOptions)
+    progressive: ProgressiveOptions | None = None
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError(f"must be a multiple of 8, got {value}")
+        return value
+
+
+class PromptEvent(GenerationOptions):
+    """Text-to-image request on ``{prefix}.prompts``."""
+
+    schema_: Literal["genseg.prompt/v1"] = Field(default=SCHEMA_PROMPT, alias="schema")
+
+
+class InpaintEvent(GenerationOptions):
+    """Mask-guided regeneration on ``{prefix}.prompts``: white mask pixels are regenerated."""
+
+    schema_: Literal["genseg.inpaint/v1"] = Field(default=SCHEMA_INPAINT, alias="schema")
+    image: BlobRef
+    mask: BlobRef
+    strength: float = Field(default=1.0, gt=0.0, le=1.0)  # addition: img2img strength
+
+
+# --- downstream events ------------------------------------------------------------
+
+
+class ResolvedParams(Event):
+    """The generation parameters actually used for one image (``seed`` included)."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    sampler: Sampler
+    seed: int
+    num_images: int = 1
+    mode: Literal["txt2img", "inpaint"] = "txt2img"
+    progressive: ProgressiveOptions | None = None
+
+
+class ImageReadyEvent(Event):
+    """A generated image on ``{prefix}.images``, one per (``id``, ``image_index``)."""
+
+    schema_: Literal["genseg.image/v1"] = Field(default=SCHEMA_IMAGE, alias="schema")
+    id: RequestId
+    image_index: int = Field(default=0, ge=0)
+    image: BlobRef
+    params: ResolvedParams
+    model: str
+    heatmaps: dict[str, BlobRef] = Field(default_factory=dict)
+    targets: list[str] = Field(default_factory=list)
+    # addition: targets whose words were not found in the prompt (no heat map)
+    missing_targets: list[str] = Field(default_factory=list)
+    segmentation: SegmentationOptions = Field(default_factory=SegmentationOptions)
+    asset: AssetOptions = Field(default_factory=AssetOptions)  # addition: passed on
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+
+
+class RLE(Event):
+    """COCO run-length encoding (compressed ``counts`` string), ``size`` = [h, w]."""
+
+    size: Annotated[list[int], Field(min_length=2, max_length=2)]
+    counts: str
+
+
+class MaskObject(Event):
+    label: str
+    score: float  # SAM predicted IoU
+    bbox: BBox
+    area: int = Field(ge=0)
+    mask: BlobRef
+    rle: RLE
+
+
+class MasksReadyEvent(Event):
+    """Masks of one image on ``{prefix}.masks``."""
+
+    schema_: Literal["genseg.masks/v1"] = Field(default=SCHEMA_MASKS, alias="schema")
+    id: RequestId
+    image_index: int = Field(default=0, ge=0)
+    image: BlobRef
+    objects: list[MaskObject] = Field(default_factory=list)
+    timings_ms: dict[str, float] = Field(default_factory=dict)  # addition
+
+
+class AssetItem(Event):
+    label: str
+    score: float
+    bbox: BBox
+    asset: BlobRef
+
+
+class AssetReadyEvent(Event):
+    """Terminal event of a request that did not fail, on ``{prefix}.assets``."""
+
+    schema_: Literal["genseg.asset/v1"] = Field(default=SCHEMA_ASSET, alias="schema")
+    id: RequestId
+    image_index: int = Field(default=0, ge=0)
+    status: Literal["ok", "no_match"]
+    assets: list[AssetItem] = Field(default_factory=list)
+    image: BlobRef
+    masks: list[BlobRef] = Field(default_factory=list)
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+
+
+class ProgressEvent(Event):
+    """Denoising progress on ``{prefix}.progress``: step ``step`` of ``steps``."""
+
+    schema_: Literal["genseg.progress/v1"] = Field(default=SCHEMA_PROGRESS, alias="schema")
+    id: RequestId
+    image_index: int | None = None
+    stage: str = "gen"
+    step: int = Field(ge=0)
+    steps: int = Field(ge=1)
+
+
+class ErrorInfo(Event):
+    type: str
+    message: str
+
+
+class SourceInfo(Event):
+    topic: str
+    partition: int
+    offset: int
+
+
+class DeadLetterEvent(Event):
+    """Terminal event of a request that failed, on ``{prefix}.dlq``.
+
+    ``image_index`` is absent when the failure covers every image of the request
+    (for example a prompt the generator refused).
+    """
+
+    schema_: Literal["genseg.dead_letter/v1"] = Field(default=SCHEMA_DEAD_LETTER, alias="schema")
+    id: str | None = None
+    image_index: int | None = None
+    stage: str
+    error: ErrorInfo
+    attempts: int = Field(ge=0)
+    source: SourceInfo
+    value: str = ""
+    value_truncated: bool = False  # addition
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        stage: str,
+        error_type: str,
+        message: str,
+        attempts: int,
+        source: SourceInfo,
+        raw: bytes,
+        request_id: str | None = None,
+        image_index: int | None = None,
+    ) -> DeadLetterEvent:
+        """Build a dead-letter event, decoding and truncating the original value."""
+        text = raw.decode("utf-8", errors="replace")
+        truncated = len(text) > DEAD_LETTER_VALUE_LIMIT
+        return cls(
+            id=request_id,
+            image_index=image_index,
+            stage=stage,
+            error=ErrorInfo(type=error_type, message=message[:4096]),
+            attempts=attempts,
+            source=source,
+            value=text[:DEAD_LETTER_VALUE_LIMIT],
+            value_truncated=truncated,
+        )
+
+
+PromptsTopicEvent = PromptEvent | InpaintEvent

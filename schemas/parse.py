@@ -1,0 +1,90 @@
+"""Decoding record values into contract events, with one error type for bad input."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from schemas.events import SCHEMA_INPAINT, SCHEMA_PROMPT, InpaintEvent, PromptEvent
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class InvalidEvent(ValueError):
+    """A record value that is not a valid contract event; never worth retrying."""
+
+    def __init__(self, message: str, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
+
+def _load_json(raw: bytes) -> Any:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidEvent(f"value is not UTF-8: {exc}") from None
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise InvalidEvent(f"value is not JSON: {exc}") from None
+
+
+def _request_id(data: Any) -> str | None:
+    """The id of a record that failed validation, when it is usable as a key."""
+    if isinstance(data, dict):
+        value = data.get("id")
+        if isinstance(value, str) and 0 < len(value) <= 128:
+            return value
+    return None
+
+
+def _summarise(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False)[:10]:
+        where = ".".join(str(p) for p in err["loc"]) or "(value)"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def _load_object(raw: bytes) -> dict[str, Any]:
+    data = _load_json(raw)
+    if not isinstance(data, dict):
+        raise InvalidEvent(f"value must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _validate(data: dict[str, Any], model: type[T]) -> T:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidEvent(_summarise(exc), _request_id(data)) from None
+    except (RecursionError, ValueError, TypeError) as exc:  # defensive: never crash on input
+        raise InvalidEvent(f"invalid event: {exc}", _request_id(data)) from None
+
+
+def parse_event(raw: bytes, model: type[T]) -> T:
+    """Decode ``raw`` as ``model``; raise :class:`InvalidEvent` on any bad input."""
+    return _validate(_load_object(raw), model)
+
+
+def parse_prompts_record(raw: bytes) -> PromptEvent | InpaintEvent:
+    """Decode a record of the prompts topic: ``schema`` tells prompt from inpaint.
+
+    A record without ``schema`` is read as a prompt event.
+    """
+    data = _load_object(raw)
+    schema = data.get("schema", SCHEMA_PROMPT)
+    model: type[PromptEvent] | type[InpaintEvent]
+    if schema == SCHEMA_PROMPT:
+        model = PromptEvent
+    elif schema == SCHEMA_INPAINT:
+        model = InpaintEvent
+    else:
+        raise InvalidEvent(
+            f"unknown schema {str(schema)[:100]!r} on the prompts topic; "
+            f"expected {SCHEMA_PROMPT!r} or {SCHEMA_INPAINT!r}",
+            _request_id(data),
+        )
+    return _validate(data, model)

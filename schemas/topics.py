@@ -1,0 +1,50 @@
+"""Topic names of the contract: ``{prefix}.{name}``, prefix ``genseg`` by default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TOPIC_NAMES = ("prompts", "images", "masks", "assets", "progress", "dlq", "scenes")
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The full topic names for one prefix (``GENSEG_TOPIC_PREFIX``)."""
+
+    prefix: str = "genseg"
+
+    def name(self, short: str) -> str:
+        if short not in TOPIC_NAMES:
+            raise ValueError(f"unknown topic {short!r}; expected one of {TOPIC_NAMES}")
+        return f"{self.prefix}.{short}"
+
+    @property
+    def prompts(self) -> str:
+        return self.name("prompts")
+
+    @property
+    def images(self) -> str:
+        return self.name("images")
+
+    @property
+    def masks(self) -> str:
+        return self.name("masks")
+
+    @property
+    def assets(self) -> str:
+        return self.name("assets")
+
+    @property
+    def progress(self) -> str:
+        return self.name("progress")
+
+    @property
+    def dlq(self) -> str:
+        return self.name("dlq")
+
+    @property
+    def scenes(self) -> str:
+        return self.name("scenes")
+
+    def all(self) -> list[str]:
+        return [self.name(short) for short in TOPIC_NAMES]

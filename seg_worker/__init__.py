@@ -1,0 +1,1 @@
+"""The segmenter stage: Segment Anything masks and RGBA assets."""

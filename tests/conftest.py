@@ -1,0 +1,42 @@
+"""Shared fixtures: a real tansu broker per session, fresh topics and blob store per test."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from genseg.broker import EmbeddedBroker
+from genseg.settings import Settings
+
+_prefixes = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
+    """One embedded Kafka-protocol broker (tansu, memory storage) on a free loopback port."""
+    log_path = tmp_path_factory.mktemp("broker") / "tansu.log"
+    with EmbeddedBroker(log_path=log_path) as running:
+        yield running
+
+
+@pytest.fixture
+def blob_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "blobs"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def settings(broker: EmbeddedBroker, blob_dir: Path) -> Settings:
+    """Settings pointing at the session broker, with a topic prefix no other test uses."""
+    prefix = f"t{os.getpid()}-{next(_prefixes)}"
+    return Settings(
+        kafka_bootstrap_servers=broker.bootstrap_servers,
+        topic_prefix=prefix,
+        blob_url=str(blob_dir),
+        models="tiny",
+    )
