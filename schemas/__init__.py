@@ -1,6 +1,7 @@
 """The public contract as pydantic v2 models. Pure: no I/O."""
 
 from schemas.events import (
+    RLE,
     SCHEMA_ASSET,
     SCHEMA_DEAD_LETTER,
     SCHEMA_IMAGE,
@@ -8,7 +9,6 @@ from schemas.events import (
     SCHEMA_MASKS,
     SCHEMA_PROGRESS,
     SCHEMA_PROMPT,
-    RLE,
     AssetItem,
     AssetOptions,
     AssetReadyEvent,

@@ -1,0 +1,102 @@
+"""Prometheus metrics of one stage runtime, in a registry of its own (no global state)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
+
+log = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
+
+
+class StageMetrics:
+    """Counters, gauges and histograms named ``genseg_*``, labelled by stage."""
+
+    def __init__(self, stage: str, registry: CollectorRegistry | None = None) -> None:
+        self.stage = stage
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.received = Counter(
+            "genseg_records_received", "Records consumed", ["stage"], registry=r
+        ).labels(stage)
+        self.processed = Counter(
+            "genseg_records_processed",
+            "Records whose outputs were published",
+            ["stage"],
+            registry=r,
+        ).labels(stage)
+        self.failed = Counter(
+            "genseg_records_failed", "Handler attempts that failed", ["stage", "error"], registry=r
+        )
+        self.dead_lettered = Counter(
+            "genseg_records_dead_lettered",
+            "Records sent to the dead-letter topic",
+            ["stage"],
+            registry=r,
+        ).labels(stage)
+        self.retried = Counter(
+            "genseg_records_retried", "Retries scheduled after a failure", ["stage"], registry=r
+        ).labels(stage)
+        self.in_flight = Gauge(
+            "genseg_in_flight", "Records accepted and not yet done", ["stage"], registry=r
+        ).labels(stage)
+        self.batch_size = Histogram(
+            "genseg_batch_size",
+            "Records per handler call",
+            ["stage"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        ).labels(stage)
+        self.latency = Histogram(
+            "genseg_stage_latency_seconds",
+            "Record receipt to outputs acknowledged",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        ).labels(stage)
+        self.handler_seconds = Histogram(
+            "genseg_handler_seconds",
+            "Handler call duration per batch",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        ).labels(stage)
+        self.lag = Gauge(
+            "genseg_consumer_lag",
+            "High watermark minus committed offset",
+            ["stage", "topic", "partition"],
+            registry=r,
+        )
+        self._server: Any = None
+
+    def fail(self, error_type: str) -> None:
+        self.failed.labels(self.stage, error_type).inc()
+
+    def set_lag(self, topic: str, partition: int, lag: int) -> None:
+        self.lag.labels(self.stage, topic, str(partition)).set(max(lag, 0))
+
+    def render(self) -> bytes:
+        """The metrics in Prometheus text format."""
+        return generate_latest(self.registry)
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
+        """Serve ``/metrics`` over HTTP on ``port`` (in a daemon thread)."""
+        self._server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        log.info("metrics on http://%s:%d/metrics", addr, port)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

@@ -1,0 +1,74 @@
+"""OpenTelemetry set-up from the standard ``OTEL_*`` variables, and Kafka header propagation.
+
+Exporter choice: OTLP over HTTP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` or
+``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` is set; the console when
+``OTEL_TRACES_EXPORTER=console``; otherwise spans are still created (trace ids
+exist and propagate) but nothing is exported. ``OTEL_SDK_DISABLED=true`` turns
+tracing off entirely.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.propagate import extract, inject
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+log = logging.getLogger(__name__)
+
+TRACER_NAME = "genseg"
+KafkaHeaders = Sequence[tuple[str, bytes]]
+
+
+def setup_tracing(service_name: str) -> trace.TracerProvider:
+    """Install and return the process's tracer provider, configured from ``OTEL_*``."""
+    if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return trace.get_tracer_provider()
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
+    provider = TracerProvider(resource=resource)
+    exporter_name = os.environ.get("OTEL_TRACES_EXPORTER", "otlp").lower()
+    has_endpoint = any(
+        os.environ.get(name)
+        for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
+    if exporter_name == "console":
+        provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+    elif exporter_name == "otlp" and has_endpoint:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        log.info("exporting traces over OTLP/HTTP")
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+def shutdown_tracing() -> None:
+    """Flush and stop the installed provider's exporters (call on process exit)."""
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, TracerProvider):
+        provider.shutdown()
+
+
+def headers_from_context(context: Context | None = None) -> list[tuple[str, bytes]]:
+    """W3C ``traceparent``/``tracestate`` Kafka headers for ``context`` (or the current one)."""
+    carrier: dict[str, str] = {}
+    inject(carrier, context=context)
+    return [(key, value.encode("ascii")) for key, value in carrier.items()]
+
+
+def context_from_headers(headers: KafkaHeaders | None) -> Context:
+    """The upstream trace context carried by a record's headers (empty if none or invalid)."""
+    carrier: dict[str, str] = {}
+    for key, value in headers or ():
+        if key in ("traceparent", "tracestate", "baggage") and isinstance(value, bytes):
+            try:
+                carrier[key] = value.decode("ascii")
+            except UnicodeDecodeError:
+                continue
+    return extract(carrier)
