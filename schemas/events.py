@@ -45,8 +45,14 @@ SegmentationMode = Literal["attention", "boxes", "points", "auto"]
 class Event(BaseModel):
     """Base of every contract model: unknown fields are ignored, never fatal."""
 
+    # allow_inf_nan=False: JSON has no NaN or Infinity (Python's json reads them, and
+    # pydantic would write them back as null, which no longer validates).
     model_config = ConfigDict(
-        extra="ignore", validate_by_name=True, validate_by_alias=True, serialize_by_alias=True
+        extra="ignore",
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+        allow_inf_nan=False,
     )
 
     def to_json_bytes(self) -> bytes:
@@ -125,7 +131,8 @@ class ProgressiveOptions(Event):
     strength: float = Field(default=0.5, gt=0.0, le=1.0)
 
 
-Dimension = Annotated[int, Field(ge=64, le=2048)]
+# multiple_of (not a validator) so that the exported JSON Schema says it too.
+Dimension = Annotated[int, Field(ge=64, le=2048, multiple_of=8)]
 
 
 class GenerationOptions(Event):
@@ -145,13 +152,6 @@ class GenerationOptions(Event):
     segmentation: SegmentationOptions = Field(default_factory=SegmentationOptions)
     asset: AssetOptions = Field(default_factory=AssetOptions)
     progressive: ProgressiveOptions | None = None
-
-    @field_validator("width", "height")
-    @classmethod
-    def _multiple_of_8(cls, value: int) -> int:
-        if value % 8:
-            raise ValueError(f"must be a multiple of 8, got {value}")
-        return value
 
 
 class PromptEvent(GenerationOptions):
@@ -305,9 +305,16 @@ class DeadLetterEvent(Event):
         request_id: str | None = None,
         image_index: int | None = None,
     ) -> DeadLetterEvent:
-        """Build a dead-letter event, decoding and truncating the original value."""
+        """Build a dead-letter event, decoding and truncating the original value.
+
+        The value is cut to at most 64 KiB of UTF-8 (never inside a character), so a
+        dead-letter record stays far below Kafka's 1 MiB limit whatever the input.
+        """
         text = raw.decode("utf-8", errors="replace")
-        truncated = len(text) > DEAD_LETTER_VALUE_LIMIT
+        encoded = text.encode("utf-8")
+        truncated = len(encoded) > DEAD_LETTER_VALUE_LIMIT
+        if truncated:
+            text = encoded[:DEAD_LETTER_VALUE_LIMIT].decode("utf-8", errors="ignore")
         return cls(
             id=request_id,
             image_index=image_index,
@@ -315,7 +322,7 @@ class DeadLetterEvent(Event):
             error=ErrorInfo(type=error_type, message=message[:4096]),
             attempts=attempts,
             source=source,
-            value=text[:DEAD_LETTER_VALUE_LIMIT],
+            value=text,
             value_truncated=truncated,
         )
 

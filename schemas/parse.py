@@ -27,8 +27,10 @@ def _load_json(raw: bytes) -> Any:
         raise InvalidEvent(f"value is not UTF-8: {exc}") from None
     try:
         return json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise InvalidEvent(f"value is not JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError and integers beyond the int-string
+        # conversion limit (``sys.get_int_max_str_digits``), which json.loads raises.
+        raise InvalidEvent(f"value is not JSON: {str(exc)[:200]}") from None
 
 
 def _request_id(data: Any) -> str | None:
@@ -82,8 +84,9 @@ def parse_prompts_record(raw: bytes) -> PromptEvent | InpaintEvent:
     elif schema == SCHEMA_INPAINT:
         model = InpaintEvent
     else:
+        shown = schema[:100] if isinstance(schema, str) else type(schema).__name__
         raise InvalidEvent(
-            f"unknown schema {str(schema)[:100]!r} on the prompts topic; "
+            f"unknown schema {shown!r} on the prompts topic; "
             f"expected {SCHEMA_PROMPT!r} or {SCHEMA_INPAINT!r}",
             _request_id(data),
         )
