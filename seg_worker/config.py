@@ -1,0 +1,45 @@
+"""Worker-side knobs of the segmenter that are not part of the request contract."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from seg_worker.prompts import HEAT_THRESHOLD
+
+
+@dataclass(frozen=True)
+class SegConfig:
+    """Tuning of one segmenter process (the request's own options come in its event)."""
+
+    #: Memory bound of the embedding cache, bytes (a ViT embedding is 4 MiB in fp32).
+    cache_bytes: int = 256 * 2**20
+    #: Cache misses encoded together in one encoder forward pass.
+    encode_batch: int = 4
+    #: Heat-map threshold as a fraction of its peak (see seg_worker.prompts).
+    heat_threshold: float = HEAT_THRESHOLD
+    #: Retry a target that yielded nothing on a crop around its heat-map peak.
+    crop_retry: bool = True
+    #: Smallest side of that crop, pixels (the predictor upscales it to the encoder input).
+    crop_min_side: int = 32
+    #: SamAutomaticMaskGenerator grid: points_per_side**2 point prompts per image.
+    auto_points_per_side: int = 16
+    auto_points_per_batch: int = 64
+    #: SamAutomaticMaskGenerator's stability filter (0 disables it).
+    auto_stability_thresh: float = 0.92
+    #: SAM architecture; None: Settings.sam_model (``tiny`` is forced by the tiny profile).
+    arch: str | None = None
+    #: Seed of random initialisation (tiny and random profiles).
+    seed: int = 0
+
+    @classmethod
+    def for_profile(cls, profile: str, **overrides: Any) -> SegConfig:
+        """Defaults for a model profile, then ``overrides``.
+
+        ``tiny``: a 4x4 automatic grid (speed), and no stability filter: with random
+        weights the stability score says nothing, so only ``min_confidence`` filters.
+        """
+        base = cls()
+        if profile == "tiny":
+            base = replace(base, auto_points_per_side=4, auto_stability_thresh=0.0)
+        return replace(base, **overrides)

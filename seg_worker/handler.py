@@ -1,0 +1,307 @@
+"""The segmenter stage: image-ready event -> one mask-ready and one asset-ready event.
+
+The asset-ready event is the terminal event of the image: it is always
+published, with ``status: "no_match"`` and no assets when nothing passed the
+filters. Failures are raised per image (the runtime dead-letters them):
+
+- a reference outside the store, a blob that is missing, too large or whose bytes
+  do not match its sha256: :class:`PermanentError` (the blob error is its cause);
+- a store that cannot be reached: :class:`TransientError` (retried);
+- an image that does not decode, is truncated or has more than
+  ``Settings.max_image_pixels`` pixels: :class:`genseg.images.InvalidImage`
+  (a PermanentError).
+
+Batching: every image-ready event may share a batch (:meth:`SegStage.batch_key`
+returns one key). SAM pads every input to the same ``img_size`` square, so any
+images stack into one encoder pass; on a GPU that raises encoder throughput, and
+the per-image steps after it are independent. The embedding cache sits in front,
+so repeated images are not encoded at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Hashable
+
+import numpy as np
+
+from consumers.stage import (
+    ItemResult,
+    Output,
+    PermanentError,
+    Stage,
+    StageContext,
+    TransientError,
+)
+from genseg.blobstore import (
+    BlobError,
+    BlobIntegrityError,
+    BlobNotFound,
+    BlobTooLarge,
+    BlobUnavailable,
+    ForeignBlobRef,
+    blob_key,
+)
+from genseg.images import PNG, decode_heatmap, decode_image
+from genseg.settings import Settings
+from schemas import (
+    RLE,
+    AssetItem,
+    AssetReadyEvent,
+    BlobRef,
+    ImageReadyEvent,
+    MaskObject,
+    MasksReadyEvent,
+    parse_event,
+)
+from seg_worker.config import SegConfig
+from seg_worker.finishing import SegObject, encode_rle, mask_png, rgba_png
+from seg_worker.predictor import CachedPredictor
+from seg_worker.profiles import load_sam
+from seg_worker.segment import Plan, Segmenter
+
+log = logging.getLogger(__name__)
+
+#: Blob errors that retrying cannot fix, and their dead-letter ``error.type``.
+_PERMANENT_BLOB_ERRORS: dict[type[BlobError], str] = {
+    ForeignBlobRef: "foreign_blob_ref",
+    BlobIntegrityError: "blob_integrity",
+    BlobNotFound: "blob_not_found",
+    BlobTooLarge: "blob_too_large",
+}
+#: A PNG is at most its raw pixels (8 bytes for 16-bit RGBA) plus small overhead.
+_BYTES_PER_PIXEL_LIMIT = 8
+_BYTES_OVERHEAD_LIMIT = 2**20
+
+
+class _Item:
+    """Per-image state between the steps of :meth:`SegStage.handle`."""
+
+    def __init__(self, index: int, event: ImageReadyEvent) -> None:
+        self.index = index
+        self.event = event
+        self.image: np.ndarray | None = None
+        self.plan: Plan | None = None
+
+
+class SegStage(Stage[ImageReadyEvent]):
+    """Segment Anything on every image-ready event.
+
+    Construct from settings: ``SegStage(Settings())``: the model profile is
+    ``Settings.models`` (``SAM_MODEL``, ``SAM_CHECKPOINT``, ``GENSEG_DEVICE``);
+    ``config`` tunes the worker (cache size, automatic grid...). The model is
+    built in :meth:`setup` (or on the first :meth:`handle`).
+    """
+
+    name = "seg"
+    input_topic = "images"
+
+    def __init__(self, settings: Settings, config: SegConfig | None = None) -> None:
+        self.settings = settings
+        self.config = config or SegConfig.for_profile(settings.models)
+        self._segmenter: Segmenter | None = None
+        self._setup_lock = threading.Lock()
+
+    # --- Stage interface -----------------------------------------------------------
+
+    def setup(self) -> None:
+        """Build or load SAM for ``Settings.models`` and wrap it in a cached predictor."""
+        with self._setup_lock:
+            if self._segmenter is not None:
+                return
+            s = self.settings
+            model = load_sam(
+                s.models,
+                self.config.arch or s.sam_model,
+                checkpoint=s.sam_checkpoint,
+                device=s.device,
+                seed=self.config.seed,
+            )
+            predictor = CachedPredictor(model, cache_bytes=self.config.cache_bytes)
+            self._segmenter = Segmenter(predictor, self.config)
+            log.info(
+                "seg worker ready: profile %s, SAM %s, input %d px, device %s",
+                s.models,
+                "tiny" if s.models == "tiny" else (self.config.arch or s.sam_model),
+                model.image_encoder.img_size,
+                model.device,
+            )
+
+    @property
+    def segmenter(self) -> Segmenter:
+        """The model-holding segmenter (built on first use)."""
+        if self._segmenter is None:
+            self.setup()
+        assert self._segmenter is not None
+        return self._segmenter
+
+    @property
+    def predictor(self) -> CachedPredictor:
+        return self.segmenter.predictor
+
+    def parse(self, raw: bytes) -> ImageReadyEvent:
+        return parse_event(raw, ImageReadyEvent)
+
+    def batch_key(self, event: ImageReadyEvent) -> Hashable | None:
+        """One key for all: any images can share an encoder batch (see module doc)."""
+        return "sam"
+
+    def handle(self, events: list[ImageReadyEvent], ctx: StageContext) -> list[ItemResult]:
+        """Per event ``[Output(masks, MasksReadyEvent), Output(assets, AssetReadyEvent)]``,
+        or the exception that event met (the others still complete)."""
+        segmenter = self.segmenter
+        results: list[ItemResult | None] = [None] * len(events)
+        items = [_Item(i, event) for i, event in enumerate(events)]
+
+        for item in items:
+            try:
+                with ctx.phase("decode_image", item=item.index):
+                    item.plan = self._plan(item, ctx)
+            except Exception as exc:
+                results[item.index] = exc
+
+        ready = [item for item in items if results[item.index] is None]
+        plans = [item.plan for item in ready if item.plan is not None]
+        if plans:
+            try:
+                # one phase for the batch: its encoder pass serves every image in it
+                only = ready[0].index if len(ready) == 1 else None
+                with ctx.phase("embed", item=only, images=len(plans)):
+                    segmenter.embed(plans)
+            except Exception as exc:
+                for item in ready:
+                    results[item.index] = _classify(exc)
+                ready = []
+
+        for item in ready:
+            try:
+                results[item.index] = self._finish(item, ctx)
+            except Exception as exc:
+                results[item.index] = _classify(exc)
+        return [r if r is not None else RuntimeError("unhandled item") for r in results]
+
+    # --- steps -----------------------------------------------------------------------
+
+    def _plan(self, item: _Item, ctx: StageContext) -> Plan:
+        """Read and decode the image and heat maps; plan the prompts."""
+        event = item.event
+        max_pixels = self.settings.max_image_pixels
+        max_bytes = max_pixels * _BYTES_PER_PIXEL_LIMIT + _BYTES_OVERHEAD_LIMIT
+        data = _read_blob(ctx, event.image, max_bytes, "image")
+        image = np.asarray(decode_image(data, max_pixels=max_pixels, mode="RGB"))
+        item.image = image
+        heatmaps: dict[str, np.ndarray] = {}
+        if event.segmentation.mode == "attention":
+            for target, ref in event.heatmaps.items():
+                raw = _read_blob(ctx, ref, max_bytes, f"heat map {target!r}")
+                heatmaps[target] = decode_heatmap(raw, max_pixels=max_pixels)
+        return self.segmenter.plan(
+            image,
+            event.image.sha256,
+            event.segmentation,
+            targets=event.targets,
+            heatmaps=heatmaps,
+            missing_targets=event.missing_targets,
+        )
+
+    def _finish(self, item: _Item, ctx: StageContext) -> list[Output]:
+        """Predict, then write masks and assets and build the two events."""
+        assert item.plan is not None and item.image is not None
+        event, i = item.event, item.index
+        with ctx.phase("predict", item=i):
+            objects = self.segmenter.run(item.plan)
+        with ctx.phase("assets", item=i):
+            encoded = [_encode(item.image, obj, crop=event.asset.crop) for obj in objects]
+        mask_objects: list[MaskObject] = []
+        assets: list[AssetItem] = []
+        with ctx.phase("blob_write", item=i):
+            for k, (obj, (mask_bytes, rle, asset_bytes)) in enumerate(
+                zip(objects, encoded, strict=True)
+            ):
+                mask_ref = _write_blob(ctx, event, f"mask-{k}.png", mask_bytes)
+                asset_ref = _write_blob(ctx, event, f"asset-{k}.png", asset_bytes)
+                bbox = [float(v) for v in obj.bbox]
+                mask_objects.append(
+                    MaskObject(
+                        label=obj.label,
+                        score=obj.score,
+                        bbox=bbox,
+                        area=obj.area,
+                        mask=mask_ref,
+                        rle=RLE(size=rle["size"], counts=rle["counts"]),
+                    )
+                )
+                assets.append(
+                    AssetItem(label=obj.label, score=obj.score, bbox=bbox, asset=asset_ref)
+                )
+        seg_timings = {f"seg.{name}": ms for name, ms in ctx.timings_ms(i).items()}
+        gen_timings = {
+            name if name.startswith("gen.") else f"gen.{name}": ms
+            for name, ms in event.timings_ms.items()
+        }
+        masks_event = MasksReadyEvent(
+            id=event.id,
+            image_index=event.image_index,
+            image=event.image,
+            objects=mask_objects,
+            timings_ms=seg_timings,
+        )
+        asset_event = AssetReadyEvent(
+            id=event.id,
+            image_index=event.image_index,
+            status="ok" if assets else "no_match",
+            assets=assets,
+            image=event.image,
+            masks=[obj.mask for obj in mask_objects],
+            timings_ms={**gen_timings, **seg_timings},
+        )
+        if not assets:
+            log.info("%s/%d: no object passed the filters", event.id, event.image_index)
+        return [
+            Output(ctx.topics.masks, masks_event),
+            Output(ctx.topics.assets, asset_event),
+        ]
+
+
+def _encode(
+    image: np.ndarray, obj: SegObject, *, crop: bool
+) -> tuple[bytes, dict[str, object], bytes]:
+    """Mask PNG, COCO RLE and RGBA PNG of one object."""
+    return (
+        mask_png(obj.mask),
+        encode_rle(obj.mask),
+        rgba_png(image, obj.mask, obj.bbox if crop else None),
+    )
+
+
+def _read_blob(ctx: StageContext, ref: BlobRef, max_bytes: int, what: str) -> bytes:
+    """``ctx.blob.get`` (sha256 and size verified) with blob errors classified."""
+    try:
+        return ctx.blob.get(ref, max_bytes=max_bytes)
+    except BlobUnavailable as exc:
+        raise TransientError(f"{what}: {exc}") from exc
+    except BlobError as exc:
+        error_type = next(
+            (name for cls, name in _PERMANENT_BLOB_ERRORS.items() if isinstance(exc, cls)),
+            "blob_error",
+        )
+        raise PermanentError(f"{what}: {exc}", error_type=error_type) from exc
+
+
+def _write_blob(ctx: StageContext, event: ImageReadyEvent, name: str, data: bytes) -> BlobRef:
+    """Write one output under its deterministic key (a redelivery overwrites)."""
+    key = blob_key(event.id, event.image_index, "seg", name)
+    try:
+        return ctx.blob.put(key, data, PNG)
+    except BlobUnavailable as exc:
+        raise TransientError(f"writing {name}: {exc}") from exc
+
+
+def _classify(exc: Exception) -> Exception:
+    """Out-of-memory is worth a retry (perhaps on a less busy worker): TransientError."""
+    if "out of memory" in str(exc).lower() and not isinstance(exc, PermanentError):
+        error = TransientError(f"out of memory: {exc}")
+        error.__cause__ = exc
+        return error
+    return exc
