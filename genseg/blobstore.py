@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
+import secrets
 from abc import ABC, abstractmethod
 from datetime import timedelta
 from pathlib import Path
@@ -70,7 +70,8 @@ def _check_key(key: str) -> str:
     parts = key.split("/")
     if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
         raise ForeignBlobRef(f"unsafe blob key {key!r}")
-    if "\\" in key or "\x00" in key:
+    # '?' and '#' would end the path of an s3:// reference (its key is not quoted).
+    if any(ch in key for ch in "\\\x00?#"):
         raise ForeignBlobRef(f"unsafe blob key {key!r}")
     return key
 
@@ -98,7 +99,14 @@ class BlobStore(ABC):
         key = self.key_of(ref.uri)
         if max_bytes is not None and ref.bytes > max_bytes:
             raise BlobTooLarge(f"blob {ref.uri} has {ref.bytes} bytes, limit {max_bytes}")
-        data = self._read(key)
+        # Never read more than the reference announces (plus one byte to see that a
+        # blob is longer): a lying reference must not make a reader load a huge blob.
+        data = self._read(key, ref.bytes + 1)
+        if len(data) > ref.bytes:
+            raise BlobIntegrityError(
+                f"blob {ref.uri} does not match its reference "
+                f"(expected {ref.bytes} bytes, the blob is longer)"
+            )
         if len(data) != ref.bytes or sha256_hex(data) != ref.sha256:
             raise BlobIntegrityError(
                 f"blob {ref.uri} does not match its reference "
@@ -119,7 +127,8 @@ class BlobStore(ABC):
     def _write(self, key: str, data: bytes, media_type: str) -> None: ...
 
     @abstractmethod
-    def _read(self, key: str) -> bytes: ...
+    def _read(self, key: str, limit: int | None = None) -> bytes:
+        """The blob's bytes, or only its first ``limit`` bytes when ``limit`` is set."""
 
     @staticmethod
     def from_url(url: str) -> BlobStore:
@@ -151,7 +160,13 @@ class LocalBlobStore(BlobStore):
 
     def key_of(self, uri: str) -> str:
         parts = urlsplit(uri)
-        if parts.scheme != "file" or parts.netloc not in ("", "localhost"):
+        # uri_for never writes a query or fragment: a reference with one is not ours.
+        if (
+            parts.scheme != "file"
+            or parts.netloc not in ("", "localhost")
+            or parts.query
+            or parts.fragment
+        ):
             raise ForeignBlobRef(f"reference {uri[:200]!r} is not in the store {self.url}")
         prefix = urlsplit(self.url).path + "/"
         if not parts.path.startswith(prefix):
@@ -168,21 +183,32 @@ class LocalBlobStore(BlobStore):
 
     def _write(self, key: str, data: bytes, media_type: str) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Not tempfile.mkstemp: its files are 0600, and blobs must be readable by
+            # whoever may read a file created here (mode 0666 less the umask).
+            tmp = path.parent / f".tmp-{secrets.token_hex(8)}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except OSError as exc:
+            raise BlobUnavailable(f"could not write {self.uri_for(key)}: {exc}") from None
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
             os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+        except BaseException as exc:
+            tmp.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise BlobUnavailable(f"could not write {self.uri_for(key)}: {exc}") from None
             raise
 
-    def _read(self, key: str) -> bytes:
+    def _read(self, key: str, limit: int | None = None) -> bytes:
         try:
-            return self._path(key).read_bytes()
-        except FileNotFoundError:
+            with self._path(key).open("rb") as handle:
+                return handle.read() if limit is None else handle.read(limit)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise BlobNotFound(f"no blob at {self.uri_for(key)}") from None
+        except OSError as exc:
+            raise BlobUnavailable(f"could not read {self.uri_for(key)}: {exc}") from None
 
 
 class S3BlobStore(BlobStore):
@@ -226,7 +252,7 @@ class S3BlobStore(BlobStore):
 
     def key_of(self, uri: str) -> str:
         parts = urlsplit(uri)
-        if parts.scheme != "s3" or parts.netloc != self.bucket:
+        if parts.scheme != "s3" or parts.netloc != self.bucket or parts.query or parts.fragment:
             raise ForeignBlobRef(f"reference {uri[:200]!r} is not in the store {self.url}")
         path = parts.path.lstrip("/")
         prefix = f"{self.prefix}/" if self.prefix else ""
@@ -239,19 +265,34 @@ class S3BlobStore(BlobStore):
 
         try:
             obstore.put(self._store, key, data, attributes={"Content-Type": media_type})
-        except obstore.exceptions.BaseError as exc:
-            raise BlobUnavailable(f"could not write {self.uri_for(key)}: {exc}") from None
-        except OSError as exc:
-            raise BlobUnavailable(f"could not write {self.uri_for(key)}: {exc}") from None
+        except (obstore.exceptions.BaseError, OSError) as exc:
+            raise BlobUnavailable(
+                f"could not write {self.uri_for(key)}: {_first_line(exc)}"
+            ) from None
 
-    def _read(self, key: str) -> bytes:
+    def _read(self, key: str, limit: int | None = None) -> bytes:
         import obstore
 
         try:
-            return bytes(obstore.get(self._store, key).bytes())
-        except FileNotFoundError:
-            raise BlobNotFound(f"no blob at {self.uri_for(key)}") from None
-        except obstore.exceptions.NotFoundError:
+            result = obstore.get(self._store, key)
+            if limit is None or result.meta["size"] <= limit:
+                return bytes(result.bytes())
+            # Longer than wanted: read only the first ``limit`` bytes of the body.
+            data = bytearray()
+            for chunk in result.stream(min_chunk_size=min(limit, 1 << 20) or 1):
+                data += chunk
+                if len(data) >= limit:
+                    break
+            return bytes(data[:limit])
+        except (FileNotFoundError, obstore.exceptions.NotFoundError):
             raise BlobNotFound(f"no blob at {self.uri_for(key)}") from None
         except (obstore.exceptions.BaseError, OSError) as exc:
-            raise BlobUnavailable(f"could not read {self.uri_for(key)}: {exc}") from None
+            raise BlobUnavailable(
+                f"could not read {self.uri_for(key)}: {_first_line(exc)}"
+            ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    """obstore's messages carry a multi-line debug dump; its first line says it all."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:500] if text else type(exc).__name__
