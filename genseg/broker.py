@@ -7,8 +7,10 @@ feature only tansu has.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
 import signal
 import socket
 import struct
@@ -59,11 +61,28 @@ def kafka_api_versions_ok(host: str, port: int, timeout: float = 1.0) -> bool:
             sock.sendall(struct.pack(">i", len(header)) + header)
             size_bytes = _recv_exact(sock, 4)
             (size,) = struct.unpack(">i", size_bytes)
+            if not 6 <= size <= 1 << 20:  # not a Kafka ApiVersions response
+                return False
             body = _recv_exact(sock, size)
     except OSError:
         return False
     got_correlation, error_code = struct.unpack(">ih", body[:6])
     return got_correlation == correlation_id and error_code == 0
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True when something listens on ``host:port`` (a TIME_WAIT leftover does not count)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            # Anything else (an address we cannot bind here): let tansu report it.
+            return exc.errno == errno.EADDRINUSE
+    return False
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -141,23 +160,32 @@ class EmbeddedBroker:
         """Start the broker and wait until it answers Kafka requests."""
         if self.running:
             return
+        # The readiness probe cannot tell our broker from another one already
+        # listening on the port (tansu then fails to bind and exits): check first.
+        if port_in_use(self.host, self.port):
+            raise BrokerError(
+                f"cannot start tansu on {self.bootstrap_servers}: the address is already in use "
+                "(another broker?); choose another port"
+            )
         if self.log_path is None:
             fd, name = tempfile.mkstemp(prefix="genseg-tansu-", suffix=".log")
             os.close(fd)
             self.log_path = Path(name)
-        log_file = self.log_path.open("ab")
         env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn"), **self.env}
-        self._proc = subprocess.Popen(
-            self.command(), stdout=log_file, stderr=subprocess.STDOUT, env=env
-        )
-        log_file.close()
-        if not self.wait_ready(timeout):
-            self.stop()
-            tail = self.log_path.read_text(errors="replace")[-2000:]
-            raise BrokerError(
-                f"tansu did not answer on {self.bootstrap_servers} within {timeout:.0f}s; "
-                f"log {self.log_path}:\n{tail}"
+        with self.log_path.open("ab") as log_file:
+            self._proc = subprocess.Popen(
+                self.command(), stdout=log_file, stderr=subprocess.STDOUT, env=env
             )
+        if not self.wait_ready(timeout):
+            code = self._proc.poll() if self._proc else None
+            self.stop()
+            tail = _ANSI.sub("", self.log_path.read_text(errors="replace"))[-2000:]
+            what = (
+                f"tansu exited with status {code} before answering on {self.bootstrap_servers}"
+                if code is not None
+                else f"tansu did not answer on {self.bootstrap_servers} within {timeout:.0f}s"
+            )
+            raise BrokerError(f"{what}; log {self.log_path}:\n{tail}")
         log.info("embedded broker ready on %s (pid %s)", self.bootstrap_servers, self.pid)
 
     def wait_ready(self, timeout: float) -> bool:
