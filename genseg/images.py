@@ -40,6 +40,9 @@ def decode_image(data: bytes, *, max_pixels: int, mode: str | None = "RGB") -> I
     """
     try:
         with warnings.catch_warnings():
+            # Hostile input must not flood the logs with Pillow's warnings about corrupt
+            # metadata; the bomb warning becomes an error (registered last, so it wins).
+            warnings.simplefilter("ignore", UserWarning)
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             width, height = image.size
@@ -59,10 +62,12 @@ def decode_image(data: bytes, *, max_pixels: int, mode: str | None = "RGB") -> I
 
 def encode_heatmap(heatmap: np.ndarray) -> bytes:
     """16-bit PNG of a float heat map ``[h, w]``, min-max normalised to 0..65535."""
-    if heatmap.ndim != 2:
-        raise ValueError(f"heat map must be 2-D, got shape {heatmap.shape}")
+    if heatmap.ndim != 2 or heatmap.size == 0:
+        raise ValueError(f"heat map must be 2-D and not empty, got shape {heatmap.shape}")
     values = np.nan_to_num(heatmap.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
     lo, hi = float(values.min()), float(values.max())
+    if not np.isfinite(hi - lo):  # a span beyond float64: halve first so it fits
+        values, lo, hi = values / 2, lo / 2, hi / 2
     scaled = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
     pixels = np.round(scaled * 65535).astype(np.uint16)
     return encode_png(Image.fromarray(pixels))
