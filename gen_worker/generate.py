@@ -1,0 +1,393 @@
+"""Pure generation: a batch of compatible samples -> PIL images and target heat maps.
+
+No Kafka, no blob store: :mod:`gen_worker.handler` maps events to :class:`Sample` s
+and results to events. One :class:`Generator` runs one batch at a time (a lock),
+because schedulers and the heat-map accumulator are per-pipeline state.
+
+Determinism: every sample has its own ``torch.Generator`` seeded with its seed (CPU
+generators, so the initial noise is the same on every device), the VAE runs one
+sample at a time, and on the CPU the UNet too (see
+:func:`gen_worker.attention.batch_invariant_unet`). So on the CPU an image depends
+only on its request, the model, the thread count and the library versions, never
+on the batch it was generated in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from diffusers.models.attention_processor import SlicedAttnProcessor
+from PIL import Image
+
+from gen_worker.attention import (
+    HeatmapAccumulator,
+    batch_invariant_unet,
+    find_token_span,
+    install_recorder,
+    target_heatmap,
+)
+from gen_worker.profiles import GenModels
+from gen_worker.samplers import make_scheduler
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["txt2img", "inpaint"]
+#: ``on_step(done, total)``: denoising steps done so far of ``total``, over all passes.
+StepCallback = Callable[[int, int], None]
+#: ``phase(name)``: a context manager timing one phase (``StageContext.phase`` fits).
+PhaseFactory = Callable[[str], AbstractContextManager[Any]]
+
+#: Slice size of the attention-slicing fallback (diffusers' "auto" for SD 1.5: heads / 2).
+LOW_MEMORY_SLICE = 4
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """What every sample of one batch shares (the stage's batch key).
+
+    ``strength``: how much of the input an inpaint pass regenerates (1.0 = all).
+    ``progressive``: ``(draft_scale, strength)`` of draft-upscale-refine, or None.
+    """
+
+    mode: Mode
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    sampler: str
+    strength: float = 1.0
+    progressive: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image to generate. ``image``/``mask`` (inpaint): RGB and L, ``width x height``."""
+
+    prompt: str
+    seed: int
+    negative_prompt: str | None = None
+    targets: tuple[str, ...] = ()
+    image: Image.Image | None = None
+    mask: Image.Image | None = None
+
+
+@dataclass
+class SampleResult:
+    """A generated image and, per target found in the prompt, its raw heat map.
+
+    ``heatmaps[target]``: float32 ``[height / f, width / f]`` (``f`` the VAE factor,
+    8), the mean attention probability of the target's tokens (not normalised).
+    """
+
+    image: Image.Image
+    seed: int
+    heatmaps: dict[str, np.ndarray] = field(default_factory=dict)
+    missing_targets: list[str] = field(default_factory=list)
+
+
+def draft_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """The progressive draft's size: ``scale`` times the request, multiples of 8, >= 64."""
+
+    def one(n: int) -> int:
+        return min(n, max(64, round(n * scale / 8) * 8))
+
+    return one(width), one(height)
+
+
+def effective_steps(steps: int, strength: float) -> int:
+    """``num_inference_steps`` for an img2img/inpaint pass that runs at least one step.
+
+    diffusers runs ``int(steps * strength)`` steps and refuses zero.
+    """
+    if int(steps * strength) >= 1:
+        return steps
+    return math.ceil(1.0 / strength)
+
+
+def _no_phase(name: str) -> AbstractContextManager[Any]:
+    return contextlib.nullcontext()
+
+
+class Generator:
+    """Runs batches of :class:`Sample` s on a :class:`GenModels`.
+
+    ``batch_invariant``: evaluate the UNet per sample so an image never depends on its
+    batch (default: ``models.options.batch_invariant``, else on the CPU only, where
+    byte-identical images are promised).
+    """
+
+    def __init__(self, models: GenModels, *, batch_invariant: bool | None = None) -> None:
+        self.models = models
+        if batch_invariant is None:
+            batch_invariant = models.options.batch_invariant
+        if batch_invariant is None:
+            batch_invariant = models.device.type == "cpu"
+        self.batch_invariant = batch_invariant
+        self.accumulator = HeatmapAccumulator()
+        self._instrumented: set[int] = set()
+        self._lock = threading.Lock()
+
+    def generate(
+        self,
+        spec: BatchSpec,
+        samples: Sequence[Sample],
+        *,
+        on_step: StepCallback | None = None,
+        phase: PhaseFactory | None = None,
+        low_memory: bool = False,
+    ) -> list[SampleResult]:
+        """Generate one image per sample, in order; raises on failure (OOM included)."""
+        if not samples:
+            return []
+        with self._lock, torch.inference_mode():
+            return self._generate(spec, list(samples), on_step, phase or _no_phase, low_memory)
+
+    # --- internals -------------------------------------------------------------------
+
+    def _pipeline(self, mode: Mode) -> Any:
+        pipe = self.models.inpaint if mode == "inpaint" else self.models.txt2img
+        if id(pipe.unet) not in self._instrumented:
+            install_recorder(pipe.unet, self.accumulator)
+            self._instrumented.add(id(pipe.unet))
+        return pipe
+
+    def _generate(
+        self,
+        spec: BatchSpec,
+        samples: list[Sample],
+        on_step: StepCallback | None,
+        phase: PhaseFactory,
+        low_memory: bool,
+    ) -> list[SampleResult]:
+        pipe = self._pipeline(spec.mode)
+        device = self.models.device
+        cfg = spec.guidance_scale > 1.0 and pipe.unet.config.time_cond_proj_dim is None
+        factor = pipe.vae_scale_factor
+        latent_hw = (spec.height // factor, spec.width // factor)
+        generators = [torch.Generator(device="cpu").manual_seed(s.seed) for s in samples]
+
+        with phase("text_encode"):
+            embeds, negative = self._encode(pipe, samples, cfg)
+            spans = self._token_spans(pipe.tokenizer, samples)
+        record = any(positions for per_sample in spans for positions in per_sample.values())
+
+        acc = self.accumulator
+        acc.samples = list(range(len(samples)))
+        if record:
+            acc.start(len(samples), embeds.shape[1], latent_hw, device)
+        progress = _Progress(on_step, self._total_steps(spec))
+        try:
+            with (
+                phase("denoise"),
+                batch_invariant_unet(pipe.unet, acc, enabled=self.batch_invariant),
+                low_memory_mode(pipe, enabled=low_memory),
+            ):
+                common = {
+                    "prompt_embeds": embeds,
+                    "negative_prompt_embeds": negative,
+                    "guidance_scale": spec.guidance_scale,
+                    "generator": generators,
+                    "output_type": "latent",
+                    "return_dict": False,
+                }
+                if spec.mode == "inpaint":
+                    latents = self._inpaint(pipe, spec, samples, cfg, latent_hw, progress, common)
+                elif spec.progressive is not None:
+                    latents = self._progressive(pipe, spec, cfg, progress, common)
+                else:
+                    acc.begin_pass(latent_hw, cfg)
+                    pipe.scheduler = make_scheduler(spec.sampler, self.models.scheduler_config)
+                    latents = pipe(
+                        height=spec.height,
+                        width=spec.width,
+                        num_inference_steps=spec.steps,
+                        callback_on_step_end=progress.callback(0),
+                        **common,
+                    )[0]
+            maps = acc.stop() if record else None
+        finally:
+            acc.active = False
+            acc.samples = []
+
+        with phase("decode"), low_memory_mode(pipe, enabled=low_memory, unet=False):
+            images = self._decode(pipe, latents)
+
+        results = []
+        for i, (sample, image) in enumerate(zip(samples, images, strict=True)):
+            heatmaps: dict[str, np.ndarray] = {}
+            missing: list[str] = []
+            for target in dict.fromkeys(sample.targets):
+                positions = spans[i].get(target, [])
+                if positions and maps is not None:
+                    heatmaps[target] = target_heatmap(maps[i], positions)
+                else:
+                    missing.append(target)
+            results.append(SampleResult(image, sample.seed, heatmaps, missing))
+        return results
+
+    def _encode(
+        self, pipe: Any, samples: list[Sample], cfg: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text embeddings ``[B, 77, D]`` (and the negative ones under guidance)."""
+        prompts = [s.prompt for s in samples]
+        negatives = [s.negative_prompt or "" for s in samples]
+        if not self.batch_invariant:
+            return pipe.encode_prompt(
+                prompts, self.models.device, 1, cfg, negative_prompt=negatives
+            )
+        pos, neg = [], []
+        for p, n in zip(prompts, negatives, strict=True):
+            e, ne = pipe.encode_prompt(p, self.models.device, 1, cfg, negative_prompt=n)
+            pos.append(e)
+            neg.append(ne)
+        return torch.cat(pos), (torch.cat(neg) if cfg else None)
+
+    @staticmethod
+    def _token_spans(tokenizer: Any, samples: list[Sample]) -> list[dict[str, list[int]]]:
+        """Per sample, target -> its token positions in the prompt as the model sees it."""
+        out: list[dict[str, list[int]]] = []
+        for s in samples:
+            if not s.targets:
+                out.append({})
+                continue
+            ids = tokenizer(
+                s.prompt,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+            ).input_ids
+            out.append({t: find_token_span(tokenizer, ids, t) for t in dict.fromkeys(s.targets)})
+        return out
+
+    @staticmethod
+    def _total_steps(spec: BatchSpec) -> int:
+        if spec.mode == "inpaint":
+            return int(effective_steps(spec.steps, spec.strength) * spec.strength)
+        if spec.progressive is not None:
+            strength = spec.progressive[1]
+            return spec.steps + int(effective_steps(spec.steps, strength) * strength)
+        return spec.steps
+
+    def _inpaint(
+        self,
+        pipe: Any,
+        spec: BatchSpec,
+        samples: list[Sample],
+        cfg: bool,
+        latent_hw: tuple[int, int],
+        progress: _Progress,
+        common: dict[str, Any],
+    ) -> torch.Tensor:
+        self.accumulator.begin_pass(latent_hw, cfg)
+        pipe.scheduler = make_scheduler(spec.sampler, pipe.scheduler.config)
+        return pipe(
+            image=[s.image for s in samples],
+            mask_image=[s.mask for s in samples],
+            height=spec.height,
+            width=spec.width,
+            strength=spec.strength,
+            num_inference_steps=effective_steps(spec.steps, spec.strength),
+            callback_on_step_end=progress.callback(0),
+            **common,
+        )[0]
+
+    def _progressive(
+        self,
+        pipe: Any,
+        spec: BatchSpec,
+        cfg: bool,
+        progress: _Progress,
+        common: dict[str, Any],
+    ) -> torch.Tensor:
+        """Draft at ``draft_scale``, upscale with Lanczos, refine with img2img."""
+        assert spec.progressive is not None
+        scale, strength = spec.progressive
+        factor = pipe.vae_scale_factor
+        dw, dh = draft_size(spec.width, spec.height, scale)
+        self.accumulator.begin_pass((dh // factor, dw // factor), cfg)
+        pipe.scheduler = make_scheduler(spec.sampler, self.models.scheduler_config)
+        draft = pipe(
+            height=dh,
+            width=dw,
+            num_inference_steps=spec.steps,
+            callback_on_step_end=progress.callback(0),
+            **common,
+        )[0]
+        upscaled = [
+            im.resize((spec.width, spec.height), Image.Resampling.LANCZOS)
+            for im in self._decode(pipe, draft)
+        ]
+        refine = self.models.img2img
+        refine.scheduler = make_scheduler(spec.sampler, self.models.scheduler_config)
+        self.accumulator.begin_pass((spec.height // factor, spec.width // factor), cfg)
+        return refine(
+            image=upscaled,
+            strength=strength,
+            num_inference_steps=effective_steps(spec.steps, strength),
+            callback_on_step_end=progress.callback(spec.steps),
+            **common,
+        )[0]
+
+    @staticmethod
+    def _decode(pipe: Any, latents: torch.Tensor) -> list[Image.Image]:
+        """Latents ``[B, 4, h, w]`` -> PIL images, one sample at a time (memory, determinism)."""
+        images: list[Image.Image] = []
+        for i in range(latents.shape[0]):
+            x = pipe.vae.decode(
+                latents[i : i + 1] / pipe.vae.config.scaling_factor, return_dict=False
+            )[0]
+            images.extend(pipe.image_processor.postprocess(x, output_type="pil"))
+        return images
+
+
+class _Progress:
+    """Counts denoising steps over passes for ``on_step``; a diffusers step-end callback."""
+
+    def __init__(self, on_step: StepCallback | None, total: int) -> None:
+        self.on_step = on_step
+        self.total = max(total, 1)
+
+    def callback(self, offset: int) -> Callable[..., dict[str, Any]] | None:
+        if self.on_step is None:
+            return None
+        on_step = self.on_step
+
+        def step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            on_step(min(offset + step + 1, self.total), self.total)
+            return kwargs
+
+        return step_end
+
+
+@contextmanager
+def low_memory_mode(pipe: Any, *, enabled: bool, unet: bool = True) -> Iterator[None]:
+    """VAE tiling, and attention slicing on the UNet's self-attention, while active.
+
+    diffusers' ``enable_attention_slicing`` would replace every processor, the
+    heat-map recorder included, so only the ``attn1`` processors are swapped here.
+    """
+    if not enabled:
+        yield
+        return
+    saved = dict(pipe.unet.attn_processors) if unet else None
+    if saved is not None:
+        sliced = SlicedAttnProcessor(LOW_MEMORY_SLICE)
+        pipe.unet.set_attn_processor(
+            {name: (p if name.endswith("attn2.processor") else sliced) for name, p in saved.items()}
+        )
+    pipe.vae.enable_tiling()
+    try:
+        yield
+    finally:
+        pipe.vae.disable_tiling()
+        if saved is not None:
+            pipe.unet.set_attn_processor(saved)

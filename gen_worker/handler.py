@@ -1,0 +1,323 @@
+"""The generator stage: prompt and inpaint events -> image-ready events (and progress).
+
+``GenStage(settings)`` plugs into :class:`consumers.runtime.StageRuntime`. Per batch it
+resolves seeds, reads inpaint inputs from the blob store, generates through
+:class:`gen_worker.generate.Generator` under the out-of-memory ladder, writes the
+image and heat-map PNGs to deterministic blob keys and returns one list of outputs
+(or one error) per event, in order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from consumers.stage import ItemResult, Output, PermanentError, Stage, StageContext
+from gen_worker.generate import BatchSpec, Generator, Sample, SampleResult
+from gen_worker.oom import run_with_oom_ladder
+from gen_worker.profiles import GenModels, RuntimeOptions
+from genseg.blobstore import blob_key
+from genseg.images import HEATMAP_MEDIA_TYPE, PNG, decode_image, encode_heatmap, encode_png
+from genseg.settings import Settings
+from schemas import (
+    ImageReadyEvent,
+    InpaintEvent,
+    ProgressEvent,
+    PromptEvent,
+    ResolvedParams,
+    parse_prompts_record,
+)
+
+log = logging.getLogger(__name__)
+
+GenEvent = PromptEvent | InpaintEvent
+SEED_SPACE = 2**32
+STAGE_BLOB_DIR = "gen"
+
+
+def default_seed(request_id: str) -> int:
+    """The seed of a request that names none: derived from its id.
+
+    Not random on purpose: a redelivered record must regenerate the same image, or
+    it would overwrite the blob an earlier image-ready event already references
+    (with another sha256). Reported in ``params.seed`` like any seed.
+    """
+    digest = hashlib.sha256(b"genseg-seed\x00" + request_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def image_seeds(event: GenEvent) -> list[int]:
+    """Seed of each image: ``seed + i (mod 2**32)`` for image ``i`` of ``num_images``."""
+    base = event.seed if event.seed is not None else default_seed(event.id)
+    return [(base + i) % SEED_SPACE for i in range(event.num_images)]
+
+
+def batch_spec(event: GenEvent) -> BatchSpec:
+    """What the event shares with every event it may be batched with."""
+    progressive = (
+        (event.progressive.draft_scale, event.progressive.strength)
+        if event.progressive is not None and isinstance(event, PromptEvent)
+        else None
+    )
+    return BatchSpec(
+        mode="inpaint" if isinstance(event, InpaintEvent) else "txt2img",
+        width=event.width,
+        height=event.height,
+        steps=event.steps,
+        guidance_scale=float(event.guidance_scale),
+        sampler=event.sampler,
+        strength=float(event.strength) if isinstance(event, InpaintEvent) else 1.0,
+        progressive=progressive,
+    )
+
+
+@dataclass
+class _Job:
+    """One image to make: event ``item`` of the batch, its ``image_index``, its sample."""
+
+    item: int
+    image_index: int
+    sample: Sample
+
+
+class _ProgressEmitter:
+    """Publishes progress events at most every ``interval_s``, and always the last step."""
+
+    def __init__(
+        self,
+        ctx: StageContext,
+        events: Sequence[GenEvent],
+        items: Sequence[int],
+        interval_s: float,
+        clock: Callable[[], float],
+    ) -> None:
+        self.ctx, self.events, self.items = ctx, events, list(dict.fromkeys(items))
+        self.interval_s, self.clock = interval_s, clock
+        self.last: float | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        now = self.clock()
+        if done < total and self.last is not None and now - self.last < self.interval_s:
+            return
+        self.last = now
+        for i in self.items:
+            event = ProgressEvent(id=self.events[i].id, step=done, steps=total)
+            self.ctx.emit(Output(self.ctx.topics.progress, event), item=i)
+
+
+class GenStage(Stage[GenEvent]):
+    """Stable Diffusion generation as a stage of the runtime.
+
+    Build with ``GenStage(settings)``: the models of ``settings.models`` load in
+    :meth:`setup` (in the worker thread). Pass ``models`` (or ``generator``) to share
+    loaded models, e.g. between tests.
+    """
+
+    name = "gen"
+    input_topic = "prompts"
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        models: GenModels | None = None,
+        generator: Generator | None = None,
+        options: RuntimeOptions | None = None,
+        progress_interval_s: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.options = options
+        self.progress_interval_s = progress_interval_s
+        self.clock = clock
+        self._generator = generator
+        if generator is None and models is not None:
+            self._generator = Generator(models)
+
+    @property
+    def generator(self) -> Generator:
+        if self._generator is None:
+            self.setup()
+        assert self._generator is not None
+        return self._generator
+
+    @property
+    def models(self) -> GenModels:
+        return self.generator.models
+
+    def setup(self) -> None:
+        """Build or load the models of ``settings.models`` (once)."""
+        if self._generator is None:
+            started = time.perf_counter()
+            models = GenModels.from_settings(self.settings, self.options)
+            self._generator = Generator(models)
+            log.info(
+                "gen models %s loaded on %s (%s) in %.1f s",
+                models.name,
+                models.device,
+                str(models.dtype).removeprefix("torch."),
+                time.perf_counter() - started,
+            )
+
+    def parse(self, raw: bytes) -> GenEvent:
+        return parse_prompts_record(raw)
+
+    def batch_key(self, event: GenEvent) -> Hashable | None:
+        return batch_spec(event)
+
+    # --- handling ---------------------------------------------------------------------
+
+    def handle(self, events: list[GenEvent], ctx: StageContext) -> list[ItemResult]:
+        results: list[ItemResult | None] = [None] * len(events)
+        groups: dict[BatchSpec, list[_Job]] = {}
+        for i, event in enumerate(events):
+            try:
+                jobs = self._jobs(i, event, ctx)
+            except Exception as exc:  # blob and input errors: this item only
+                results[i] = exc
+                continue
+            groups.setdefault(batch_spec(event), []).extend(jobs)
+
+        for spec, jobs in groups.items():
+            for item, outcome in self._run_group(spec, jobs, events, ctx).items():
+                if isinstance(outcome, BaseException):
+                    results[item] = outcome
+                    continue
+                try:
+                    results[item] = self._outputs(events[item], item, outcome, ctx)
+                except Exception as exc:  # a failed blob write fails this item only
+                    results[item] = exc
+        return [r if r is not None else RuntimeError("no result") for r in results]
+
+    def _jobs(self, item: int, event: GenEvent, ctx: StageContext) -> list[_Job]:
+        image = mask = None
+        if isinstance(event, InpaintEvent):
+            image, mask = self._inpaint_inputs(event, ctx)
+        return [
+            _Job(
+                item=item,
+                image_index=k,
+                sample=Sample(
+                    prompt=event.prompt,
+                    seed=seed,
+                    negative_prompt=event.negative_prompt,
+                    targets=tuple(event.targets),
+                    image=image,
+                    mask=mask,
+                ),
+            )
+            for k, seed in enumerate(image_seeds(event))
+        ]
+
+    def _inpaint_inputs(self, event: InpaintEvent, ctx: StageContext) -> tuple[Any, Any]:
+        """The RGB image and L mask of an inpaint event, checked against its size."""
+        limit = self.settings.max_image_pixels
+        with ctx.phase("blob_read"):
+            image = decode_image(ctx.blob.get(event.image), max_pixels=limit, mode="RGB")
+            mask = decode_image(ctx.blob.get(event.mask), max_pixels=limit, mode="L")
+        wanted = (event.width, event.height)
+        if image.size != wanted:
+            raise PermanentError(
+                f"inpaint image is {image.size[0]}x{image.size[1]} pixels but the request asks "
+                f"for width={event.width} height={event.height}; send the image's size",
+                error_type="invalid_request",
+            )
+        if mask.size != image.size:
+            raise PermanentError(
+                f"inpaint mask is {mask.size[0]}x{mask.size[1]} pixels, the image "
+                f"{image.size[0]}x{image.size[1]}: they must match",
+                error_type="invalid_request",
+            )
+        return image, mask
+
+    def _run_group(
+        self, spec: BatchSpec, jobs: list[_Job], events: Sequence[GenEvent], ctx: StageContext
+    ) -> dict[int, list[SampleResult] | BaseException]:
+        """Generate every job of one compatible group; per event its results or an error."""
+
+        def run(batch: Sequence[_Job], low_memory: bool) -> list[SampleResult]:
+            progress = _ProgressEmitter(
+                ctx, events, [j.item for j in batch], self.progress_interval_s, self.clock
+            )
+            return self.generator.generate(
+                spec,
+                [j.sample for j in batch],
+                on_step=progress,
+                phase=ctx.phase,
+                low_memory=low_memory,
+            )
+
+        out: dict[int, list[SampleResult] | BaseException] = {}
+        try:
+            outcomes = run_with_oom_ladder(jobs, run)
+        except Exception as exc:  # never crash the worker: the runtime retries or dead-letters
+            log.exception("generation failed for a batch of %d images", len(jobs))
+            return {job.item: exc for job in jobs}
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            current = out.get(job.item)
+            if isinstance(current, BaseException):
+                continue
+            if isinstance(outcome, BaseException):
+                out[job.item] = outcome
+            else:
+                out.setdefault(job.item, []).append(outcome)  # type: ignore[union-attr]
+        return out
+
+    def _outputs(
+        self, event: GenEvent, item: int, results: list[SampleResult], ctx: StageContext
+    ) -> list[Output]:
+        """Write the PNGs of one event's images and build its image-ready events."""
+        inpaint = isinstance(event, InpaintEvent)
+        model = self.models.inpaint_name if inpaint else self.models.name
+        built: list[tuple[int, SampleResult, Any, dict[str, Any]]] = []
+        with ctx.phase("blob_write", item=item):
+            for k, result in enumerate(results):
+                image_ref = ctx.blob.put(
+                    blob_key(event.id, k, STAGE_BLOB_DIR, "image.png"),
+                    encode_png(result.image),
+                    PNG,
+                )
+                heatmaps = {}
+                for j, target in enumerate(event.targets):
+                    if target in result.heatmaps and target not in heatmaps:
+                        heatmaps[target] = ctx.blob.put(
+                            blob_key(event.id, k, STAGE_BLOB_DIR, f"heatmap-{j}.png"),
+                            encode_heatmap(result.heatmaps[target]),
+                            HEATMAP_MEDIA_TYPE,
+                        )
+                built.append((k, result, image_ref, heatmaps))
+        timings = ctx.timings_ms(item)
+        outputs = []
+        for k, result, image_ref, heatmaps in built:
+            params = ResolvedParams(
+                prompt=event.prompt,
+                negative_prompt=event.negative_prompt,
+                width=event.width,
+                height=event.height,
+                steps=event.steps,
+                guidance_scale=event.guidance_scale,
+                sampler=event.sampler,
+                seed=result.seed,
+                num_images=event.num_images,
+                mode="inpaint" if inpaint else "txt2img",
+                progressive=None if inpaint else event.progressive,
+            )
+            ready = ImageReadyEvent(
+                id=event.id,
+                image_index=k,
+                image=image_ref,
+                params=params,
+                model=model,
+                heatmaps=heatmaps,
+                targets=list(event.targets),
+                missing_targets=result.missing_targets,
+                segmentation=event.segmentation,
+                asset=event.asset,
+                timings_ms=timings,
+            )
+            outputs.append(Output(ctx.topics.images, ready))
+        return outputs

@@ -1,0 +1,74 @@
+"""The out-of-memory ladder: split the batch, then save memory, then give up per item.
+
+On ``torch.cuda.OutOfMemoryError`` a batch is retried as two halves (recursively,
+down to single samples); a single sample that still does not fit is retried once in
+low-memory mode (VAE tiling, attention slicing); a sample that fails even then gets
+a :class:`consumers.stage.PermanentError` with ``error_type="out_of_memory"``.
+Other exceptions propagate. The runner is injected, so the ladder is testable on a CPU.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import torch
+
+from consumers.stage import PermanentError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+#: ``run(samples, low_memory)`` -> one result per sample, in order.
+Runner = Callable[[Sequence[T], bool], list[R]]
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError)
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_with_oom_ladder(
+    samples: Sequence[T], run: Runner[T, R], *, low_memory: bool = False
+) -> list[R | PermanentError]:
+    """Run ``samples`` through ``run``, stepping down the ladder on out-of-memory errors.
+
+    Returns one entry per sample: its result, or a ``PermanentError("out_of_memory")``.
+    """
+    if not samples:
+        return []
+    try:
+        return list(run(samples, low_memory))
+    except torch.cuda.OutOfMemoryError as exc:
+        message = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
+    _free_memory()
+    if len(samples) > 1:
+        half = (len(samples) + 1) // 2
+        log.warning(
+            "out of memory with %d samples: retrying as %d + %d",
+            len(samples),
+            half,
+            len(samples) - half,
+        )
+        return run_with_oom_ladder(
+            samples[:half], run, low_memory=low_memory
+        ) + run_with_oom_ladder(samples[half:], run, low_memory=low_memory)
+    if not low_memory:
+        log.warning("out of memory with one sample: retrying with VAE tiling and attention slicing")
+        return run_with_oom_ladder(samples, run, low_memory=True)
+    log.error("out of memory even for one sample in low-memory mode: giving up on it")
+    return [
+        PermanentError(
+            f"out of memory for one image even with VAE tiling and attention slicing: {message}",
+            error_type="out_of_memory",
+        )
+    ]
