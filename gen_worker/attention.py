@@ -267,8 +267,8 @@ def find_token_span(tokenizer: Any, prompt_ids: Sequence[int], target: str) -> l
     but not in "teacup".
     """
     target_ids = tokenizer(target, add_special_tokens=False).input_ids
-    if not target_ids:
-        return []
+    if not target_ids or set(target_ids) & set(tokenizer.all_special_ids):
+        return []  # nothing to find, or a special token such as padding
     tokens = tokenizer.convert_ids_to_tokens(list(prompt_ids))
     starts = word_starts(tokens)
     n = len(target_ids)

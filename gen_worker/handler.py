@@ -196,7 +196,7 @@ class GenStage(Stage[GenEvent]):
     def _jobs(self, item: int, event: GenEvent, ctx: StageContext) -> list[_Job]:
         image = mask = None
         if isinstance(event, InpaintEvent):
-            image, mask = self._inpaint_inputs(event, ctx)
+            image, mask = self._inpaint_inputs(event, item, ctx)
         return [
             _Job(
                 item=item,
@@ -213,10 +213,10 @@ class GenStage(Stage[GenEvent]):
             for k, seed in enumerate(image_seeds(event))
         ]
 
-    def _inpaint_inputs(self, event: InpaintEvent, ctx: StageContext) -> tuple[Any, Any]:
+    def _inpaint_inputs(self, event: InpaintEvent, item: int, ctx: StageContext) -> tuple[Any, Any]:
         """The RGB image and L mask of an inpaint event, checked against its size."""
         limit = self.settings.max_image_pixels
-        with ctx.phase("blob_read"):
+        with ctx.phase("blob_read", item=item):
             image = decode_image(ctx.blob.get(event.image), max_pixels=limit, mode="RGB")
             mask = decode_image(ctx.blob.get(event.mask), max_pixels=limit, mode="L")
         wanted = (event.width, event.height)

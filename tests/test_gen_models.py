@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from consumers.stage import PermanentError
 from gen_worker.attention import HeatmapAccumulator, find_token_span
@@ -20,6 +22,7 @@ from gen_worker.profiles import (
     GenModels,
     RuntimeOptions,
     build_tiny_pipeline,
+    sd15_architecture,
 )
 from gen_worker.tokenizer import local_clip_tokenizer
 from genseg.images import encode_png
@@ -62,6 +65,7 @@ def test_local_tokenizer_is_clip_shaped() -> None:
         ("a zebra near a zebra", "zebra", [2, 3, 4, 5, 6, 12, 13, 14, 15, 16]),  # all occurrences
         ("a teacup", "cup", []),  # word boundaries: not inside another word
         ("a coffee cup", "dog", []),
+        ("a coffee cup", "<|endoftext|>", []),  # special tokens (padding) are never targets
         ("a cup" + " and a cup" * 40, "cup", [2, *range(5, 76, 3)]),  # truncated to 77 tokens
     ],
 )
@@ -125,6 +129,20 @@ def test_tiny_weights_are_seeded_and_leave_the_global_rng_alone() -> None:
         assert all(torch.equal(sa[k], sb[k]) for k in sa), name
     assert build_tiny_pipeline(inpaint=True).unet.config.in_channels == 9
     assert a.vae_scale_factor == 8
+
+
+def test_random_profile_is_full_size_sd15() -> None:
+    """The ``random`` profile has SD 1.5's exact parameter counts (built on the meta device)."""
+    arch = sd15_architecture()
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**arch.unet)
+        vae = AutoencoderKL(**arch.vae)
+        text = CLIPTextModel(CLIPTextConfig(**arch.text_encoder))
+
+    def count(module: torch.nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    assert (count(unet), count(vae), count(text)) == (859_520_964, 83_653_863, 123_060_480)
 
 
 def image_png(models: GenModels, spec: BatchSpec = SPEC, **sample: object) -> bytes:
