@@ -363,9 +363,15 @@ def test_oom_even_alone_falls_back_to_low_memory_then_gives_up(
     models: GenModels, ctx: StageContext
 ) -> None:
     low = OOMAbove(models, limit=0, low_ok=True)
-    [result] = GenStage(Settings(models="tiny"), generator=low).handle([prompt()], ctx)
-    assert ready_events(result)
+    event = prompt(targets=["cup"])
+    [result] = GenStage(Settings(models="tiny"), generator=low).handle([event], ctx)
+    [ready] = ready_events(result)
+    assert set(ready.heatmaps) == {"cup"}  # sliced self-attention kept the recorder
     assert low.calls == [(1, False), (1, True)]
+    # Low-memory mode is undone afterwards: processors and VAE tiling are restored.
+    kinds = {type(p).__name__ for p in models.txt2img.unet.attn_processors.values()}
+    assert kinds == {"AttnProcessor2_0", "CrossAttentionRecorder"}
+    assert not models.txt2img.vae.use_tiling
 
     never = OOMAbove(models, limit=0)
     results = GenStage(Settings(models="tiny"), generator=never).handle(
