@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CUDA build of torch on this machine's disk; pip caps it at these versions.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test lint format demo bench clean
+.PHONY: install system-deps test lint format demo bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -18,7 +18,11 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 install: $(VENV)/.installed
 
-test: install
+# System tools the tests need (docker-compose validates compose/ offline).
+system-deps:
+	bash scripts/ci-system-deps.sh
+
+test: install system-deps
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 lint: install

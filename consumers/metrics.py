@@ -72,6 +72,9 @@ class StageMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         ).labels(stage)
+        self.commits = Counter(
+            "genseg_offset_commits", "Offset commits sent to the broker", ["stage"], registry=r
+        ).labels(stage)
         self.lag = Gauge(
             "genseg_consumer_lag",
             "High watermark minus committed offset",

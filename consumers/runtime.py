@@ -94,8 +94,10 @@ class RuntimeConfig:
     rebalance_drain_s: float = 10.0
     group_id: str | None = None  # default: "{prefix}.{stage.name}"
     instance_id: str | None = None  # static membership (group.instance.id)
-    session_timeout_ms: int = 30_000
-    heartbeat_interval_ms: int = 3_000
+    # Kafka notices a dead member after the session timeout; tansu also completes a
+    # group join only after half of it, so it stays short (aiokafka's default).
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 1_000
     max_poll_interval_ms: int = 300_000
     create_topics: bool = True
     partitions: int = 4
@@ -211,6 +213,8 @@ class StageRuntime:
         self._retry_tasks: set[asyncio.Task[None]] = set()
         self._side_tasks: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: Rounds of the periodic commit loop so far (whether or not they had news).
+        self.commit_rounds = 0
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -664,6 +668,7 @@ class StageRuntime:
         except (CommitFailedError, IllegalStateError, KafkaError) as exc:
             log.warning("commit of %s failed: %s", offsets, exc)
             return
+        self.metrics.commits.inc()
         for tp, offset in offsets.items():
             if tp in self._partitions:
                 self._partitions[tp].committed = offset
@@ -672,6 +677,7 @@ class StageRuntime:
         while True:
             await asyncio.sleep(self.config.commit_interval_ms / 1000)
             await self._commit()
+            self.commit_rounds += 1
 
     async def _lag_loop(self) -> None:
         while True:

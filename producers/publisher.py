@@ -44,7 +44,7 @@ class Publisher:
         self._tracer = trace.get_tracer(TRACER_NAME, tracer_provider=tracer_provider)
         # Idempotence stays off: not every Kafka-compatible broker supports
         # InitProducerId (tansu does not), and correctness never depends on it.
-        kwargs: dict[str, Any] = {
+        self._kwargs: dict[str, Any] = {
             "acks": "all",
             "linger_ms": 2,
             "enable_idempotence": False,
@@ -52,22 +52,25 @@ class Publisher:
             **settings.kafka_kwargs(),
             **producer_kwargs,
         }
-        self._producer = AIOKafkaProducer(**kwargs)
-        self._started = False
+        self._producer: AIOKafkaProducer | None = None
 
     @property
     def producer(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            raise RuntimeError("Publisher is not started")
         return self._producer
 
     async def start(self) -> None:
-        if not self._started:
-            await self._producer.start()
-            self._started = True
+        if self._producer is None:
+            # aiokafka clients bind to the running loop, so they are made here, not in __init__.
+            producer = AIOKafkaProducer(**self._kwargs)
+            await producer.start()
+            self._producer = producer
 
     async def stop(self) -> None:
-        if self._started:
-            self._started = False
-            await self._producer.stop()
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()
 
     async def __aenter__(self) -> Publisher:
         await self.start()
@@ -90,7 +93,7 @@ class Publisher:
         headers: list[tuple[str, bytes]],
     ) -> asyncio.Future[RecordMetadata]:
         """Enqueue one raw record; the returned future resolves when the broker acknowledges it."""
-        return await self._producer.send(
+        return await self.producer.send(
             topic,
             value=value,
             key=key.encode("utf-8") if key is not None else None,

@@ -1,0 +1,302 @@
+"""The stage runtime against a real broker: nothing lost, poison isolated, commits honest."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from aiokafka import TopicPartition
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from consumers.runtime import RuntimeConfig, StageRuntime
+from consumers.stage import ItemResult, Output, StageContext
+from genseg.admin import ensure_topics
+from genseg.settings import Settings
+from producers.publisher import Publisher
+from schemas import PromptEvent, parse_prompts_record
+from tests.kafka_utils import TopicReader, committed_offsets, eventually
+from tests.toy_stage import Ping, Pong, ToyStage, fails
+
+FAST = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 500, "commit_interval_ms": 50}
+
+
+async def publish_all(settings: Settings, events: list[Ping], key: str | None = None) -> dict:
+    """Publish ``events``; return id -> (partition, offset)."""
+    async with Publisher(settings) as pub:
+        futures = [
+            await pub.send(settings.topics.prompts, e.to_json_bytes(), key=key or e.id, headers=[])
+            for e in events
+        ]
+        metadata = await asyncio.gather(*futures)
+    return {e.id: (m.partition, m.offset) for e, m in zip(events, metadata, strict=True)}
+
+
+async def test_thousand_records_with_transient_failures_lose_nothing(settings: Settings) -> None:
+    ids = [f"r{i:04d}" for i in range(1000)]
+    fail_p = 0.3
+    max_attempts = 3
+    doomed = {i for i in ids if all(fails(i, a, fail_p) for a in range(1, max_attempts + 1))}
+    assert 5 < len(doomed) < 80  # the seeded coin gives a meaningful dead-letter set
+    stage = ToyStage()
+    config = RuntimeConfig(
+        max_batch=8,
+        max_wait_ms=10,
+        max_attempts=max_attempts,
+        backoff_initial_ms=5,
+        backoff_max_ms=40,
+        **FAST,
+    )
+    async with StageRuntime(stage, settings, config) as rt:
+        await publish_all(settings, [Ping(id=i, fail_p=fail_p, group="g") for i in ids])
+        async with TopicReader(settings, "images", "dlq") as reader:
+            await reader.until(
+                lambda: len(set(reader.keys("images")) | set(reader.keys("dlq"))) == 1000,
+                timeout=120,
+            )
+        assert rt.metrics.batch_size._sum.get() == sum(len(c) for c in stage.calls)
+    outputs, dead = reader.keys("images"), reader.values("dlq")
+    assert sorted(set(outputs) | {d["id"] for d in dead}) == ids
+    assert {d["id"] for d in dead} == doomed
+    assert set(outputs).isdisjoint(doomed)
+    assert len(outputs) == len(set(outputs)), "no rebalance happened, so no duplicates"
+    for d in dead:
+        assert d["error"]["type"] == "Flaky"
+        assert d["attempts"] == max_attempts
+        assert "failed" in d["error"]["message"]
+        assert d["stage"] == "toy"
+        assert d["source"]["topic"] == settings.topics.prompts
+    assert any(len(call) > 1 for call in stage.calls), "batches formed"
+
+
+class PromptToyStage(ToyStage):
+    """Parses the real prompts topic contract; answers with a Pong."""
+
+    def parse(self, raw: bytes) -> PromptEvent:  # type: ignore[override]
+        return parse_prompts_record(raw)
+
+    def batch_key(self, event: object) -> None:
+        return None
+
+    def handle(self, events: list, ctx: StageContext) -> list[ItemResult]:  # type: ignore[override]
+        return [[Output(ctx.topics.images, Pong(id=e.id, worker="p", attempt=1))] for e in events]
+
+
+async def test_poison_records_are_dead_lettered_and_the_partition_flows(
+    settings: Settings,
+) -> None:
+    good = [PromptEvent(id=f"good{i}", prompt="a cup").to_json_bytes() for i in range(4)]
+    poison = [
+        b"\xff\xfe this is not JSON",
+        b'{"id": "bad-schema", "prompt": "x", "width": 65, "steps": 0}',
+        PromptEvent.model_construct(id="huge", prompt="x" * 100_000).to_json_bytes(),
+    ]
+    sequence = [good[0], poison[0], good[1], poison[1], good[2], poison[2], good[3]]
+    async with StageRuntime(PromptToyStage(), settings, RuntimeConfig(**FAST)) as rt:
+        async with Publisher(settings) as pub:  # one key: all on one partition, in order
+            futures = [
+                await pub.send(settings.topics.prompts, v, key="same", headers=[]) for v in sequence
+            ]
+            metadata = await asyncio.gather(*futures)
+        assert len({m.partition for m in metadata}) == 1
+        async with TopicReader(settings, "images", "dlq") as reader:
+            await reader.until(lambda: len(reader.keys("images")) + len(reader.keys("dlq")) == 7)
+        tp = TopicPartition(settings.topics.prompts, metadata[0].partition)
+        group = rt.group_id
+        await eventually(lambda: rt.committed_offsets().get(tp) == metadata[-1].offset + 1)
+    assert sorted(reader.keys("images")) == ["good0", "good1", "good2", "good3"]
+    dead = {d["id"]: d for d in reader.values("dlq")}
+    assert set(dead) == {"same", "bad-schema", "huge"}
+    assert "not UTF-8" in dead["same"]["error"]["message"]
+    assert "width" in dead["bad-schema"]["error"]["message"]
+    assert "steps" in dead["bad-schema"]["error"]["message"]
+    assert "prompt" in dead["huge"]["error"]["message"]
+    assert dead["huge"]["value_truncated"] is True
+    assert len(dead["huge"]["value"]) == 64 * 1024
+    assert all(d["error"]["type"] == "validation" for d in dead.values())
+    committed = await committed_offsets(settings, group, tp.topic, 4)
+    assert committed[tp.partition] == metadata[-1].offset + 1
+
+
+async def test_slow_record_holds_the_commit(settings: Settings) -> None:
+    gate = threading.Event()
+    stage = ToyStage(gates={"slow": gate})
+    before = [Ping(id=f"a{i}") for i in range(2)]
+    slow = Ping(id="slow", block="slow")
+    after = [Ping(id=f"b{i}") for i in range(20)]
+    config = RuntimeConfig(concurrency=2, **FAST)
+    try:
+        async with StageRuntime(stage, settings, config) as rt:
+            offsets = await publish_all(settings, [*before, slow, *after], key="one")
+            partition, k = offsets["slow"]
+            tp = TopicPartition(settings.topics.prompts, partition)
+            async with TopicReader(settings, "images") as reader:
+                await reader.until(
+                    lambda: {f"b{i}" for i in range(20)} <= set(reader.keys("images"))
+                )
+            # Everything after k is done; let the commit loop run a few more rounds.
+            await eventually(lambda: rt.in_flight == 1, what="only the slow record in flight")
+            rounds = rt.commit_rounds
+            await eventually(lambda: rt.commit_rounds >= rounds + 3)
+            assert rt.in_flight == 1
+            assert rt.committed_offsets()[tp] == k
+            broker_view = await committed_offsets(settings, rt.group_id, tp.topic, 4)
+            assert broker_view[partition] == k
+            gate.set()
+            await eventually(lambda: rt.committed_offsets()[tp] == offsets["b19"][1] + 1)
+    finally:
+        gate.set()
+
+
+async def test_handler_spans_join_the_publishers_trace(settings: Settings) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    async with StageRuntime(ToyStage(), settings, RuntimeConfig(**FAST), tracer_provider=provider):
+        async with Publisher(settings, tracer_provider=provider) as pub:
+            with tracer.start_as_current_span("upstream") as upstream:
+                await pub.publish(settings.topics.prompts, Ping(id="traced"))
+        async with TopicReader(settings, "images") as reader:
+            await reader.until(lambda: "traced" in reader.keys("images"))
+    trace_id = upstream.get_span_context().trace_id
+    record = reader.records[settings.topics.images][0]
+    traceparent = dict(record.headers)["traceparent"].decode()
+    assert traceparent.split("-")[1] == f"{trace_id:032x}"
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    process = spans[f"process {settings.topics.prompts}"]
+    send = spans[f"send {settings.topics.prompts}"]
+    assert process.context.trace_id == trace_id
+    assert process.parent.span_id == send.context.span_id
+    assert send.parent.span_id == upstream.get_span_context().span_id
+    assert spans["toy.work"].parent.span_id == process.context.span_id
+    assert spans["toy.item"].parent.span_id == spans["toy.work"].context.span_id
+    assert traceparent.split("-")[2] == f"{process.context.span_id:016x}"
+
+
+async def test_batches_form_and_their_span_links_every_record(settings: Settings) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    await ensure_topics(settings, partitions=1)
+    await publish_all(settings, [Ping(id=f"b{i}", group="same") for i in range(8)])
+    stage = ToyStage()
+    config = RuntimeConfig(max_batch=4, max_wait_ms=500, **FAST)
+    async with StageRuntime(stage, settings, config, tracer_provider=provider) as rt:
+        async with TopicReader(settings, "images") as reader:
+            await reader.until(lambda: len(reader.keys("images")) == 8)
+        assert rt.metrics.batch_size._sum.get() == 8
+    assert max(len(call) for call in stage.calls) == 4
+    batch_spans = [s for s in exporter.get_finished_spans() if s.name == "batch toy"]
+    assert batch_spans and all(
+        len(s.links) == s.attributes["genseg.batch.size"] for s in batch_spans
+    )
+    process_ids = {
+        s.context.span_id for s in exporter.get_finished_spans() if s.name.startswith("process")
+    }
+    assert {link.context.span_id for s in batch_spans for link in s.links} <= process_ids
+
+
+# --- worker processes -------------------------------------------------------------------
+
+
+def start_worker(settings: Settings, name: str, log_dir: Path) -> tuple[subprocess.Popen, Path]:
+    log_path = log_dir / f"{name}.log"
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
+        "GENSEG_TOPIC_PREFIX": settings.topic_prefix,
+        "GENSEG_BLOB_URL": settings.blob_url,
+        "TOY_WORKER": name,
+        "TOY_LOG": "INFO",
+    }
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.toy_stage"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).parent.parent,
+        )
+    return proc, log_path
+
+
+def logged(proc: subprocess.Popen, log_path: Path, text: str) -> bool:
+    """True once the worker logged ``text``; fails at once if the worker died."""
+    output = log_path.read_text(errors="replace")
+    assert proc.poll() is None or text in output, output[-3000:]
+    return text in output
+
+
+@pytest.mark.slow
+async def test_sigkilled_worker_restarts_without_loss(settings: Settings, tmp_path: Path) -> None:
+    await ensure_topics(settings, partitions=4)
+    ids = [f"k{i:03d}" for i in range(300)]
+    offsets = await publish_all(settings, [Ping(id=i, work_ms=10) for i in ids])
+    first, _ = start_worker(settings, "first", tmp_path)
+    try:
+        async with TopicReader(settings, "images") as reader:
+            await reader.until(lambda: len(reader.keys("images")) >= 60, timeout=90)
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+            at_kill = await committed_offsets(
+                settings, f"{settings.topic_prefix}.toy", settings.topics.prompts, 4
+            )
+            assert sum(v or 0 for v in at_kill.values()) > 0, "some progress was committed"
+            second, _ = start_worker(settings, "second", tmp_path)
+            try:
+                await reader.until(lambda: set(reader.keys("images")) >= set(ids), timeout=120)
+            finally:
+                second.terminate()
+                second.wait(30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    pongs = reader.values("images")
+    assert {p["id"] for p in pongs} == set(ids)
+    by_worker = Counter(p["worker"] for p in pongs)
+    assert by_worker["first"] >= 60 and by_worker["second"] > 0
+    for pong in pongs:
+        if pong["worker"] == "second":
+            partition, offset = offsets[pong["id"]]
+            assert offset >= (at_kill[partition] or 0), f"{pong['id']} was committed, redone"
+
+
+@pytest.mark.slow
+async def test_two_workers_share_and_one_takes_over_after_sigterm(
+    settings: Settings, tmp_path: Path
+) -> None:
+    await ensure_topics(settings, partitions=4)
+    a, a_log = start_worker(settings, "a", tmp_path)
+    b, b_log = start_worker(settings, "b", tmp_path)
+    try:
+        # Both members hold partitions once the second join's rebalance completed.
+        await eventually(lambda: logged(a, a_log, "stage toy assigned ["), 60)
+        await eventually(lambda: logged(b, b_log, "stage toy assigned ["), 60)
+        ids = [f"s{i:03d}" for i in range(400)]
+        await publish_all(settings, [Ping(id=i, work_ms=15) for i in ids])
+        async with TopicReader(settings, "images") as reader:
+            await reader.until(
+                lambda: {"a", "b"} <= {p["worker"] for p in reader.values("images")}, timeout=60
+            )
+            a.send_signal(signal.SIGTERM)
+            assert a.wait(30) == 0, a_log.read_text()[-3000:]
+            await reader.until(lambda: set(reader.keys("images")) >= set(ids), timeout=120)
+    finally:
+        for proc in (a, b):
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(30)
+    pongs = reader.values("images")
+    assert {p["id"] for p in pongs} == set(ids)
+    workers = Counter(p["worker"] for p in pongs)
+    assert workers["a"] > 0 and workers["b"] > 0
+    assert "stage toy stopped" in a_log.read_text()
