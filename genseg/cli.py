@@ -1,0 +1,413 @@
+"""The ``genseg`` command line.
+
+Heavy modules (torch, diffusers, segment-anything) are imported only inside the
+commands that need them, so ``genseg submit`` starts in well under a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from genseg.settings import Settings
+
+app = typer.Typer(
+    name="genseg",
+    help="Stream-scale image generation and object cut-outs on Kafka.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_show_locals=False,
+)
+topics_app = typer.Typer(help="Manage the contract's topics.", no_args_is_help=True)
+dlq_app = typer.Typer(help="Inspect and replay the dead-letter topic.", no_args_is_help=True)
+app.add_typer(topics_app, name="topics")
+app.add_typer(dlq_app, name="dlq")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class WorkerKind(StrEnum):
+    gen = "gen"
+    seg = "seg"
+
+
+class Profile(StrEnum):
+    tiny = "tiny"
+    random = "random"
+    pretrained = "pretrained"
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False, rich_tracebacks=True)],
+    )
+    logging.getLogger("aiokafka").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def _settings(**overrides: Any) -> Settings:
+    """Settings from the environment, with the command's flags on top."""
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValueError as exc:
+        err_console.print(f"[red]invalid settings:[/] {exc}")
+        raise typer.Exit(2) from None
+
+
+LogLevel = Annotated[
+    str, typer.Option("--log-level", envvar="GENSEG_LOG_LEVEL", help="DEBUG, INFO, WARNING...")
+]
+
+
+@app.command()
+def demo(
+    prompt: Annotated[str, typer.Argument(help="What to generate.")],
+    target: Annotated[list[str], typer.Option("--target", "-t", help="Object to cut out.")] = [],  # noqa: B006
+    models: Annotated[Profile, typer.Option(help="Model profile.")] = Profile.tiny,
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("genseg-out"),
+    size: Annotated[
+        int | None, typer.Option(help="Image side (default 128 tiny, 512 else).")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed (same seed, same image).")] = 7,
+    min_confidence: Annotated[
+        float | None, typer.Option(help="Mask filter (default 0 for tiny/random, 0.8 else).")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the outcome.")] = 600.0,
+    log_level: LogLevel = "WARNING",
+) -> None:
+    """Run the whole pipeline in one process and write image, masks, assets and a contact sheet."""
+    _setup_logging(log_level)
+    from genseg.demo import DemoFailed, run_demo
+    from genseg.telemetry import setup_tracing, shutdown_tracing
+
+    blob_url = os.environ.get("GENSEG_BLOB_URL") or str(out / "blobs")
+    settings = _settings(models=models.value, blob_url=blob_url)
+    provider = setup_tracing("genseg-demo")
+    try:
+        result = asyncio.run(
+            run_demo(prompt, list(target), settings=settings, out_dir=out, size=size,
+                     steps=steps, seed=seed, min_confidence=min_confidence,
+                     timeout_s=timeout, console=console,
+                     tracer_provider=provider)
+        )  # fmt: skip
+    except DemoFailed as exc:
+        err_console.print(f"[red]demo failed:[/] {exc}")
+        raise typer.Exit(1) from None
+    finally:
+        shutdown_tracing()
+    table = Table(title=f"request {result.request_id}: {result.status}")
+    table.add_column("stage")
+    table.add_column("ms", justify="right")
+    for name, ms in result.timings_ms.items():
+        table.add_row(name, f"{ms:.1f}")
+    table.add_row("[bold]end to end (wall)[/]", f"{result.wall_s * 1000:.0f}")
+    console.print(table)
+    console.print(f"trace id [bold]{result.trace_id}[/]")
+    for path in result.files:
+        console.print(f"  wrote {path}")
+    if models is Profile.tiny:
+        console.print(
+            "[yellow]Note:[/] the tiny profile uses random weights: the image is noise and the "
+            "masks are arbitrary. Everything else is real (broker, workers, events, blobs). "
+            "Use [bold]--models pretrained[/] with SD_MODEL and SAM_CHECKPOINT for real output."
+        )
+
+
+@app.command()
+def broker(
+    listen: Annotated[str, typer.Option(help="HOST:PORT to listen on.")] = "127.0.0.1:9092",
+    storage: Annotated[str, typer.Option(help="memory://tansu/ or s3://bucket/")] = (
+        "memory://tansu/"
+    ),
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Run the embedded Kafka-protocol broker (tansu) in the foreground."""
+    import signal
+    import threading
+
+    from genseg.broker import BrokerError, EmbeddedBroker
+
+    _setup_logging(log_level)
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        err_console.print(f"[red]--listen must be HOST:PORT, got {listen!r}[/]")
+        raise typer.Exit(2)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    embedded = EmbeddedBroker(host, int(port), storage=storage)
+    try:
+        embedded.start()
+    except BrokerError as exc:
+        err_console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
+    console.print(f"broker ready on [bold]{embedded.bootstrap_servers}[/] (Ctrl-C to stop)")
+    try:
+        while not stop.wait(0.5):
+            if not embedded.running:
+                err_console.print("[red]the broker exited[/]")
+                raise typer.Exit(1)
+    finally:
+        embedded.stop()
+
+
+@app.command()
+def worker(
+    kind: Annotated[WorkerKind, typer.Argument(help="gen or seg.")],
+    concurrency: Annotated[int, typer.Option(help="Batches worked on at once.")] = 1,
+    max_batch: Annotated[int | None, typer.Option(help="Records per batch (gen: 4).")] = None,
+    max_wait_ms: Annotated[int, typer.Option(help="Longest wait to fill a batch.")] = 20,
+    metrics_port: Annotated[int | None, typer.Option(help="Serve /metrics on this port.")] = None,
+    instance_id: Annotated[
+        str | None, typer.Option(help="Static group membership id (restarts skip a rebalance).")
+    ] = None,
+    partitions: Annotated[int, typer.Option(help="Partitions of topics it creates.")] = 4,
+    create_topics: Annotated[bool, typer.Option(help="Create missing topics at start.")] = True,
+    drain_timeout: Annotated[float, typer.Option(help="Seconds to drain on SIGTERM.")] = 30.0,
+    job_timeout: Annotated[float, typer.Option(help="Seconds one handler call may take.")] = 900,
+    max_attempts: Annotated[int, typer.Option(help="Attempts before dead-lettering.")] = 3,
+    torch_threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Run one worker: a member of the gen or seg consumer group, until SIGTERM."""
+    _setup_logging(log_level)
+    from consumers.runtime import RuntimeConfig, StageRuntime
+    from genseg.telemetry import setup_tracing, shutdown_tracing
+
+    settings = _settings()
+    if torch_threads:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+    if kind is WorkerKind.gen:
+        from gen_worker.handler import GenStage
+
+        stage: Any = GenStage(settings)
+    else:
+        from seg_worker.handler import SegStage
+
+        stage = SegStage(settings)
+    config = RuntimeConfig(
+        max_batch=max_batch or (4 if kind is WorkerKind.gen else 1),
+        max_wait_ms=max_wait_ms,
+        concurrency=concurrency,
+        metrics_port=metrics_port,
+        instance_id=instance_id,
+        partitions=partitions,
+        create_topics=create_topics,
+        drain_timeout_s=drain_timeout,
+        job_timeout_s=job_timeout,
+        max_attempts=max_attempts,
+    )
+    provider = setup_tracing(f"genseg-{kind.value}")
+    try:
+        asyncio.run(StageRuntime(stage, settings, config, tracer_provider=provider).serve())
+    finally:
+        shutdown_tracing()
+
+
+@app.command()
+def submit(
+    prompt: Annotated[str, typer.Argument(help="What to generate.")],
+    target: Annotated[list[str], typer.Option("--target", "-t", help="Object to cut out.")] = [],  # noqa: B006
+    request_id: Annotated[str | None, typer.Option("--id", help="Request id.")] = None,
+    width: Annotated[int, typer.Option(help="Multiple of 8, 64..2048.")] = 512,
+    height: Annotated[int, typer.Option(help="Multiple of 8, 64..2048.")] = 512,
+    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 25,
+    guidance_scale: Annotated[float, typer.Option(help="CFG scale.")] = 7.5,
+    sampler: Annotated[str, typer.Option(help="dpmpp_2m, dpmpp_2m_karras, euler_a...")] = (
+        "dpmpp_2m"
+    ),
+    seed: Annotated[int | None, typer.Option(help="Seed.")] = None,
+    num_images: Annotated[int, typer.Option(help="Images for this prompt.")] = 1,
+    mode: Annotated[str, typer.Option(help="attention, boxes, points or auto.")] = "attention",
+    wait: Annotated[bool, typer.Option("--wait", help="Show progress and the result.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds --wait waits.")] = 600.0,
+    log_level: LogLevel = "WARNING",
+) -> None:
+    """Publish a prompt event; with --wait, follow it to its assets."""
+    from pydantic import ValidationError
+
+    from producers.client import new_request_id
+    from schemas import PromptEvent
+
+    _setup_logging(log_level)
+    settings = _settings()
+    try:
+        event = PromptEvent(
+            id=request_id or new_request_id(), prompt=prompt, targets=target, width=width,
+            height=height, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
+            seed=seed, num_images=num_images, segmentation={"mode": mode},
+        )  # fmt: skip
+    except ValidationError as exc:
+        err_console.print(f"[red]invalid request:[/]\n{exc}")
+        raise typer.Exit(2) from None
+    asyncio.run(_submit(settings, event, wait=wait, timeout=timeout))
+
+
+async def _submit(settings: Settings, event: Any, *, wait: bool, timeout: float) -> None:
+    from consumers.subscriber import Subscriber
+    from producers.client import GensegClient
+
+    if not wait:
+        async with GensegClient(settings) as client:
+            await client.publisher.publish(settings.topics.prompts, event)
+        console.print(event.id)
+        return
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    from schemas import AssetReadyEvent, DeadLetterEvent, ProgressEvent
+
+    topics = ["progress", "assets", "dlq"]
+    async with Subscriber(settings, topics, only_key=event.id) as sub:
+        async with GensegClient(settings) as client:
+            await client.publisher.publish(settings.topics.prompts, event)
+        console.print(f"submitted [bold]{event.id}[/]")
+        outcomes: dict[int, Any] = {}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        with Progress(TextColumn("{task.description}"), BarColumn(), console=console) as bar:
+            task = bar.add_task("denoising", total=event.steps)
+            while len(outcomes) < event.num_images:
+                if loop.time() > deadline:
+                    err_console.print(f"[red]no outcome within {timeout:.0f}s[/]")
+                    raise typer.Exit(1)
+                for _topic, ev in await sub.next_events(0.5):
+                    if isinstance(ev, ProgressEvent):
+                        bar.update(task, completed=ev.step, total=ev.steps)
+                    elif isinstance(ev, AssetReadyEvent):
+                        outcomes.setdefault(ev.image_index, ev)
+                    elif isinstance(ev, DeadLetterEvent):
+                        for i in (
+                            range(event.num_images) if ev.image_index is None else [ev.image_index]
+                        ):
+                            outcomes.setdefault(i, ev)
+    failed = False
+    for index in sorted(outcomes):
+        ev = outcomes[index]
+        if isinstance(ev, DeadLetterEvent):
+            failed = True
+            reason = f"{ev.error.type}: {ev.error.message}"
+            console.print(f"image {index}: [red]dead-lettered[/] {reason}")
+            continue
+        console.print(f"image {index}: [green]{ev.status}[/]  image {ev.image.uri}")
+        for item in ev.assets:
+            console.print(f"  {item.label} ({item.score:.2f}) bbox {item.bbox}: {item.asset.uri}")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def tail(
+    topic: Annotated[str, typer.Argument(help="Short topic name: prompts, images, assets...")],
+    from_beginning: Annotated[bool, typer.Option(help="Start at the oldest record.")] = False,
+    limit: Annotated[int | None, typer.Option(help="Stop after this many records.")] = None,
+) -> None:
+    """Print events from a topic as they arrive (one JSON object per line)."""
+    from schemas import TOPIC_NAMES
+
+    if topic not in TOPIC_NAMES:
+        err_console.print(f"[red]unknown topic {topic!r}; one of {', '.join(TOPIC_NAMES)}[/]")
+        raise typer.Exit(2)
+    settings = _settings()
+    try:
+        asyncio.run(_tail(settings, topic, from_beginning, limit))
+    except KeyboardInterrupt:
+        pass
+
+
+async def _tail(settings: Settings, topic: str, from_beginning: bool, limit: int | None) -> None:
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(
+        settings.topics.name(topic),
+        auto_offset_reset="earliest" if from_beginning else "latest",
+        enable_auto_commit=False,
+        **settings.kafka_kwargs(),
+    )
+    await consumer.start()
+    seen = 0
+    try:
+        while limit is None or seen < limit:
+            for _tp, records in (await consumer.getmany(timeout_ms=500)).items():
+                for record in records:
+                    text = (record.value or b"").decode("utf-8", "replace")
+                    sys.stdout.write(text + "\n")
+                    sys.stdout.flush()
+                    seen += 1
+                    if limit is not None and seen >= limit:
+                        return
+    finally:
+        await consumer.stop()
+
+
+@topics_app.command("create")
+def topics_create(
+    partitions: Annotated[int, typer.Option(help="Partitions per topic (parallelism cap).")] = 4,
+    replication_factor: Annotated[int, typer.Option(help="Replicas per partition.")] = 1,
+) -> None:
+    """Create the contract's topics (idempotent)."""
+    from genseg.admin import ensure_topics
+
+    settings = _settings()
+    created = asyncio.run(
+        ensure_topics(settings, partitions=partitions, replication_factor=replication_factor)
+    )
+    for name in settings.topics.all():
+        state = "created" if name in created else "exists"
+        console.print(f"{name}: {state}")
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    request_id: Annotated[str | None, typer.Option("--id", help="Only this request.")] = None,
+    include_invalid: Annotated[
+        bool, typer.Option(help="Also replay records that failed validation.")
+    ] = False,
+    dry_run: Annotated[bool, typer.Option(help="List, do not publish.")] = False,
+) -> None:
+    """Re-publish dead-lettered requests to their source topic (validation failures skipped)."""
+    from genseg.replay import replay_dead_letters
+
+    settings = _settings()
+    report = asyncio.run(
+        replay_dead_letters(
+            settings, request_id=request_id, include_invalid=include_invalid, dry_run=dry_run
+        )
+    )
+    for line in report.lines:
+        console.print(line)
+    verb = "would replay" if dry_run else "replayed"
+    console.print(f"{verb} {report.replayed}, skipped {report.skipped}")
+
+
+@app.command()
+def schema(
+    asyncapi: Annotated[bool, typer.Option(help="Print the AsyncAPI 3.0 document only.")] = False,
+) -> None:
+    """Print the JSON Schemas of the contract (and the AsyncAPI document)."""
+    from schemas.export import asyncapi_document, json_schemas
+
+    settings = _settings()
+    document: Any = asyncapi_document(settings.topics)
+    if not asyncapi:
+        document = {"schemas": json_schemas(), "asyncapi": document}
+    sys.stdout.write(json.dumps(document, indent=2) + "\n")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()
