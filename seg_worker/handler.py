@@ -157,7 +157,16 @@ class SegStage(Stage[ImageReadyEvent]):
         for item in items:
             try:
                 with ctx.phase("decode_image", item=item.index):
-                    item.plan = self._plan(item, ctx)
+                    image, heatmaps = self._load(item, ctx)
+                with ctx.phase("prompts", item=item.index):
+                    item.plan = self.segmenter.plan(
+                        image,
+                        item.event.image.sha256,
+                        item.event.segmentation,
+                        targets=item.event.targets,
+                        heatmaps=heatmaps,
+                        missing_targets=item.event.missing_targets,
+                    )
             except Exception as exc:
                 results[item.index] = exc
 
@@ -183,27 +192,19 @@ class SegStage(Stage[ImageReadyEvent]):
 
     # --- steps -----------------------------------------------------------------------
 
-    def _plan(self, item: _Item, ctx: StageContext) -> Plan:
-        """Read and decode the image and heat maps; plan the prompts."""
+    def _load(self, item: _Item, ctx: StageContext) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Read and decode the image ``[H, W, 3]`` uint8 and the heat maps it needs."""
         event = item.event
         max_pixels = self.settings.max_image_pixels
         max_bytes = max_pixels * _BYTES_PER_PIXEL_LIMIT + _BYTES_OVERHEAD_LIMIT
         data = _read_blob(ctx, event.image, max_bytes, "image")
-        image = np.asarray(decode_image(data, max_pixels=max_pixels, mode="RGB"))
-        item.image = image
+        item.image = np.asarray(decode_image(data, max_pixels=max_pixels, mode="RGB"))
         heatmaps: dict[str, np.ndarray] = {}
         if event.segmentation.mode == "attention":
             for target, ref in event.heatmaps.items():
                 raw = _read_blob(ctx, ref, max_bytes, f"heat map {target!r}")
                 heatmaps[target] = decode_heatmap(raw, max_pixels=max_pixels)
-        return self.segmenter.plan(
-            image,
-            event.image.sha256,
-            event.segmentation,
-            targets=event.targets,
-            heatmaps=heatmaps,
-            missing_targets=event.missing_targets,
-        )
+        return item.image, heatmaps
 
     def _finish(self, item: _Item, ctx: StageContext) -> list[Output]:
         """Predict, then write masks and assets and build the two events."""

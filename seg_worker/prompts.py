@@ -76,19 +76,19 @@ def heatmap_prompts(
     components, count = ndimage.label(hot, structure=np.ones((3, 3), bool))
     if count == 0:
         return []
-    index = np.arange(1, count + 1)
-    masses = ndimage.sum_labels(heat, components, index)
-    peaks = ndimage.maximum_position(heat, components, index)
-    slices = ndimage.find_objects(components)
+    # bincount and per-slice argmax: ndimage.maximum_position costs ~10 ms at 512 px
+    masses = np.bincount(components.ravel(), weights=heat.ravel(), minlength=count + 1)
     prompts = []
-    for mass, (py, px), (ys, xs) in zip(masses, peaks, slices, strict=True):
+    for k, (ys, xs) in enumerate(ndimage.find_objects(components), start=1):
+        local = np.where(components[ys, xs] == k, heat[ys, xs], -np.inf)
+        py, px = np.unravel_index(int(np.argmax(local)), local.shape)
         prompts.append(
             Prompt(
                 label=label,
-                points=np.array([[px, py]], np.float32),
+                points=np.array([[xs.start + px, ys.start + py]], np.float32),
                 point_labels=np.ones((1,), np.int32),
                 box=np.array([xs.start, ys.start, xs.stop, ys.stop], np.float32),
-                weight=float(mass),
+                weight=float(masses[k]),
             )
         )
     prompts.sort(key=lambda p: -p.weight)  # stable: ties keep raster order

@@ -174,7 +174,7 @@ def test_masks_and_assets_for_two_targets(env: Env) -> None:
         assert not rgba[~crop_mask].any()  # transparent (and black) outside
     t = assets.timings_ms
     assert t["gen.denoise"] == 12.5 and t["gen.vae_decode"] == 3.0
-    for phase in ("decode_image", "embed", "predict", "assets", "blob_write"):
+    for phase in ("decode_image", "prompts", "embed", "predict", "assets", "blob_write"):
         assert t[f"seg.{phase}"] >= 0 and masks.timings_ms[f"seg.{phase}"] == t[f"seg.{phase}"]
 
 
