@@ -242,6 +242,7 @@ def submit(
     """Publish a prompt event; with --wait, follow it to its assets."""
     from pydantic import ValidationError
 
+    from genseg.telemetry import setup_tracing, shutdown_tracing
     from producers.client import new_request_id
     from schemas import PromptEvent
 
@@ -256,7 +257,11 @@ def submit(
     except ValidationError as exc:
         err_console.print(f"[red]invalid request:[/]\n{exc}")
         raise typer.Exit(2) from None
-    asyncio.run(_submit(settings, event, wait=wait, timeout=timeout))
+    setup_tracing("genseg-submit")
+    try:
+        asyncio.run(_submit(settings, event, wait=wait, timeout=timeout))
+    finally:
+        shutdown_tracing()
 
 
 async def _submit(settings: Settings, event: Any, *, wait: bool, timeout: float) -> None:

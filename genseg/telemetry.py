@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from collections.abc import Sequence
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.propagate import extract, inject
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,25 @@ def headers_from_context(context: Context | None = None) -> list[tuple[str, byte
     carrier: dict[str, str] = {}
     inject(carrier, context=context)
     return [(key, value.encode("ascii")) for key, value in carrier.items()]
+
+
+def origin_context(context: Context | None = None) -> Context:
+    """``context`` if it holds a valid span, else a fresh sampled trace to start one.
+
+    Without an OpenTelemetry SDK the API's spans are invalid and inject nothing,
+    yet the contract puts a ``traceparent`` on every record: the first publisher
+    of a request then originates the trace, and no-op tracers downstream pass it on.
+    """
+    span = trace.get_current_span(context)
+    if span.get_span_context().is_valid:
+        return context if context is not None else otel_context.get_current()
+    fresh = SpanContext(
+        trace_id=random.getrandbits(128) or 1,
+        span_id=random.getrandbits(64) or 1,
+        is_remote=False,
+        trace_flags=TraceFlags(TraceFlags.SAMPLED),
+    )
+    return trace.set_span_in_context(NonRecordingSpan(fresh), context)
 
 
 def context_from_headers(headers: KafkaHeaders | None) -> Context:

@@ -14,7 +14,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind
 
 from genseg.settings import Settings
-from genseg.telemetry import TRACER_NAME, headers_from_context
+from genseg.telemetry import TRACER_NAME, headers_from_context, origin_context
 from schemas import Event
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,9 @@ class Publisher:
             },
         ):
             future = await self.send(
-                topic, event.to_json_bytes(), key=record_key, headers=headers_from_context()
+                topic,
+                event.to_json_bytes(),
+                key=record_key,
+                headers=headers_from_context(origin_context()),
             )
             return await future
