@@ -208,6 +208,57 @@ class CachedPredictor(SamPredictor):
     # --- prediction ----------------------------------------------------------------
 
     @torch.inference_mode()
+    def predict_low_res(
+        self,
+        emb: Embedding,
+        *,
+        points: np.ndarray | None,
+        point_labels: np.ndarray | None,
+        box: np.ndarray | None,
+        frame_size: tuple[int, int],
+        multimask: bool = True,
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """SAM's low-res mask logits ``[C, 4h, 4w]`` (on the model's device; 256x256 for
+        the real models) and predicted IoUs ``[C]`` (C = 3 with ``multimask``, else 1).
+
+        Prompts are in pixels of a ``frame_size`` = (H, W) frame that covers the whole
+        encoded view (the full image for any pyramid scale; the crop for a crop).
+        This is ``SamPredictor.predict_torch`` without its upsampling, so a caller
+        upsamples only the output it keeps (:meth:`upsample`).
+        """
+        with self.lock:
+            self.use(emb)
+            sx = emb.input_size[1] / frame_size[1]
+            sy = emb.input_size[0] / frame_size[0]
+            scale = torch.tensor([sx, sy], dtype=torch.float32, device=self.device)
+            points_in = boxes = None
+            if points is not None and len(points):
+                coords = torch.as_tensor(points, dtype=torch.float32, device=self.device)
+                labels = torch.as_tensor(point_labels, dtype=torch.int, device=self.device)
+                points_in = ((coords * scale)[None], labels[None])
+            if box is not None:
+                boxes = torch.as_tensor(box, dtype=torch.float32, device=self.device)
+                boxes = (boxes.view(2, 2) * scale).view(1, 4)
+            sparse, dense = self.model.prompt_encoder(points=points_in, boxes=boxes, masks=None)
+            low_res, ious = self.model.mask_decoder(
+                image_embeddings=emb.features,
+                image_pe=self.model.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask,
+            )
+            return low_res[0], ious[0].float().cpu().numpy()
+
+    @torch.inference_mode()
+    def upsample(
+        self, emb: Embedding, low_res: torch.Tensor, out_size: tuple[int, int]
+    ) -> torch.Tensor:
+        """Low-res logits ``[K, 4h, 4w]`` of ``emb``'s view -> logits ``[K, H, W]`` at
+        ``out_size`` (float32, CPU): SAM's ``postprocess_masks`` (pad removed), one
+        bilinear upsampling from the low-res grid straight to the output frame."""
+        masks = self.model.postprocess_masks(low_res[None], emb.input_size, out_size)
+        return masks[0].float().cpu()
+
     def predict_logits(
         self,
         emb: Embedding,
@@ -218,31 +269,14 @@ class CachedPredictor(SamPredictor):
         out_size: tuple[int, int],
         multimask: bool = True,
     ) -> tuple[torch.Tensor, np.ndarray]:
-        """Mask logits ``[C, H, W]`` (float32, CPU) at ``out_size`` = (H, W), and the
-        predicted IoUs ``[C]`` (C = 3 with ``multimask``, else 1).
-
-        Prompts are in pixels of an ``out_size`` frame that covers the whole encoded
-        view (the full image for any pyramid scale; the crop for a crop), so the
-        logits come back at full size straight from SAM's low-res masks: one
-        upsampling, not two.
-        """
-        with self.lock:
-            self.use(emb)
-            sx = emb.input_size[1] / out_size[1]
-            sy = emb.input_size[0] / out_size[0]
-            scale = torch.tensor([sx, sy], dtype=torch.float32, device=self.device)
-            coords = labels = boxes = None
-            if points is not None and len(points):
-                coords = torch.as_tensor(points, dtype=torch.float32, device=self.device)
-                coords = (coords * scale)[None]
-                labels = torch.as_tensor(point_labels, dtype=torch.int, device=self.device)[None]
-            if box is not None:
-                boxes = torch.as_tensor(box, dtype=torch.float32, device=self.device)
-                boxes = (boxes.view(2, 2) * scale).view(1, 4)
-            # predict_torch post-processes to self.original_size: the output frame
-            self.original_size = out_size
-            masks, ious, _ = self.predict_torch(
-                coords, labels, boxes, None, multimask_output=multimask, return_logits=True
-            )
-            self.original_size = emb.original_size
-            return masks[0].float().cpu(), ious[0].float().cpu().numpy()
+        """Mask logits ``[C, H, W]`` (float32, CPU) of every output at ``out_size`` and
+        the predicted IoUs ``[C]``; see :meth:`predict_low_res` for the prompt frame."""
+        low_res, ious = self.predict_low_res(
+            emb,
+            points=points,
+            point_labels=point_labels,
+            box=box,
+            frame_size=out_size,
+            multimask=multimask,
+        )
+        return self.upsample(emb, low_res, out_size), ious

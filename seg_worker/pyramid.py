@@ -3,9 +3,10 @@
 At each scale ``s`` the image is resized to ``round(s * H) x round(s * W)`` and
 encoded (once, cached by ``(sha256, s)``); the prompt, given in full-image
 pixels, is mapped into that view; SAM's low-res mask logits are brought straight
-back to the full ``H x W`` frame; the logits of all scales are averaged per
-multimask output, and so are the predicted IoUs. The caller picks the best
-output and thresholds at 0 (SAM's ``mask_threshold``).
+back to the full ``H x W`` frame. The predicted IoUs of each multimask output
+are averaged over the scales, the output with the best mean is kept, and its
+logits are averaged over the scales; the caller thresholds them at 0 (SAM's
+``mask_threshold``).
 
 Note: SAM resizes every view's long side to the encoder's ``img_size``, so a
 scale below ``img_size / long side`` shows the encoder a blurrier (low-passed)
@@ -16,6 +17,7 @@ regions that stay stable across that blur.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -47,31 +49,50 @@ def view_items(
     return [((sha256, float(s), None), lambda s=s: scaled_view(image, s)) for s in scales]
 
 
+@dataclass(frozen=True, eq=False)
+class PyramidResult:
+    """The merged prediction of one prompt."""
+
+    logits: torch.Tensor  # [H, W] float32: mean over scales of the best output's logits
+    scores: np.ndarray  # [C] predicted IoU of each multimask output, mean over scales
+    best: int  # index of the output kept (highest mean predicted IoU)
+
+    @property
+    def score(self) -> float:
+        return float(self.scores[self.best])
+
+
 @torch.inference_mode()
 def predict_pyramid(
     predictor: CachedPredictor,
     embeddings: Sequence[Embedding],
     prompt: Prompt,
     out_size: tuple[int, int],
-) -> tuple[torch.Tensor, np.ndarray]:
-    """Mean mask logits ``[3, H, W]`` over the views in ``embeddings`` and mean
-    predicted IoUs ``[3]``, for ``prompt`` given in pixels of ``out_size`` = (H, W)."""
-    total: torch.Tensor | None = None
-    scores = np.zeros((0,), np.float32)
+) -> PyramidResult:
+    """Merge ``prompt``'s prediction over the views in ``embeddings`` (one per scale).
+
+    The prompt is in pixels of the ``out_size`` = (H, W) frame. The best multimask
+    output is chosen on the mean predicted IoU first, so only that output is
+    upsampled to full size (a third of the work and memory of upsampling all).
+    """
+    if not embeddings:
+        raise ValueError("predict_pyramid needs at least one embedding")
+    low_res, scores = [], np.zeros((0,), np.float32)
     for emb in embeddings:
-        logits, ious = predictor.predict_logits(
+        low, ious = predictor.predict_low_res(
             emb,
             points=prompt.points,
             point_labels=prompt.point_labels,
             box=prompt.box,
-            out_size=out_size,
+            frame_size=out_size,
         )
-        if total is None:
-            total, scores = logits, ious.astype(np.float32)
-        else:
-            total = total + logits
-            scores = scores + ious
-    if total is None:
-        raise ValueError("predict_pyramid needs at least one embedding")
-    n = len(embeddings)
-    return total / n, scores / n
+        low_res.append(low)
+        scores = ious.astype(np.float32) if not len(scores) else scores + ious
+    scores = scores / len(embeddings)
+    best = int(np.argmax(scores))
+    total: torch.Tensor | None = None
+    for emb, low in zip(embeddings, low_res, strict=True):
+        logits = predictor.upsample(emb, low[best : best + 1], out_size)[0]
+        total = logits if total is None else total + logits
+    assert total is not None
+    return PyramidResult(total / len(embeddings), scores, best)

@@ -207,10 +207,9 @@ class Segmenter:
     def _predict(self, plan: Plan, prompt: Prompt) -> Candidate:
         """Best multimask output of ``prompt`` over the pyramid, thresholded."""
         embs = [self._embedding(plan, (plan.sha256, float(s), None)) for s in plan.options.scales]
-        logits, scores = predict_pyramid(self.predictor, embs, prompt, plan.size)
-        best = int(np.argmax(scores))
-        mask = (logits[best] > self.mask_threshold).numpy()
-        return Candidate(prompt.label, float(scores[best]), mask)
+        merged = predict_pyramid(self.predictor, embs, prompt, plan.size)
+        mask = (merged.logits > self.mask_threshold).numpy()
+        return Candidate(prompt.label, merged.score, mask)
 
     def _retry_on_crop(self, plan: Plan, group: TargetGroup) -> list[Candidate]:
         """One more try for a small object: SAM on a crop around the heat-map peak.
@@ -245,11 +244,10 @@ class Segmenter:
             point_labels=np.ones((1,), np.int32),
             box=box,
         ).shifted(x0, y0)
-        logits, scores = predict_pyramid(self.predictor, [emb], prompt, (y1 - y0, x1 - x0))
-        best = int(np.argmax(scores))
+        merged = predict_pyramid(self.predictor, [emb], prompt, (y1 - y0, x1 - x0))
         mask = np.zeros((height, width), bool)
-        mask[y0:y1, x0:x1] = (logits[best] > self.mask_threshold).numpy()
-        return [Candidate(group.name, float(scores[best]), mask)]
+        mask[y0:y1, x0:x1] = (merged.logits > self.mask_threshold).numpy()
+        return [Candidate(group.name, merged.score, mask)]
 
     def _automatic(self, plan: Plan, label: str) -> list[Candidate]:
         """SamAutomaticMaskGenerator on the full image (scale 1.0, cached embedding)."""

@@ -249,10 +249,21 @@ def test_pyramid_merges_scales_into_full_size_logits() -> None:
     assert predictor.encoder_images == 3 and predictor.encoder_batches == 2
     assert [e.original_size for e in embs] == [(48, 60), (72, 90), (96, 120)]
     prompts = heatmap_prompts(resize_heatmap(two_blob_heatmap(), 96, 120), "t")
-    logits, scores = predict_pyramid(predictor, embs, prompts[0], (96, 120))
-    assert logits.shape == (3, 96, 120) and scores.shape == (3,)
-    singles = [predict_pyramid(predictor, [e], prompts[0], (96, 120)) for e in embs]
-    torch.testing.assert_close(logits, sum(s[0] for s in singles) / 3)
-    np.testing.assert_allclose(scores, sum(s[1] for s in singles) / 3, rtol=1e-5)
+    merged = predict_pyramid(predictor, embs, prompts[0], (96, 120))
+    assert merged.logits.shape == (96, 120) and merged.scores.shape == (3,)
+    singles = [
+        predictor.predict_logits(
+            e,
+            points=prompts[0].points,
+            point_labels=prompts[0].point_labels,
+            box=prompts[0].box,
+            out_size=(96, 120),
+        )
+        for e in embs
+    ]
+    mean_scores = sum(s[1] for s in singles) / 3
+    np.testing.assert_allclose(merged.scores, mean_scores, rtol=1e-5)
+    assert merged.best == int(np.argmax(mean_scores))  # the best of the multimask outputs
+    torch.testing.assert_close(merged.logits, sum(s[0][merged.best] for s in singles) / 3)
     predictor.embed_many(views)  # all cached now
     assert predictor.encoder_images == 3
