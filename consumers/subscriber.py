@@ -92,7 +92,10 @@ class Subscriber:
 
     async def start(self) -> None:
         self._consumer = AIOKafkaConsumer(
-            enable_auto_commit=False, client_id="genseg-subscriber", **self.settings.kafka_kwargs()
+            enable_auto_commit=False,
+            client_id="genseg-subscriber",
+            fetch_max_wait_ms=50,  # see RuntimeConfig.fetch_max_wait_ms
+            **self.settings.kafka_kwargs(),
         )
         await self._consumer.start()
         partitions: list[TopicPartition] = []

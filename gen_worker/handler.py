@@ -305,6 +305,7 @@ class GenStage(Stage[GenEvent]):
                 num_images=event.num_images,
                 mode="inpaint" if inpaint else "txt2img",
                 progressive=None if inpaint else event.progressive,
+                strength=event.strength if isinstance(event, InpaintEvent) else None,
             )
             ready = ImageReadyEvent(
                 id=event.id,

@@ -14,12 +14,11 @@ components (progressive refinement), and the inpainting pipeline, built on first
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import (
@@ -33,6 +32,9 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from gen_worker.tokenizer import local_clip_tokenizer
+
+if TYPE_CHECKING:
+    from genseg.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +59,6 @@ SD15_SCHEDULER_CONFIG: dict[str, Any] = {
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
 @dataclass(frozen=True)
 class RuntimeOptions:
     """How the models run: device, precision and the GPU speed-ups.
@@ -80,15 +78,15 @@ class RuntimeOptions:
     single_file_config: str | None = None
 
     @classmethod
-    def from_env(cls, device: str = "auto") -> RuntimeOptions:
-        """``GENSEG_XFORMERS=1``, ``GENSEG_TORCH_COMPILE=1``, ``SD_MODEL_CONFIG``."""
-        invariant = os.environ.get("GENSEG_BATCH_INVARIANT", "").strip()
+    def from_settings(cls, settings: Settings) -> RuntimeOptions:
+        """Options from ``GENSEG_DEVICE``, ``GENSEG_XFORMERS``, ``GENSEG_TORCH_COMPILE``,
+        ``GENSEG_BATCH_INVARIANT`` and ``SD_MODEL_CONFIG`` (see :class:`Settings`)."""
         return cls(
-            device=device,
-            batch_invariant=_env_flag("GENSEG_BATCH_INVARIANT") if invariant else None,
-            xformers=_env_flag("GENSEG_XFORMERS"),
-            compile=_env_flag("GENSEG_TORCH_COMPILE"),
-            single_file_config=os.environ.get("SD_MODEL_CONFIG") or None,
+            device=settings.device,
+            batch_invariant=settings.batch_invariant,
+            xformers=settings.xformers,
+            compile=settings.torch_compile,
+            single_file_config=settings.sd_model_config,
         )
 
     def torch_device(self) -> torch.device:
@@ -332,7 +330,7 @@ class GenModels:
     @classmethod
     def from_settings(cls, settings: Any, options: RuntimeOptions | None = None) -> GenModels:
         """Build or load the profile ``settings.models`` (``GENSEG_MODELS``)."""
-        opts = options or RuntimeOptions.from_env(getattr(settings, "device", "auto"))
+        opts = options or RuntimeOptions.from_settings(settings)
         device = opts.torch_device()
         dtype = opts.dtype_for(device)
         profile = settings.models

@@ -65,6 +65,14 @@ class Settings(BaseSettings):
     sam_checkpoint: str | None = Field(default=None, validation_alias="SAM_CHECKPOINT")
     #: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:1``...
     device: str = Field(default="auto", validation_alias="GENSEG_DEVICE")
+    #: xFormers memory-efficient attention on CUDA (needs the ``gpu`` extra); else SDPA.
+    xformers: bool = Field(default=False, validation_alias="GENSEG_XFORMERS")
+    #: ``torch.compile`` the UNet on CUDA (slow first batch, faster after).
+    torch_compile: bool = Field(default=False, validation_alias="GENSEG_TORCH_COMPILE")
+    #: Byte-identical images alone or batched; None: on for CPU, off for CUDA.
+    batch_invariant: bool | None = Field(default=None, validation_alias="GENSEG_BATCH_INVARIANT")
+    #: A diffusers config directory for offline ``from_single_file`` loading of SD_MODEL.
+    sd_model_config: str | None = Field(default=None, validation_alias="SD_MODEL_CONFIG")
 
     @property
     def topics(self) -> Topics:

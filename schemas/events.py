@@ -186,6 +186,7 @@ class ResolvedParams(Event):
     num_images: int = 1
     mode: Literal["txt2img", "inpaint"] = "txt2img"
     progressive: ProgressiveOptions | None = None
+    strength: float | None = None  # addition: inpaint strength
 
 
 class ImageReadyEvent(Event):
