@@ -204,7 +204,12 @@ class LocalBlobStore(BlobStore):
     def _read(self, key: str, limit: int | None = None) -> bytes:
         try:
             with self._path(key).open("rb") as handle:
-                return handle.read() if limit is None else handle.read(limit)
+                if limit is None:
+                    return handle.read()
+                # read(n) allocates n bytes up front: a reference that claims a huge size
+                # must not make the reader ask for that much memory (MemoryError, or worse).
+                size = os.fstat(handle.fileno()).st_size
+                return handle.read(min(limit, size + 1))
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise BlobNotFound(f"no blob at {self.uri_for(key)}") from None
         except OSError as exc:
