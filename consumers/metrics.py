@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -88,6 +89,16 @@ class StageMetrics:
 
     def set_lag(self, topic: str, partition: int, lag: int) -> None:
         self.lag.labels(self.stage, topic, str(partition)).set(max(lag, 0))
+
+    def forget_partition(self, topic: str, partition: int) -> None:
+        """Drop the lag series of a partition this member no longer owns.
+
+        Call on revoke: a stale series would go on reporting the lag it had when the
+        partition moved, and a sum over members (the autoscaler's query) would count
+        that partition twice.
+        """
+        with contextlib.suppress(KeyError):
+            self.lag.remove(self.stage, topic, str(partition))
 
     def render(self) -> bytes:
         """The metrics in Prometheus text format."""

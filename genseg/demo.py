@@ -135,14 +135,14 @@ async def _run(
     seg = StageRuntime(
         SegStage(settings), settings, RuntimeConfig(**quick), tracer_provider=tracer_provider
     )
-    with console.status(f"loading {settings.models} models and joining consumer groups"):
-        await gen.start()
-        await seg.start()
     request_id = new_request_id("demo")
     tracer = trace.get_tracer(TRACER_NAME, tracer_provider=tracer_provider)
     events: dict[str, Event] = {}
-    started = time.monotonic()
-    try:
+    try:  # a runtime that fails to start must not leave the other one running
+        with console.status(f"loading {settings.models} models and joining consumer groups"):
+            await gen.start()
+            await seg.start()
+        started = time.monotonic()
         async with Subscriber(
             settings, ["images", "masks", "assets", "dlq", "progress"], only_key=request_id
         ) as sub:
@@ -206,7 +206,6 @@ async def _follow(
 def _write_outputs(settings: Settings, events: dict[str, Event], out_dir: Path) -> list[Path]:
     blob = BlobStore.from_url(settings.blob_url)
     image_event = events["image"]
-    masks_event = events.get("masks")
     asset_event = events["terminal"]
     assert isinstance(image_event, ImageReadyEvent) and isinstance(asset_event, AssetReadyEvent)
     limit = settings.max_image_pixels
@@ -228,10 +227,11 @@ def _write_outputs(settings: Settings, events: dict[str, Event], out_dir: Path) 
         files.append(path)
         first_heat = first_heat or heat
     rows = []
-    objects = masks_event.objects if isinstance(masks_event, MasksReadyEvent) else []
-    for k, (obj, item) in enumerate(zip(objects, asset_event.assets, strict=False)):
+    # The asset-ready event references every mask, in the order of its assets: the
+    # mask-ready event travels on another topic and may arrive after it (or not yet).
+    for k, (mask_ref, item) in enumerate(zip(asset_event.masks, asset_event.assets, strict=False)):
         name = f"{k}-{_slug(item.label)}"
-        mask_data = blob.get(obj.mask)
+        mask_data = blob.get(mask_ref)
         asset_data = blob.get(item.asset)
         save(f"mask-{name}.png", mask_data)
         save(f"asset-{name}.png", asset_data)

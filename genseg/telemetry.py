@@ -1,10 +1,10 @@
 """OpenTelemetry set-up from the standard ``OTEL_*`` variables, and Kafka header propagation.
 
-Exporter choice: OTLP over HTTP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` or
-``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` is set; the console when
-``OTEL_TRACES_EXPORTER=console``; otherwise spans are still created (trace ids
-exist and propagate) but nothing is exported. ``OTEL_SDK_DISABLED=true`` turns
-tracing off entirely.
+Exporter choice (``OTEL_TRACES_EXPORTER``, a comma-separated list, default ``otlp``):
+OTLP over HTTP (protobuf) when ``OTEL_EXPORTER_OTLP_ENDPOINT`` or
+``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` is set; the console for ``console``;
+otherwise spans are still created (trace ids exist and propagate) but nothing is
+exported. ``OTEL_SDK_DISABLED=true`` turns tracing off entirely.
 """
 
 from __future__ import annotations
@@ -35,16 +35,30 @@ def setup_tracing(service_name: str) -> trace.TracerProvider:
         return trace.get_tracer_provider()
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
     provider = TracerProvider(resource=resource)
-    exporter_name = os.environ.get("OTEL_TRACES_EXPORTER", "otlp").lower()
+    # A comma-separated list by the specification ("otlp,console"; "none" for none).
+    exporters = {
+        name.strip()
+        for name in os.environ.get("OTEL_TRACES_EXPORTER", "otlp").lower().split(",")
+        if name.strip()
+    }
     has_endpoint = any(
         os.environ.get(name)
         for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     )
-    if exporter_name == "console":
+    if "console" in exporters:
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
-    elif exporter_name == "otlp" and has_endpoint:
+    if "otlp" in exporters and has_endpoint:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
+        protocol = os.environ.get(
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "")
+        )
+        if protocol and protocol != "http/protobuf":
+            log.warning(
+                "OTEL_EXPORTER_OTLP_PROTOCOL=%s is not supported: exporting OTLP/HTTP protobuf "
+                "(point the endpoint at the collector's HTTP port, usually 4318)",
+                protocol,
+            )
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
         log.info("exporting traces over OTLP/HTTP")
     trace.set_tracer_provider(provider)
