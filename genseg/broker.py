@@ -99,8 +99,12 @@ class EmbeddedBroker:
     """A tansu broker process on loopback.
 
     ``storage`` is ``memory://tansu/`` (default) or ``s3://bucket/`` (durable; the
-    ``AWS_*`` variables in ``env`` point it at the S3 server). ``cert``/``key``
-    turn on TLS on the listener.
+    ``AWS_*`` variables in ``env`` point it at the S3 server). ``cert``/``key`` ask
+    tansu for TLS on the listener; the bundled tansu 0.6.0 cannot do it (its
+    ``--cert`` and ``--key`` exclude each other) and exits, which :meth:`start`
+    reports as such. Put a TLS terminator (stunnel, a load balancer) in front
+    instead and pass its address as ``advertised``: the listener clients are told
+    to connect to, so that every connection after the bootstrap goes through it.
 
     Usage::
 
@@ -118,9 +122,12 @@ class EmbeddedBroker:
         cert: str | None = None,
         key: str | None = None,
         log_path: str | os.PathLike[str] | None = None,
+        advertised: str | None = None,
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
+        #: ``HOST:PORT`` advertised to clients (default: the listener itself).
+        self.advertised = advertised or f"{host}:{self.port}"
         self.storage = storage
         self.env = env or {}
         self.cert, self.key = cert, key
@@ -141,14 +148,13 @@ class EmbeddedBroker:
         return self._proc.pid if self._proc else None
 
     def command(self) -> list[str]:
-        url = f"tcp://{self.host}:{self.port}"
         cmd = [
             tansu_binary(),
             "broker",
             "--listener-url",
-            url,
+            f"tcp://{self.host}:{self.port}",
             "--advertised-listener-url",
-            url,
+            f"tcp://{self.advertised}",
             "--storage-engine",
             self.storage,
         ]
@@ -185,6 +191,12 @@ class EmbeddedBroker:
                 if code is not None
                 else f"tansu did not answer on {self.bootstrap_servers} within {timeout:.0f}s"
             )
+            if self.cert and "cannot be used with" in tail:
+                what += (
+                    "; this tansu cannot serve TLS (it refuses --cert and --key together): "
+                    "run a TLS terminator such as stunnel in front of a plaintext broker and "
+                    "pass its HOST:PORT as advertised= (see docs/reliability.md)"
+                )
             raise BrokerError(f"{what}; log {self.log_path}:\n{tail}")
         log.info("embedded broker ready on %s (pid %s)", self.bootstrap_servers, self.pid)
 
