@@ -99,9 +99,7 @@ class RuntimeConfig:
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 1_000
     max_poll_interval_ms: int = 300_000
-    # How long a fetch may wait on the broker for new records. Short: some brokers
-    # (tansu) answer only when it runs out, which would add it to every hop's latency.
-    fetch_max_wait_ms: int = 50
+    fetch_max_wait_ms: int | None = None  # None: Settings.kafka_fetch_max_wait_ms
     create_topics: bool = True
     partitions: int = 4
     metrics_port: int | None = None
@@ -236,7 +234,8 @@ class StageRuntime:
             session_timeout_ms=self.config.session_timeout_ms,
             heartbeat_interval_ms=self.config.heartbeat_interval_ms,
             max_poll_interval_ms=self.config.max_poll_interval_ms,
-            fetch_max_wait_ms=self.config.fetch_max_wait_ms,
+            fetch_max_wait_ms=self.config.fetch_max_wait_ms
+            or self.settings.kafka_fetch_max_wait_ms,
             client_id=f"genseg-{self.stage.name}",
             **self.settings.kafka_kwargs(),
         )

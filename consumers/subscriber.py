@@ -26,6 +26,7 @@ from schemas import (
     SCHEMA_IMAGE,
     SCHEMA_MASKS,
     SCHEMA_PROGRESS,
+    SCHEMA_SCENE,
     AssetReadyEvent,
     DeadLetterEvent,
     Event,
@@ -33,6 +34,7 @@ from schemas import (
     InvalidEvent,
     MasksReadyEvent,
     ProgressEvent,
+    SceneReadyEvent,
     parse_event,
 )
 
@@ -44,6 +46,7 @@ DOWNSTREAM_MODELS: dict[str, type[Event]] = {
     SCHEMA_ASSET: AssetReadyEvent,
     SCHEMA_PROGRESS: ProgressEvent,
     SCHEMA_DEAD_LETTER: DeadLetterEvent,
+    SCHEMA_SCENE: SceneReadyEvent,
 }
 
 Terminal = AssetReadyEvent | DeadLetterEvent
@@ -94,7 +97,7 @@ class Subscriber:
         self._consumer = AIOKafkaConsumer(
             enable_auto_commit=False,
             client_id="genseg-subscriber",
-            fetch_max_wait_ms=50,  # see RuntimeConfig.fetch_max_wait_ms
+            fetch_max_wait_ms=self.settings.kafka_fetch_max_wait_ms,
             **self.settings.kafka_kwargs(),
         )
         await self._consumer.start()

@@ -202,9 +202,9 @@ class GenStage(Stage[GenEvent]):
                 item=item,
                 image_index=k,
                 sample=Sample(
-                    prompt=event.prompt,
+                    prompt=event.prompt_text(),
                     seed=seed,
-                    negative_prompt=event.negative_prompt,
+                    negative_prompt=event.negative_text(),
                     targets=tuple(event.targets),
                     image=image,
                     mask=mask,
@@ -294,8 +294,8 @@ class GenStage(Stage[GenEvent]):
         outputs = []
         for k, result, image_ref, heatmaps in built:
             params = ResolvedParams(
-                prompt=event.prompt,
-                negative_prompt=event.negative_prompt,
+                prompt=event.prompt_text(),
+                negative_prompt=event.negative_text(),
                 width=event.width,
                 height=event.height,
                 steps=event.steps,

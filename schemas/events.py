@@ -29,6 +29,7 @@ SCHEMA_MASKS = "genseg.masks/v1"
 SCHEMA_ASSET = "genseg.asset/v1"
 SCHEMA_PROGRESS = "genseg.progress/v1"
 SCHEMA_DEAD_LETTER = "genseg.dead_letter/v1"
+SCHEMA_SCENE = "genseg.scene/v1"
 
 ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 MAX_PROMPT_CHARS = 2000
@@ -36,6 +37,11 @@ MAX_TARGETS = 10
 DEAD_LETTER_VALUE_LIMIT = 64 * 1024
 
 RequestId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+TenantId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+ViewName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:-]{1,64}$")]
+PromptPart = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_PROMPT_CHARS)
+]
 Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 TargetName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
 Sampler = Literal["dpmpp_2m", "dpmpp_2m_karras", "euler_a", "ddim", "unipc"]
@@ -135,12 +141,37 @@ class ProgressiveOptions(Event):
 Dimension = Annotated[int, Field(ge=64, le=2048, multiple_of=8)]
 
 
+class SceneOptions(Event):
+    """*Addition.* One view of a multi-view scene (issue: scene assets)."""
+
+    scene_id: RequestId
+    view: ViewName
+    #: How many views the scene has: the scene-ready event follows the last one.
+    views_total: int = Field(ge=1, le=64)
+    #: Viewing angle in degrees, when the views are angles (the article's 0/45/90/135).
+    angle: float | None = None
+    outputs: list[Literal["depth", "mesh"]] = Field(default_factory=list, max_length=2)
+
+
 class GenerationOptions(Event):
-    """Options shared by prompt and inpaint events."""
+    """Options shared by prompt and inpaint events.
+
+    The prompt is either ``prompt`` or, structured (*addition*), ``subject`` with
+    optional ``details`` and ``style``, built in that order as
+    ``"{subject}, {details}, {style}"``; ``negative`` is the structured
+    ``negative_prompt``. Giving both forms is an error.
+    """
 
     id: RequestId
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    prompt: str | None = Field(default=None, min_length=1, max_length=MAX_PROMPT_CHARS)
     negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    subject: PromptPart | None = None
+    details: PromptPart | None = None
+    style: PromptPart | None = None
+    negative: PromptPart | None = None
+    #: *Addition.* Who asked; carried through every event and used as a metrics label.
+    tenant: TenantId | None = None
+    scene: SceneOptions | None = None
     targets: list[TargetName] = Field(default_factory=list, max_length=MAX_TARGETS)
     width: Dimension = 512
     height: Dimension = 512
@@ -152,6 +183,30 @@ class GenerationOptions(Event):
     segmentation: SegmentationOptions = Field(default_factory=SegmentationOptions)
     asset: AssetOptions = Field(default_factory=AssetOptions)
     progressive: ProgressiveOptions | None = None
+
+    @model_validator(mode="after")
+    def _one_prompt_form(self) -> GenerationOptions:
+        structured = [self.subject, self.details, self.style, self.negative]
+        if self.prompt is not None and any(part is not None for part in structured):
+            raise ValueError(
+                "give either 'prompt' or 'subject' (with 'details', 'style', 'negative'), not both"
+            )
+        if self.prompt is None and self.subject is None:
+            raise ValueError("'prompt' is required (or a structured prompt with 'subject')")
+        if self.negative is not None and self.negative_prompt is not None:
+            raise ValueError("give either 'negative' or 'negative_prompt', not both")
+        if len(self.prompt_text()) > MAX_PROMPT_CHARS:
+            raise ValueError(f"the built prompt is longer than {MAX_PROMPT_CHARS} characters")
+        return self
+
+    def prompt_text(self) -> str:
+        """The prompt to generate from: ``prompt``, or the structured parts in order."""
+        if self.prompt is not None:
+            return self.prompt
+        return ", ".join(p for p in (self.subject, self.details, self.style) if p)
+
+    def negative_text(self) -> str | None:
+        return self.negative_prompt if self.negative_prompt is not None else self.negative
 
 
 class PromptEvent(GenerationOptions):
@@ -205,6 +260,8 @@ class ImageReadyEvent(Event):
     segmentation: SegmentationOptions = Field(default_factory=SegmentationOptions)
     asset: AssetOptions = Field(default_factory=AssetOptions)  # addition: passed on
     timings_ms: dict[str, float] = Field(default_factory=dict)
+    tenant: TenantId | None = None  # addition: passed on
+    scene: SceneOptions | None = None  # addition: passed on
 
 
 class RLE(Event):
@@ -232,6 +289,7 @@ class MasksReadyEvent(Event):
     image: BlobRef
     objects: list[MaskObject] = Field(default_factory=list)
     timings_ms: dict[str, float] = Field(default_factory=dict)  # addition
+    tenant: TenantId | None = None  # addition
 
 
 class AssetItem(Event):
@@ -239,6 +297,7 @@ class AssetItem(Event):
     score: float
     bbox: BBox
     asset: BlobRef
+    depth_median: float | None = None  # addition: the object's median depth (scenes)
 
 
 class AssetReadyEvent(Event):
@@ -252,6 +311,10 @@ class AssetReadyEvent(Event):
     image: BlobRef
     masks: list[BlobRef] = Field(default_factory=list)
     timings_ms: dict[str, float] = Field(default_factory=dict)
+    tenant: TenantId | None = None  # addition
+    scene: SceneOptions | None = None  # addition
+    depth: BlobRef | None = None  # addition: 16-bit depth PNG, when the scene asks for it
+    mesh: BlobRef | None = None  # addition: textured .glb, when the scene asks for it
 
 
 class ProgressEvent(Event):
@@ -263,6 +326,7 @@ class ProgressEvent(Event):
     stage: str = "gen"
     step: int = Field(ge=0)
     steps: int = Field(ge=1)
+    tenant: TenantId | None = None  # addition
 
 
 class ErrorInfo(Event):
@@ -292,6 +356,7 @@ class DeadLetterEvent(Event):
     source: SourceInfo
     value: str = ""
     value_truncated: bool = False  # addition
+    tenant: str | None = None  # addition, when the failed record named one
 
     @classmethod
     def build(
@@ -326,6 +391,29 @@ class DeadLetterEvent(Event):
             value=text,
             value_truncated=truncated,
         )
+
+
+class SceneView(Event):
+    """One finished view of a scene."""
+
+    view: str
+    angle: float | None = None
+    id: RequestId
+    image_index: int = 0
+    status: Literal["ok", "no_match"]
+    image: BlobRef
+    depth: BlobRef | None = None
+    mesh: BlobRef | None = None
+    objects: list[str] = Field(default_factory=list)
+
+
+class SceneReadyEvent(Event):
+    """*Addition.* All views of a multi-view scene are done, on ``{prefix}.scenes``."""
+
+    schema_: Literal["genseg.scene/v1"] = Field(default=SCHEMA_SCENE, alias="schema")
+    scene_id: RequestId
+    views: list[SceneView]
+    tenant: TenantId | None = None
 
 
 PromptsTopicEvent = PromptEvent | InpaintEvent

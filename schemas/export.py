@@ -14,6 +14,7 @@ from schemas.events import (
     MasksReadyEvent,
     ProgressEvent,
     PromptEvent,
+    SceneReadyEvent,
 )
 from schemas.topics import Topics
 
@@ -26,6 +27,7 @@ CONTRACT_MODELS: dict[str, type[BaseModel]] = {
     "genseg.asset/v1": AssetReadyEvent,
     "genseg.progress/v1": ProgressEvent,
     "genseg.dead_letter/v1": DeadLetterEvent,
+    "genseg.scene/v1": SceneReadyEvent,
 }
 
 #: short topic name -> the schemas its records carry.
@@ -36,6 +38,7 @@ TOPIC_MESSAGES: dict[str, list[str]] = {
     "assets": ["genseg.asset/v1"],
     "progress": ["genseg.progress/v1"],
     "dlq": ["genseg.dead_letter/v1"],
+    "scenes": ["genseg.scene/v1"],
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import jsonschema  # a dev dependency: these checks must run, never skip
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -18,6 +19,7 @@ from schemas import (
     SCHEMA_MASKS,
     SCHEMA_PROGRESS,
     SCHEMA_PROMPT,
+    SCHEMA_SCENE,
     TOPIC_NAMES,
     AssetItem,
     AssetReadyEvent,
@@ -32,6 +34,8 @@ from schemas import (
     ProgressEvent,
     PromptEvent,
     ResolvedParams,
+    SceneReadyEvent,
+    SceneView,
     SourceInfo,
     Topics,
     parse_event,
@@ -39,11 +43,6 @@ from schemas import (
 )
 from schemas.events import DEAD_LETTER_VALUE_LIMIT, ID_PATTERN, RLE
 from schemas.export import CONTRACT_MODELS, TOPIC_MESSAGES, asyncapi_document, json_schemas
-
-try:
-    import jsonschema
-except ImportError:  # not a dependency of genseg: the structural checks still run
-    jsonschema = None
 
 SHA = "ab" * 32
 
@@ -111,6 +110,13 @@ def example_events() -> dict[str, Event]:
             source=SourceInfo(topic="genseg.prompts", partition=0, offset=12),
             raw=b'{"id": "req-3"}',
             request_id="req-3",
+        ),
+        SCHEMA_SCENE: SceneReadyEvent(
+            scene_id="room-1",
+            views=[
+                SceneView(view="0", angle=0.0, id="room-1.view-0", status="ok", image=ref()),
+                SceneView(view="45", angle=45.0, id="room-1.view-45", status="ok", image=ref()),
+            ],
         ),
     }
 
@@ -226,6 +232,21 @@ def test_required_fields(missing: str) -> None:
         parse_prompts_record(raw(data))
 
 
+def test_structured_prompt_is_built_in_order_and_exclusive_with_prompt() -> None:
+    base = {k: v for k, v in VALID.items() if k != "prompt"}
+    event = parse_prompts_record(
+        raw({**base, "subject": "a red fox", "details": "in snow", "style": "watercolor"})
+    )
+    assert event.prompt_text() == "a red fox, in snow, watercolor"
+    assert parse_prompts_record(raw({**base, "subject": "a fox"})).prompt_text() == "a fox"
+    with pytest.raises(InvalidEvent, match="not both"):
+        parse_prompts_record(raw({**VALID, "subject": "a fox"}))
+    with pytest.raises(InvalidEvent, match="subject"):
+        parse_prompts_record(raw({**base, "details": "in snow"}))
+    with pytest.raises(InvalidEvent, match="longer than"):
+        parse_prompts_record(raw({**base, "subject": "x" * 1500, "style": "y" * 1500}))
+
+
 def test_explicit_segmentation_modes() -> None:
     event = parse_prompts_record(
         raw(
@@ -254,7 +275,6 @@ def test_unknown_fields_are_ignored_everywhere() -> None:
         raw(
             {
                 **VALID,
-                "tenant": "acme",
                 "future": {"nested": [1, 2, 3]},
                 "segmentation": {"max_objects": 3, "new_option": True},
                 "asset": {"crop": False, "format": "webp"},
@@ -264,7 +284,7 @@ def test_unknown_fields_are_ignored_everywhere() -> None:
     assert event.segmentation.max_objects == 3
     assert event.asset.crop is False
     out = json.loads(event.to_json_bytes())
-    assert "future" not in out and "tenant" not in out
+    assert "future" not in out
     assert "new_option" not in out["segmentation"]
 
 
@@ -468,7 +488,8 @@ def test_json_schemas_cover_every_event() -> None:
         assert "schema_" not in document["properties"]
         assert document["properties"]["schema"]["const"] == name
     prompt = documents[SCHEMA_PROMPT]
-    assert set(prompt["required"]) == {"id", "prompt"}
+    # 'prompt' or a structured 'subject': only the id is required by the schema itself.
+    assert set(prompt["required"]) == {"id"}
     width = prompt["properties"]["width"]
     assert (width["minimum"], width["maximum"], width["multipleOf"], width["default"]) == (
         64,
@@ -478,7 +499,6 @@ def test_json_schemas_cover_every_event() -> None:
     )
 
 
-@pytest.mark.skipif(jsonschema is None, reason="the jsonschema package is not installed")
 @pytest.mark.parametrize("name", list(CONTRACT_MODELS))
 def test_json_schemas_validate_events(name: str) -> None:
     document = json_schemas()[name]
@@ -488,10 +508,10 @@ def test_json_schemas_validate_events(name: str) -> None:
     good = json.loads(example_events()[name].to_json_bytes())
     validator.validate(good)
     assert not validator.is_valid({**good, "schema": "genseg.other/v9"})
-    assert not validator.is_valid({**good, "id": 5})
+    key = "scene_id" if "scene_id" in good else "id"  # scenes are keyed by their scene
+    assert not validator.is_valid({**good, key: 5})
 
 
-@pytest.mark.skipif(jsonschema is None, reason="the jsonschema package is not installed")
 @pytest.mark.parametrize(
     ("field", "value"), [("width", 100), ("steps", 0), ("id", "a b"), ("prompt", "")]
 )
@@ -565,7 +585,6 @@ def test_asyncapi_addresses_follow_the_prefix() -> None:
     }
 
 
-@pytest.mark.skipif(jsonschema is None, reason="the jsonschema package is not installed")
 @pytest.mark.parametrize("name", list(CONTRACT_MODELS))
 def test_asyncapi_payloads_validate_events(name: str) -> None:
     document = asyncapi_document()
