@@ -105,7 +105,8 @@ class _ProgressEmitter:
             return
         self.last = now
         for i in self.items:
-            event = ProgressEvent(id=self.events[i].id, step=done, steps=total)
+            source = self.events[i]
+            event = ProgressEvent(id=source.id, step=done, steps=total, tenant=source.tenant)
             self.ctx.emit(Output(self.ctx.topics.progress, event), item=i)
 
 
@@ -319,6 +320,8 @@ class GenStage(Stage[GenEvent]):
                 segmentation=event.segmentation,
                 asset=event.asset,
                 timings_ms=timings,
+                tenant=event.tenant,
+                scene=event.scene,
             )
             outputs.append(Output(ctx.topics.images, ready))
         return outputs

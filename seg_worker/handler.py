@@ -247,6 +247,7 @@ class SegStage(Stage[ImageReadyEvent]):
             image=event.image,
             objects=mask_objects,
             timings_ms=seg_timings,
+            tenant=event.tenant,
         )
         asset_event = AssetReadyEvent(
             id=event.id,
@@ -256,6 +257,8 @@ class SegStage(Stage[ImageReadyEvent]):
             image=event.image,
             masks=[obj.mask for obj in mask_objects],
             timings_ms={**gen_timings, **seg_timings},
+            tenant=event.tenant,
+            scene=event.scene,
         )
         if not assets:
             log.info("%s/%d: no object passed the filters", event.id, event.image_index)

@@ -25,6 +25,7 @@ from schemas import (
     InpaintEvent,
     ProgressEvent,
     PromptEvent,
+    SceneOptions,
     Topics,
     parse_event,
 )
@@ -403,3 +404,21 @@ def test_other_generation_errors_fail_the_batch_items_without_raising(
         [prompt(id="a"), prompt(id="b")], ctx
     )
     assert all(isinstance(r, RuntimeError) and "device lost" in str(r) for r in results)
+
+
+def test_tenant_and_scene_are_carried_through(
+    stage: GenStage, ctx: StageContext, emitted: Recorder
+) -> None:
+    scene = SceneOptions(scene_id="room", view="45", views_total=4, angle=45, outputs=["depth"])
+    event = PromptEvent(
+        id="r1", subject="a cup", style="watercolor", width=64, height=64, steps=2,
+        tenant="acme", scene=scene,
+    )  # fmt: skip
+    [outputs] = stage.handle([event], ctx)
+    assert isinstance(outputs, list)
+    ready = outputs[0].event
+    assert isinstance(ready, ImageReadyEvent)
+    assert ready.tenant == "acme" and ready.scene == scene
+    assert ready.params.prompt == "a cup, watercolor"
+    progress = [output.event for output, _ in emitted.emitted]
+    assert progress and all(isinstance(e, ProgressEvent) and e.tenant == "acme" for e in progress)

@@ -26,6 +26,7 @@ from schemas import (
     ImageReadyEvent,
     MasksReadyEvent,
     ResolvedParams,
+    SceneOptions,
     SegmentationOptions,
     Topics,
 )
@@ -296,3 +297,11 @@ def test_truncated_and_oversized_images_are_refused(tmp_path: Path) -> None:
     )
     assert isinstance(results[0], InvalidImage) and "exceeds" in str(results[0])
     assert isinstance(results[1], InvalidImage) and isinstance(results[1], PermanentError)
+
+
+def test_tenant_and_scene_are_carried_to_the_terminal_event(env: Env) -> None:
+    scene = SceneOptions(scene_id="room", view="0", views_total=4, angle=0.0)
+    event = env.event(["cup"]).model_copy(update={"tenant": "acme", "scene": scene})
+    masks, assets = env.ok(event)
+    assert masks.tenant == assets.tenant == "acme"
+    assert assets.scene == scene
