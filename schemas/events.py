@@ -262,6 +262,9 @@ class ImageReadyEvent(Event):
     timings_ms: dict[str, float] = Field(default_factory=dict)
     tenant: TenantId | None = None  # addition: passed on
     scene: SceneOptions | None = None  # addition: passed on
+    #: *Addition.* What the image check found (``["nsfw"]``); ``[]`` checked and clean;
+    #: absent when no check ran (see docs/policy.md).
+    flags: list[str] | None = None
 
 
 class RLE(Event):
@@ -370,6 +373,7 @@ class DeadLetterEvent(Event):
         raw: bytes,
         request_id: str | None = None,
         image_index: int | None = None,
+        tenant: str | None = None,
     ) -> DeadLetterEvent:
         """Build a dead-letter event, decoding and truncating the original value.
 
@@ -390,6 +394,7 @@ class DeadLetterEvent(Event):
             source=source,
             value=text,
             value_truncated=truncated,
+            tenant=tenant,
         )
 
 
