@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
+import threading
 from typing import Any
 
 from prometheus_client import (
@@ -20,12 +22,29 @@ log = logging.getLogger(__name__)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 
+#: The tenant label of records without a tenant, and of tenants past the label limit.
+NO_TENANT = "-"
+#: Distinct tenant labels one process reports; later tenants are counted under ``-``.
+MAX_TENANT_LABELS = 100
+_TENANT_LABEL = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+#: Dead-letter ``error.type`` values that are their own ``outcome``; others are ``dead_lettered``.
+_REFUSAL_OUTCOMES = frozenset({"policy", "rate_limited"})
+
 
 class StageMetrics:
     """Counters, gauges and histograms named ``genseg_*``, labelled by stage."""
 
-    def __init__(self, stage: str, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        stage: str,
+        registry: CollectorRegistry | None = None,
+        *,
+        max_tenant_labels: int = MAX_TENANT_LABELS,
+    ) -> None:
         self.stage = stage
+        self.max_tenant_labels = max_tenant_labels
+        self._tenant_labels: set[str] = set()
+        self._tenant_lock = threading.Lock()
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.received = Counter(
@@ -82,7 +101,34 @@ class StageMetrics:
             ["stage", "topic", "partition"],
             registry=r,
         )
+        self.tenant_records = Counter(
+            "genseg_tenant_records",
+            "Records finished per tenant: outcome processed, policy, rate_limited or "
+            "dead_lettered (any other dead letter)",
+            ["stage", "tenant", "outcome"],
+            registry=r,
+        )
         self._server: Any = None
+
+    def tenant_label(self, tenant: str | None) -> str:
+        """The ``tenant`` label for ``tenant``: bounded, so one process exports at most
+        ``max_tenant_labels`` tenants (the first seen); the rest and no tenant are ``-``."""
+        if not tenant or not _TENANT_LABEL.match(tenant):
+            return NO_TENANT
+        with self._tenant_lock:
+            if tenant in self._tenant_labels:
+                return tenant
+            if len(self._tenant_labels) < self.max_tenant_labels:
+                self._tenant_labels.add(tenant)
+                return tenant
+        return NO_TENANT
+
+    def tenant_outcome(self, tenant: str | None, outcome: str) -> None:
+        """Count one finished record of ``tenant``: ``processed`` or a dead letter's
+        ``error.type`` (``policy`` and ``rate_limited`` kept, others ``dead_lettered``)."""
+        if outcome != "processed" and outcome not in _REFUSAL_OUTCOMES:
+            outcome = "dead_lettered"
+        self.tenant_records.labels(self.stage, self.tenant_label(tenant), outcome).inc()
 
     def fail(self, error_type: str) -> None:
         self.failed.labels(self.stage, error_type).inc()

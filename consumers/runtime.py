@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import time
@@ -42,6 +43,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
+from pydantic import TypeAdapter, ValidationError
 
 from consumers.metrics import StageMetrics
 from consumers.stage import ItemResult, Output, PermanentError, Stage, StageContext
@@ -57,6 +59,7 @@ from genseg.settings import Settings
 from genseg.telemetry import TRACER_NAME, context_from_headers, headers_from_context
 from producers.publisher import Publisher
 from schemas import DeadLetterEvent, InvalidEvent, SourceInfo
+from schemas.events import TenantId
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +159,27 @@ class _Listener(ConsumerRebalanceListener):
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         self.runtime._on_assigned(set(assigned))
+
+
+_TENANT_ID: TypeAdapter[str] = TypeAdapter(TenantId)
+
+
+def tenant_of(event: Any, raw: bytes | None) -> str | None:
+    """The tenant a record names: its event's ``tenant``, or for a record that could not
+    be parsed, a well-formed ``tenant`` string of its JSON (so its dead letter and the
+    per-tenant metrics still name it)."""
+    if event is not None:
+        tenant = getattr(event, "tenant", None)
+        return tenant if isinstance(tenant, str) else None
+    try:
+        data = json.loads(raw or b"")
+    except (ValueError, RecursionError):
+        return None
+    tenant = data.get("tenant") if isinstance(data, dict) else None
+    try:
+        return _TENANT_ID.validate_python(tenant) if isinstance(tenant, str) else None
+    except ValidationError:
+        return None
 
 
 def error_type_of(exc: BaseException) -> str:
@@ -524,6 +548,7 @@ class StageRuntime:
             await self._failed(job, exc)
             return
         self.metrics.processed.inc()
+        self.metrics.tenant_outcome(tenant_of(job.event, job.record.value), "processed")
         self.metrics.latency.observe(time.monotonic() - job.received_at)
         self._release(job, completed=True)
 
@@ -608,6 +633,7 @@ class StageRuntime:
             image_index = self.stage.image_index(event)
         if request_id is None and job.record.key:
             request_id = job.record.key.decode("utf-8", "replace")[:128]
+        tenant = tenant_of(event, job.record.value)
         dead = DeadLetterEvent.build(
             stage=self.stage.name,
             error_type=error_type_of(exc),
@@ -617,6 +643,7 @@ class StageRuntime:
             raw=job.record.value or b"",
             request_id=request_id,
             image_index=image_index,
+            tenant=tenant,
         )
         job.span.set_status(Status(StatusCode.ERROR, dead.error.message[:200]))
         delay = 0.2
@@ -639,6 +666,7 @@ class StageRuntime:
             dead.error.message[:200],
         )
         self.metrics.dead_lettered.inc()
+        self.metrics.tenant_outcome(tenant, dead.error.type)
         self._release(job, completed=True)
 
     # --- offsets, commits, rebalance ------------------------------------------------------
