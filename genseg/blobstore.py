@@ -66,6 +66,18 @@ def blob_key(request_id: str, image_index: int | None, stage: str, name: str) ->
     return "/".join((_segment(request_id), index, _segment(stage), _segment(name)))
 
 
+def scene_key(scene_id: str, *names: str) -> str:
+    """The key of scene state: ``_scenes/{scene_id}/{names...}``, each segment escaped.
+
+    Request outputs (:func:`blob_key`) always have four segments; scene keys never
+    do (``len(names)`` may not be 2), so the two can never name the same blob, even
+    for a request whose id is ``_scenes``.
+    """
+    if len(names) == 2:
+        raise ValueError("a scene key has 3 or 5+ segments, never the 4 of request outputs")
+    return "/".join(("_scenes", _segment(scene_id), *(_segment(n) for n in names)))
+
+
 def _check_key(key: str) -> str:
     parts = key.split("/")
     if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
@@ -115,6 +127,24 @@ class BlobStore(ABC):
             )
         return data
 
+    def get_key(self, key: str, *, max_bytes: int) -> bytes:
+        """The bytes stored under ``key``, for state that workers write and read by key.
+
+        There is no reference, so no checksum to verify: only for the store's own
+        records (scene state), never for blobs named by an event.
+        :class:`BlobNotFound` when absent, :class:`BlobTooLarge` past ``max_bytes``.
+        """
+        _check_key(key)
+        data = self._read(key, max_bytes + 1)
+        if len(data) > max_bytes:
+            raise BlobTooLarge(f"blob {self.uri_for(key)} is larger than {max_bytes} bytes")
+        return data
+
+    def list_keys(self, prefix: str) -> list[str]:
+        """The keys that start with the folder ``prefix`` (``a/b/``), sorted."""
+        _check_key(prefix.rstrip("/"))
+        return sorted(self._list(prefix.rstrip("/") + "/"))
+
     @abstractmethod
     def uri_for(self, key: str) -> str:
         """The URI written into references for ``key``."""
@@ -129,6 +159,10 @@ class BlobStore(ABC):
     @abstractmethod
     def _read(self, key: str, limit: int | None = None) -> bytes:
         """The blob's bytes, or only its first ``limit`` bytes when ``limit`` is set."""
+
+    @abstractmethod
+    def _list(self, prefix: str) -> list[str]:
+        """Every key under the folder ``prefix`` (ends with ``/``), in any order."""
 
     @staticmethod
     def from_url(url: str) -> BlobStore:
@@ -215,6 +249,20 @@ class LocalBlobStore(BlobStore):
         except OSError as exc:
             raise BlobUnavailable(f"could not read {self.uri_for(key)}: {exc}") from None
 
+    def _list(self, prefix: str) -> list[str]:
+        folder = self._path(prefix)
+        try:
+            # In-flight writes are hidden ``.tmp-*`` files; only renamed blobs count.
+            return [
+                path.relative_to(self.root).as_posix()
+                for path in folder.rglob("*")
+                if path.is_file() and not path.name.startswith(".tmp-")
+            ]
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise BlobUnavailable(f"could not list {self.uri_for(prefix)}: {exc}") from None
+
 
 class S3BlobStore(BlobStore):
     """Blobs in one S3 bucket under one prefix, through obstore.
@@ -294,6 +342,19 @@ class S3BlobStore(BlobStore):
         except (obstore.exceptions.BaseError, OSError) as exc:
             raise BlobUnavailable(
                 f"could not read {self.uri_for(key)}: {_first_line(exc)}"
+            ) from None
+
+    def _list(self, prefix: str) -> list[str]:
+        import obstore
+
+        try:
+            # Paths come back relative to the store's prefix, like the keys written.
+            return [
+                meta["path"] for batch in obstore.list(self._store, prefix=prefix) for meta in batch
+            ]
+        except (obstore.exceptions.BaseError, OSError) as exc:
+            raise BlobUnavailable(
+                f"could not list {self.uri_for(prefix)}: {_first_line(exc)}"
             ) from None
 
 
