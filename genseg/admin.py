@@ -19,8 +19,11 @@ async def ensure_topics(
     replication_factor: int = 1,
     names: list[str] | None = None,
 ) -> list[str]:
-    """Create the topics that do not exist yet; return the names of those created."""
-    wanted = names or settings.topics.all()
+    """Create the topics that do not exist yet; return the names of those created.
+
+    By default: the contract's topics and the internal ones (``Topics.internal``).
+    """
+    wanted = names or [*settings.topics.all(), *settings.topics.internal()]
     admin = AIOKafkaAdminClient(**settings.kafka_kwargs())
     await admin.start()
     try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 TOPIC_NAMES = ("prompts", "images", "masks", "assets", "progress", "dlq", "scenes")
+#: Topics genseg uses between its own stages: not part of the contract, created alongside.
+INTERNAL_TOPIC_NAMES = ("scene-views",)
 
 
 @dataclass(frozen=True)
@@ -14,7 +16,7 @@ class Topics:
     prefix: str = "genseg"
 
     def name(self, short: str) -> str:
-        if short not in TOPIC_NAMES:
+        if short not in TOPIC_NAMES and short not in INTERNAL_TOPIC_NAMES:
             raise ValueError(f"unknown topic {short!r}; expected one of {TOPIC_NAMES}")
         return f"{self.prefix}.{short}"
 
@@ -46,5 +48,14 @@ class Topics:
     def scenes(self) -> str:
         return self.name("scenes")
 
+    @property
+    def scene_views(self) -> str:
+        """Internal: one "view done" record per finished view, keyed by scene id."""
+        return self.name("scene-views")
+
     def all(self) -> list[str]:
         return [self.name(short) for short in TOPIC_NAMES]
+
+    def internal(self) -> list[str]:
+        """The internal topics (not part of the contract)."""
+        return [self.name(short) for short in INTERNAL_TOPIC_NAMES]

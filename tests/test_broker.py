@@ -212,7 +212,7 @@ async def _partitions(settings: Settings, names: list[str]) -> dict[str, int]:
 
 
 async def test_ensure_topics_is_idempotent(settings: Settings) -> None:
-    names = settings.topics.all()
+    names = [*settings.topics.all(), *settings.topics.internal()]
     created = await ensure_topics(settings, partitions=3)
     assert sorted(created) == sorted(names)
     assert await _partitions(settings, names) == dict.fromkeys(names, 3)
@@ -225,8 +225,9 @@ async def test_ensure_topics_creates_only_what_is_missing(settings: Settings) ->
     prompts = settings.topics.prompts
     assert await ensure_topics(settings, partitions=2, names=[prompts]) == [prompts]
     created = await ensure_topics(settings, partitions=4)
-    assert sorted(created) == sorted(set(settings.topics.all()) - {prompts})
-    partitions = await _partitions(settings, settings.topics.all())
+    everything = [*settings.topics.all(), *settings.topics.internal()]
+    assert sorted(created) == sorted(set(everything) - {prompts})
+    partitions = await _partitions(settings, everything)
     assert partitions[prompts] == 2
     assert {n for n, count in partitions.items() if count == 4} == set(created)
 
