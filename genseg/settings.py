@@ -80,6 +80,11 @@ class Settings(BaseSettings):
     batch_invariant: bool | None = Field(default=None, validation_alias="GENSEG_BATCH_INVARIANT")
     #: A diffusers config directory for offline ``from_single_file`` loading of SD_MODEL.
     sd_model_config: str | None = Field(default=None, validation_alias="SD_MODEL_CONFIG")
+    #: Depth model of scene views with the ``pretrained`` profile: a Hugging Face id or a local
+    #: directory holding a DepthAnythingForDepthEstimation or DPTForDepthEstimation model.
+    depth_model: str = Field(
+        default="depth-anything/Depth-Anything-V2-Small-hf", validation_alias="DEPTH_MODEL"
+    )
     #: The generator's request policy: a TOML file, reloaded when it changes (docs/policy.md).
     policy: str | None = Field(default=None, validation_alias="GENSEG_POLICY")
     #: diffusers' StableDiffusionSafetyChecker (a Hugging Face id or a local directory)
