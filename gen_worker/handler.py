@@ -5,12 +5,18 @@ resolves seeds, reads inpaint inputs from the blob store, generates through
 :class:`gen_worker.generate.Generator` under the out-of-memory ladder, writes the
 image and heat-map PNGs to deterministic blob keys and returns one list of outputs
 (or one error) per event, in order.
+
+With a request policy (``GENSEG_POLICY``, :mod:`gen_worker.policy`), each event is
+checked before any work: a refused one ends in a dead letter (``policy`` or
+``rate_limited``) and is never generated. The policy's image check
+(:mod:`gen_worker.safety`) runs after generation, before any blob is written.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -19,7 +25,9 @@ from typing import Any
 from consumers.stage import ItemResult, Output, PermanentError, Stage, StageContext
 from gen_worker.generate import BatchSpec, Generator, Sample, SampleResult
 from gen_worker.oom import run_with_oom_ladder
+from gen_worker.policy import Policy, PolicyError, PolicyStore, RateLimiter
 from gen_worker.profiles import GenModels, RuntimeOptions
+from gen_worker.safety import NSFW, SafetyChecker
 from genseg.blobstore import blob_key
 from genseg.images import HEATMAP_MEDIA_TYPE, PNG, decode_image, encode_heatmap, encode_png
 from genseg.settings import Settings
@@ -115,7 +123,8 @@ class GenStage(Stage[GenEvent]):
 
     Build with ``GenStage(settings)``: the models of ``settings.models`` load in
     :meth:`setup` (in the worker thread). Pass ``models`` (or ``generator``) to share
-    loaded models, e.g. between tests.
+    loaded models, e.g. between tests. ``clock`` times progress events, the policy
+    file's reload checks (every ``policy_reload_s``) and the tenants' rate limits.
     """
 
     name = "gen"
@@ -130,6 +139,8 @@ class GenStage(Stage[GenEvent]):
         options: RuntimeOptions | None = None,
         progress_interval_s: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
+        policy_reload_s: float = 1.0,
+        safety: SafetyChecker | None = None,
     ) -> None:
         self.settings = settings
         self.options = options
@@ -138,6 +149,25 @@ class GenStage(Stage[GenEvent]):
         self._generator = generator
         if generator is None and models is not None:
             self._generator = Generator(models)
+        self._safety = safety
+        self._safety_lock = threading.Lock()
+        if settings.safety_checker and settings.models != "pretrained" and safety is None:
+            log.warning(
+                "GENSEG_SAFETY_CHECKER is used with the pretrained profile only; "
+                "the %s profile runs without the image check",
+                settings.models,
+            )
+        #: The request policy of ``GENSEG_POLICY``; None: every request is admitted.
+        self.policy: PolicyStore | None = None
+        if settings.policy:
+            self.policy = PolicyStore(
+                settings.policy,
+                reload_interval_s=policy_reload_s,
+                validate=self._check_policy,
+                clock=clock,
+            )
+        #: Token buckets per tenant, for the policy's rate limits (this process only).
+        self.limiter = RateLimiter(clock=clock)
 
     @property
     def generator(self) -> Generator:
@@ -150,8 +180,36 @@ class GenStage(Stage[GenEvent]):
     def models(self) -> GenModels:
         return self.generator.models
 
+    @property
+    def safety(self) -> SafetyChecker | None:
+        """The image checker of ``GENSEG_SAFETY_CHECKER`` (loaded on first use), if any."""
+        if self._safety is None and self._safety_configured():
+            with self._safety_lock:
+                if self._safety is None:
+                    assert self.settings.safety_checker is not None
+                    self._safety = SafetyChecker.load(
+                        self.settings.safety_checker,
+                        device=self.models.device,
+                        dtype=self.models.dtype,
+                    )
+        return self._safety
+
+    def _safety_configured(self) -> bool:
+        return self._safety is not None or (
+            bool(self.settings.safety_checker) and self.settings.models == "pretrained"
+        )
+
+    def _check_policy(self, policy: Policy) -> None:
+        """Refuse a policy this worker cannot apply: an image check without a checker
+        would otherwise pass every image unchecked."""
+        if policy.safety != "off" and not self._safety_configured():
+            raise PolicyError(
+                f'safety = "{policy.safety}" needs the image check: set GENSEG_SAFETY_CHECKER '
+                "(pretrained profile)"
+            )
+
     def setup(self) -> None:
-        """Build or load the models of ``settings.models`` (once)."""
+        """Build or load the models of ``settings.models`` (once), and the image checker."""
         if self._generator is None:
             started = time.perf_counter()
             models = GenModels.from_settings(self.settings, self.options)
@@ -163,6 +221,8 @@ class GenStage(Stage[GenEvent]):
                 str(models.dtype).removeprefix("torch."),
                 time.perf_counter() - started,
             )
+        if self._safety_configured():
+            _ = self.safety  # load now: not on the first batch
 
     def parse(self, raw: bytes) -> GenEvent:
         return parse_prompts_record(raw)
@@ -174,25 +234,75 @@ class GenStage(Stage[GenEvent]):
 
     def handle(self, events: list[GenEvent], ctx: StageContext) -> list[ItemResult]:
         results: list[ItemResult | None] = [None] * len(events)
+        policy = self.policy.current() if self.policy is not None else None
         groups: dict[BatchSpec, list[_Job]] = {}
         for i, event in enumerate(events):
             try:
+                if policy is not None:
+                    self._admit(policy, event, i, ctx)
                 jobs = self._jobs(i, event, ctx)
-            except Exception as exc:  # blob and input errors: this item only
+            except Exception as exc:  # refusals, blob and input errors: this item only
                 results[i] = exc
                 continue
             groups.setdefault(batch_spec(event), []).extend(jobs)
 
         for spec, jobs in groups.items():
-            for item, outcome in self._run_group(spec, jobs, events, ctx).items():
-                if isinstance(outcome, BaseException):
-                    results[item] = outcome
+            outcomes = self._run_group(spec, jobs, events, ctx)
+            screened = self._screen(policy, outcomes, ctx)
+            for item, outcome in outcomes.items():
+                flags = screened.get(item)
+                if isinstance(outcome, BaseException) or isinstance(flags, BaseException):
+                    results[item] = outcome if isinstance(outcome, BaseException) else flags
                     continue
                 try:
-                    results[item] = self._outputs(events[item], item, outcome, ctx)
+                    results[item] = self._outputs(events[item], item, outcome, ctx, flags)
                 except Exception as exc:  # a failed blob write fails this item only
                     results[item] = exc
         return [r if r is not None else RuntimeError("no result") for r in results]
+
+    def _admit(self, policy: Policy, event: GenEvent, item: int, ctx: StageContext) -> None:
+        """Raise :class:`PermanentError` when the policy refuses ``event``."""
+        with ctx.phase("policy", item=item):
+            refusal = policy.check(event.prompt_text(), event.negative_text(), event.targets)
+            if refusal is not None:
+                raise PermanentError(refusal.message, error_type="policy")
+            # A retry was admitted on its first attempt (retries run alone): no second token.
+            if ctx.attempt == 1 and (refusal := self.limiter.admit(event.tenant, policy)):
+                raise PermanentError(refusal.message, error_type="rate_limited")
+
+    def _screen(
+        self,
+        policy: Policy | None,
+        outcomes: dict[int, list[SampleResult] | BaseException],
+        ctx: StageContext,
+    ) -> dict[int, list[list[str]] | BaseException]:
+        """The policy's image check on one group's images, before anything is written.
+
+        Per event: the flags of each image, or (``safety = "refuse"`` and an image
+        flagged) the refusal of the whole request. Empty when the check is off.
+        """
+        checker = self.safety if policy is not None and policy.safety != "off" else None
+        if policy is None or checker is None:
+            return {}
+        done = {i: rs for i, rs in outcomes.items() if not isinstance(rs, BaseException)}
+        try:
+            with ctx.phase("safety_check"):
+                verdicts = iter(checker.flagged([r.image for rs in done.values() for r in rs]))
+        except Exception as exc:  # retried by the runtime, like a failed generation
+            return dict.fromkeys(done, exc)
+        screened: dict[int, list[list[str]] | BaseException] = {}
+        for item, results in done.items():
+            flags = [[NSFW] if next(verdicts) else [] for _ in results]
+            flagged = [str(k) for k, f in enumerate(flags) if f]
+            if policy.safety == "refuse" and flagged:
+                images = ("image " if len(flagged) == 1 else "images ") + ", ".join(flagged)
+                screened[item] = PermanentError(
+                    f'{images} flagged "{NSFW}" by the safety checker (policy safety = "refuse")',
+                    error_type="policy",
+                )
+            else:
+                screened[item] = flags
+        return screened
 
     def _jobs(self, item: int, event: GenEvent, ctx: StageContext) -> list[_Job]:
         image = mask = None
@@ -269,9 +379,15 @@ class GenStage(Stage[GenEvent]):
         return out
 
     def _outputs(
-        self, event: GenEvent, item: int, results: list[SampleResult], ctx: StageContext
+        self,
+        event: GenEvent,
+        item: int,
+        results: list[SampleResult],
+        ctx: StageContext,
+        flags: list[list[str]] | None = None,
     ) -> list[Output]:
-        """Write the PNGs of one event's images and build its image-ready events."""
+        """Write the PNGs of one event's images and build its image-ready events
+        (``flags``: what the image check found per image; None: no check ran)."""
         inpaint = isinstance(event, InpaintEvent)
         model = self.models.inpaint_name if inpaint else self.models.name
         built: list[tuple[int, SampleResult, Any, dict[str, Any]]] = []
@@ -322,6 +438,7 @@ class GenStage(Stage[GenEvent]):
                 timings_ms=timings,
                 tenant=event.tenant,
                 scene=event.scene,
+                flags=flags[k] if flags is not None else None,
             )
             outputs.append(Output(ctx.topics.images, ready))
         return outputs
