@@ -318,6 +318,9 @@ class AssetReadyEvent(Event):
     scene: SceneOptions | None = None  # addition
     depth: BlobRef | None = None  # addition: 16-bit depth PNG, when the scene asks for it
     mesh: BlobRef | None = None  # addition: textured .glb, when the scene asks for it
+    #: *Addition.* Units of ``depth`` and ``assets[].depth_median``: ``relative`` (0 = nearest,
+    #: 1 = farthest in this image) or ``metres``; set when depth was estimated.
+    depth_units: Literal["relative", "metres"] | None = None
 
 
 class ProgressEvent(Event):
