@@ -16,13 +16,21 @@ returns one key). SAM pads every input to the same ``img_size`` square, so any
 images stack into one encoder pass; on a GPU that raises encoder throughput, and
 the per-image steps after it are independent. The embedding cache sits in front,
 so repeated images are not encoded at all.
+
+Scene views (``event.scene`` set): after the masks, when ``scene.outputs`` asks, the
+depth model runs (``depth``: a 16-bit depth PNG and each object's ``depth_median``;
+see :mod:`seg_worker.depth`) and the view is exported as one textured ``.glb``
+(``mesh``; see :mod:`seg_worker.mesh`). Every scene view also gets a "view done"
+record on ``{prefix}.scene-views`` for the scene manifest (:mod:`seg_worker.scenes`).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Hashable
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -56,9 +64,19 @@ from schemas import (
     parse_event,
 )
 from seg_worker.config import SegConfig
+from seg_worker.depth import (
+    DEPTH_MEDIA_TYPE,
+    DepthEstimator,
+    DepthUnits,
+    encode_depth_png,
+    load_depth,
+)
+from seg_worker.depth import median_depth as object_depth
 from seg_worker.finishing import SegObject, encode_rle, mask_png, rgba_png
+from seg_worker.mesh import GLB_MEDIA_TYPE, MeshPart, view_glb
 from seg_worker.predictor import CachedPredictor
 from seg_worker.profiles import load_sam
+from seg_worker.scenes import view_record
 from seg_worker.segment import Plan, Segmenter
 
 log = logging.getLogger(__name__)
@@ -85,6 +103,18 @@ class _Item:
         self.plan: Plan | None = None
 
 
+@dataclass
+class _SceneWork:
+    """Depth and 3D outputs of one scene view (what ``scene.outputs`` asked for)."""
+
+    normalised: np.ndarray  # [H, W] depth in 0..1, 0 = nearest (what the mesh displaces by)
+    units: DepthUnits
+    want_mesh: bool
+    medians: list[float | None] = field(default_factory=list)  # per object, in ``units``
+    depth: BlobRef | None = None
+    mesh: BlobRef | None = None
+
+
 class SegStage(Stage[ImageReadyEvent]):
     """Segment Anything on every image-ready event.
 
@@ -101,6 +131,7 @@ class SegStage(Stage[ImageReadyEvent]):
         self.settings = settings
         self.config = config or SegConfig.for_profile(settings.models)
         self._segmenter: Segmenter | None = None
+        self._depth: DepthEstimator | None = None
         self._setup_lock = threading.Lock()
 
     # --- Stage interface -----------------------------------------------------------
@@ -139,6 +170,19 @@ class SegStage(Stage[ImageReadyEvent]):
     @property
     def predictor(self) -> CachedPredictor:
         return self.segmenter.predictor
+
+    @property
+    def depth(self) -> DepthEstimator:
+        """The depth model, built on the first scene view that needs it (workers that
+        never see a scene never load it)."""
+        with self._setup_lock:
+            if self._depth is None:
+                s = self.settings
+                self._depth = load_depth(
+                    s.models, s.depth_model, device=s.device, seed=self.config.seed
+                )
+                log.info("depth model ready: profile %s, %s units", s.models, self._depth.units)
+        return self._depth
 
     def parse(self, raw: bytes) -> ImageReadyEvent:
         return parse_event(raw, ImageReadyEvent)
@@ -214,6 +258,7 @@ class SegStage(Stage[ImageReadyEvent]):
             objects = self.segmenter.run(item.plan)
         with ctx.phase("assets", item=i):
             encoded = [_encode(item.image, obj, crop=event.asset.crop) for obj in objects]
+        scene = self._scene_depth(item, objects, ctx)
         mask_objects: list[MaskObject] = []
         assets: list[AssetItem] = []
         with ctx.phase("blob_write", item=i):
@@ -234,8 +279,27 @@ class SegStage(Stage[ImageReadyEvent]):
                     )
                 )
                 assets.append(
-                    AssetItem(label=obj.label, score=obj.score, bbox=bbox, asset=asset_ref)
+                    AssetItem(
+                        label=obj.label,
+                        score=obj.score,
+                        bbox=bbox,
+                        asset=asset_ref,
+                        depth_median=scene.medians[k] if scene else None,
+                    )
                 )
+        if scene is not None and scene.want_mesh:
+            with ctx.phase("mesh", item=i):
+                parts = [
+                    MeshPart(
+                        name=f"object-{k}-{_slug(a.label)}",
+                        mask=obj.mask,
+                        extras={"label": a.label, "score": a.score, "bbox": a.bbox}
+                        | ({"depth_median": a.depth_median} if a.depth_median is not None else {}),
+                    )
+                    for k, (obj, a) in enumerate(zip(objects, assets, strict=True))
+                ]
+                glb = view_glb(item.image, scene.normalised, parts)
+                scene.mesh = _write_blob(ctx, event, "view.glb", glb, GLB_MEDIA_TYPE)
         seg_timings = {f"seg.{name}": ms for name, ms in ctx.timings_ms(i).items()}
         gen_timings = {
             name if name.startswith("gen.") else f"gen.{name}": ms
@@ -259,13 +323,42 @@ class SegStage(Stage[ImageReadyEvent]):
             timings_ms={**gen_timings, **seg_timings},
             tenant=event.tenant,
             scene=event.scene,
+            depth=scene.depth if scene else None,
+            mesh=scene.mesh if scene else None,
+            depth_units=scene.units if scene else None,
         )
         if not assets:
             log.info("%s/%d: no object passed the filters", event.id, event.image_index)
-        return [
+        outputs = [
             Output(ctx.topics.masks, masks_event),
             Output(ctx.topics.assets, asset_event),
         ]
+        if event.scene is not None:  # keyed by scene: one partition, one owner per scene
+            record = view_record(asset_event, num_images=event.params.num_images)
+            outputs.append(Output(ctx.topics.scene_views, record, key=event.scene.scene_id))
+        return outputs
+
+    def _scene_depth(
+        self, item: _Item, objects: list[SegObject], ctx: StageContext
+    ) -> _SceneWork | None:
+        """Depth of a scene view that asks for depth or a mesh (None otherwise): each
+        object's median depth, and the depth PNG when ``depth`` is asked for."""
+        scene = item.event.scene
+        if scene is None or not scene.outputs:
+            return None
+        assert item.image is not None
+        with ctx.phase("depth", item=item.index):
+            depth = self.depth.estimate(item.image)
+            work = _SceneWork(
+                normalised=depth.normalised(),
+                units=depth.units,
+                want_mesh="mesh" in scene.outputs,
+                medians=[object_depth(depth, obj.mask) for obj in objects],
+            )
+            if "depth" in scene.outputs:
+                png = encode_depth_png(depth)
+                work.depth = _write_blob(ctx, item.event, "depth.png", png, DEPTH_MEDIA_TYPE)
+        return work
 
 
 def _encode(
@@ -293,13 +386,20 @@ def _read_blob(ctx: StageContext, ref: BlobRef, max_bytes: int, what: str) -> by
         raise PermanentError(f"{what}: {exc}", error_type=error_type) from exc
 
 
-def _write_blob(ctx: StageContext, event: ImageReadyEvent, name: str, data: bytes) -> BlobRef:
+def _write_blob(
+    ctx: StageContext, event: ImageReadyEvent, name: str, data: bytes, media_type: str = PNG
+) -> BlobRef:
     """Write one output under its deterministic key (a redelivery overwrites)."""
     key = blob_key(event.id, event.image_index, "seg", name)
     try:
-        return ctx.blob.put(key, data, PNG)
+        return ctx.blob.put(key, data, media_type)
     except BlobUnavailable as exc:
         raise TransientError(f"writing {name}: {exc}") from exc
+
+
+def _slug(text: str) -> str:
+    """A mesh and node name part: letters, digits and dashes."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "object"
 
 
 def _classify(exc: Exception) -> Exception:

@@ -302,6 +302,8 @@ def test_truncated_and_oversized_images_are_refused(tmp_path: Path) -> None:
 def test_tenant_and_scene_are_carried_to_the_terminal_event(env: Env) -> None:
     scene = SceneOptions(scene_id="room", view="0", views_total=4, angle=0.0)
     event = env.event(["cup"]).model_copy(update={"tenant": "acme", "scene": scene})
-    masks, assets = env.ok(event)
-    assert masks.tenant == assets.tenant == "acme"
+    (result,) = env.handle(event)
+    masks, assets, view_done = (out.event for out in result)  # + the scene's "view done"
+    assert masks.tenant == assets.tenant == view_done.tenant == "acme"
     assert assets.scene == scene
+    assert result[2].topic == "t.scene-views" and result[2].record_key == "room"
