@@ -5,16 +5,19 @@ from __future__ import annotations
 import secrets
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from opentelemetry import trace
 
 from genseg.settings import Settings
 from producers.publisher import Publisher
-from schemas import PromptEvent
+from schemas import PromptEvent, SceneOptions
 
 #: The source article's viewing angles for multi-view scenes (degrees).
 DEFAULT_VIEWS = (0, 45, 90, 135)
+#: What a scene view gets besides its assets: a depth map and a textured .glb.
+SceneOutput = Literal["depth", "mesh"]
+DEFAULT_SCENE_OUTPUTS: tuple[SceneOutput, ...] = ("depth", "mesh")
 
 
 def new_request_id(prefix: str = "req") -> str:
@@ -80,29 +83,45 @@ class GensegClient:
         self,
         prompt: str,
         *,
-        views: Sequence[int] = DEFAULT_VIEWS,
+        views: Sequence[float] = DEFAULT_VIEWS,
         scene_id: str | None = None,
         targets: Sequence[str] = (),
+        outputs: Sequence[SceneOutput] = DEFAULT_SCENE_OUTPUTS,
         **options: Any,
     ) -> list[str]:
         """Submit one prompt per viewing angle of a multi-view scene; return the ids.
 
-        Views share size, steps and sampler, so the generator batches them on one
-        card (the source article's four views). Ids are ``{scene_id}.view-{angle}``.
+        Each event carries the ``scene`` block (``scene_id``, ``view`` = the angle as
+        text, ``views_total``, ``angle``, ``outputs``: ``depth`` and/or ``mesh``), so the
+        segmenter adds depth maps and ``.glb`` files and one scene-ready event follows
+        the last view. Views share size, steps and sampler, so the generator batches
+        them on one card (the source article's four views). Ids are
+        ``{scene_id}.view-{angle}``. Everything is validated before anything is published.
         """
         scene = scene_id or new_request_id("scene")
-        ids = []
+        events = []
         for angle in views:
-            view_prompt = f"{prompt}, view from {angle} degrees"
-            ids.append(
-                await self.submit(
-                    view_prompt,
-                    targets=targets,
-                    request_id=f"{scene}.view-{angle}",
+            name = f"{angle:g}"  # 45 and 45.0 are one view: "45"
+            events.append(
+                PromptEvent(
+                    id=f"{scene}.view-{name}",
+                    prompt=f"{prompt}, view from {name} degrees",
+                    targets=list(targets),
+                    scene=SceneOptions(
+                        scene_id=scene,
+                        view=name,
+                        views_total=len(views),
+                        angle=float(angle),
+                        outputs=list(outputs),
+                    ),
                     **options,
                 )
             )
-        return ids
+        if len({e.id for e in events}) != len(events):
+            raise ValueError(f"views must be distinct angles, got {list(views)}")
+        for event in events:
+            await self.publisher.publish(self.settings.topics.prompts, event)
+        return [e.id for e in events]
 
 
 async def submit(
