@@ -289,7 +289,7 @@ class GenStage(Stage[GenEvent]):
             with ctx.phase("safety_check"):
                 verdicts = iter(checker.flagged([r.image for rs in done.values() for r in rs]))
         except Exception as exc:  # retried by the runtime, like a failed generation
-            return dict.fromkeys(done, exc)
+            return {item: exc for item in done}
         screened: dict[int, list[list[str]] | BaseException] = {}
         for item, results in done.items():
             flags = [[NSFW] if next(verdicts) else [] for _ in results]
