@@ -1,0 +1,650 @@
+"""Pipeline benchmarks, measured side by side in one run, on this machine (tiny profile).
+
+(a) end-to-end overhead: the same kind of requests (txt2img, one target, 64x64)
+    through the whole pipeline against calling the models directly, in one process
+    with the same loaded models:
+
+    - ``direct``: :meth:`Generator.generate` in batches of ``--max-batch`` (the gen
+      worker's batching), then per image :meth:`Segmenter.segment` and the mask and
+      RGBA PNG encodings, in memory;
+    - ``pipeline``: prompt events published to the broker, a gen and a seg
+      :class:`StageRuntime` (blob store, image/heat-map PNGs, progress, image-ready,
+      masks-ready, asset-ready events), timed from the first publish to the last
+      asset-ready event received.
+
+    Modes alternate ``--repeats`` times (fresh seeds each run, so no embedding-cache
+    hits); the best run of each counts. Target: pipeline / direct <= 1.15 (seconds
+    per request). Both modes run with ``--torch-threads`` (default 1): the tiny
+    models' tensors are too small for intra-op threads to help, and on a busy 2-core
+    machine two threads that wait for each other made some runs dozens of times
+    slower than one thread. The pipeline overlaps generation and segmentation in two threads,
+    which can hide its extra work from the wall clock, so the CPU seconds per request
+    (this process and the broker, median run) are reported for both modes too.
+
+(b) scaling out: 1 against 2 generator *processes* (``genseg worker gen
+    --torch-threads 1``, the real CLI) sharing 4 partitions. Two consumer groups run
+    side by side (topic prefixes of their own), one of 1 and one of 2 processes, and
+    take ``--scale-requests`` prompts in alternating rounds while the other group idles
+    (request ids chosen so that every partition holds the same number), timed from
+    the first publish to the last image-ready event; every process is warmed up (one
+    request per partition) first, the best round of each counts. Target: throughput
+    of 2 processes / 1 process >= 1.7 on a 2-core machine.
+
+Other load on the machine skews both, (b) most (two single-threaded workers need
+both cores): every run reports the machine's busy cores from ``/proc/stat``, the
+part of it that was this benchmark's own processes, and the rest ("other load").
+
+Kafka hops: tansu answers a fetch when the consumer's ``fetch_max_wait_ms`` runs
+out even if records arrived earlier, so every hop waits up to that long. Workers and
+the measuring consumers here use ``KAFKA_FETCH_MAX_WAIT_MS`` (``--fetch-wait-ms``
+overrides it for (a)'s workers); the JSON reports the value. That is a fixed
+fill-and-drain cost per run, not per request, while every empty fetch costs some CPU.
+
+Usage: ``python bench/pipeline.py [--requests 32] [--steps 20] [--scale-requests 24]``.
+Prints the machine; the last line is one JSON object ``{"bench": "pipeline", ...}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from consumers.runtime import RuntimeConfig, StageRuntime
+from consumers.subscriber import partition_for_key
+from gen_worker.generate import Generator, Sample
+from gen_worker.handler import GenStage, batch_spec
+from gen_worker.profiles import GenModels
+from genseg.admin import ensure_topics
+from genseg.broker import EmbeddedBroker
+from genseg.settings import Settings
+from schemas import PromptEvent, SegmentationOptions
+from seg_worker import SegStage
+from seg_worker.finishing import mask_png, rgba_png
+
+log = logging.getLogger("bench.pipeline")
+
+ROOT = Path(__file__).resolve().parents[1]
+PARTITIONS = 4
+#: Tiny SAM's random IoU head scores about 0.2: keep its masks, so assets are made.
+SEGMENTATION = {"min_confidence": 0.0}
+
+
+# --- machine and load ---------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _machine_busy_s() -> float | None:
+    """CPU seconds all cores spent busy since boot (``/proc/stat``)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / _TICK
+
+
+def _process_cpu_s(pid: int) -> float:
+    """CPU seconds of process ``pid`` (all its threads); 0 when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = text.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
+
+
+@dataclass
+class LoadMeter:
+    """Busy cores of the machine during a run, and how much of it was ours."""
+
+    pids: list[int]
+    wall: float = 0.0
+    busy: float | None = None
+    ours: float = 0.0
+    _t0: float = 0.0
+    _busy0: float | None = None
+    _ours0: dict[int, float] = field(default_factory=dict)
+
+    def __enter__(self) -> LoadMeter:
+        self._t0, self._busy0 = time.perf_counter(), _machine_busy_s()
+        self._ours0 = {pid: _process_cpu_s(pid) for pid in self.pids}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self._t0
+        busy1 = _machine_busy_s()
+        if busy1 is not None and self._busy0 is not None:
+            self.busy = busy1 - self._busy0
+        self.ours = sum(_process_cpu_s(pid) - t for pid, t in self._ours0.items())
+
+    def report(self) -> dict[str, Any]:
+        wall = max(self.wall, 1e-9)
+        out: dict[str, Any] = {
+            "ours_cpu_s": round(self.ours, 3),
+            "ours_cores": round(self.ours / wall, 2),
+        }
+        if self.busy is not None:
+            out["busy_cores"] = round(self.busy / wall, 2)
+            out["other_load_cores"] = round(max(self.busy - self.ours, 0.0) / wall, 2)
+        return out
+
+
+# --- requests and measuring consumers ---------------------------------------------------
+
+
+def prompt(request_id: str, seed: int, size: int, steps: int) -> PromptEvent:
+    return PromptEvent(
+        id=request_id,
+        prompt=f"a coffee cup on a wooden table, photo {seed}",
+        targets=["cup"],
+        width=size,
+        height=size,
+        steps=steps,
+        seed=seed,
+        segmentation=SEGMENTATION,
+    )
+
+
+def balanced_ids(tag: str, n: int, partitions: int = PARTITIONS) -> list[str]:
+    """``n`` request ids, the same number on every partition (Kafka's default partitioner)."""
+    per = {p: 0 for p in range(partitions)}
+    ids: list[str] = []
+    k = 0
+    while len(ids) < n:
+        candidate = f"{tag}-{k:04d}"
+        p = partition_for_key(candidate, partitions)
+        if per[p] < -(-n // partitions):
+            per[p] += 1
+            ids.append(candidate)
+        k += 1
+    return ids
+
+
+class Outcomes:
+    """Reads the given topics from their current end (fetch wait: the settings')."""
+
+    def __init__(self, settings: Settings, short_names: list[str]) -> None:
+        self.settings = settings
+        self.topics = [settings.topics.name(n) for n in short_names]
+        self.consumer = AIOKafkaConsumer(
+            fetch_max_wait_ms=getattr(settings, "kafka_fetch_max_wait_ms", 25),
+            **settings.kafka_kwargs(),
+        )
+
+    async def __aenter__(self) -> Outcomes:
+        await self.consumer.start()
+        parts = []
+        for topic in self.topics:
+            numbers = self.consumer.partitions_for_topic(topic)
+            while not numbers:
+                await self.consumer._client.force_metadata_update()
+                numbers = self.consumer.partitions_for_topic(topic)
+            parts += [TopicPartition(topic, p) for p in sorted(numbers)]
+        self.consumer.assign(parts)
+        await self.consumer.seek_to_end(*parts)
+        for tp in parts:  # pin the positions now: nothing produced after this is missed
+            await self.consumer.position(tp)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.consumer.stop()
+
+    async def wait(self, ids: set[str], topic: str, timeout: float) -> float:
+        """Wait until every id has a record on ``topic``; perf_counter time of the last one.
+
+        A record of an id on any other topic (the dead-letter topic) fails the run.
+        """
+        seen: set[str] = set()
+        self.values: list[bytes] = []
+        deadline = time.perf_counter() + timeout
+        last = time.perf_counter()
+        while not ids <= seen:
+            if time.perf_counter() > deadline:
+                raise TimeoutError(f"{len(ids - seen)} of {len(ids)} outcomes missing")
+            for tp, records in (await self.consumer.getmany(timeout_ms=100)).items():
+                for record in records:
+                    key = (record.key or b"").decode()
+                    if key not in ids:
+                        continue
+                    if tp.topic != topic:
+                        raise RuntimeError(f"{key} went to {tp.topic}: {record.value!r:.400}")
+                    if key not in seen:
+                        seen.add(key)
+                        self.values.append(record.value or b"")
+                    last = time.perf_counter()
+        return last
+
+
+async def publish(settings: Settings, events: list[PromptEvent]) -> None:
+    producer = AIOKafkaProducer(acks="all", linger_ms=2, **settings.kafka_kwargs())
+    await producer.start()
+    try:
+        futures = [
+            await producer.send(
+                settings.topics.prompts, e.to_json_bytes(), key=e.id.encode(), headers=[]
+            )
+            for e in events
+        ]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+# --- (a) pipeline against direct ---------------------------------------------------------
+
+
+def normalised(heatmaps: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Heat maps min-max normalised to 0..1, as the seg worker reads them from their PNGs."""
+    out = {}
+    for target, heat in heatmaps.items():
+        lo, hi = float(heat.min()), float(heat.max())
+        out[target] = ((heat - lo) / (hi - lo) if hi > lo else heat * 0).astype(np.float32)
+    return out
+
+
+def run_direct(
+    generator: Generator, seg: SegStage, events: list[PromptEvent], max_batch: int
+) -> tuple[float, int]:
+    """Seconds to generate, segment and encode the assets of ``events`` in this thread,
+    and the number of objects cut out."""
+    options = SegmentationOptions.model_validate(SEGMENTATION)
+    found = 0
+    started = time.perf_counter()
+    for start in range(0, len(events), max_batch):
+        chunk = events[start : start + max_batch]
+        samples = [
+            Sample(e.prompt, e.seed or 0, e.negative_prompt, tuple(e.targets)) for e in chunk
+        ]
+        for event, result in zip(
+            chunk, generator.generate(batch_spec(chunk[0]), samples), strict=True
+        ):
+            image = np.asarray(result.image.convert("RGB"))
+            objects = seg.segmenter.segment(
+                image,
+                f"direct-{event.id}",  # the embedding cache key: unique per image
+                options,
+                targets=event.targets,
+                heatmaps=normalised(result.heatmaps),
+                missing_targets=result.missing_targets,
+            )
+            found += len(objects)
+            for obj in objects:
+                mask_png(obj.mask)
+                rgba_png(image, obj.mask, obj.bbox)
+    return time.perf_counter() - started, found
+
+
+async def run_pipeline(
+    settings: Settings, events: list[PromptEvent], timeout: float
+) -> tuple[float, int]:
+    """Seconds from the first publish to the last asset-ready event, and the assets cut."""
+    async with Outcomes(settings, ["assets", "dlq"]) as outcomes:
+        started = time.perf_counter()
+        await publish(settings, events)
+        last = await outcomes.wait({e.id for e in events}, settings.topics.assets, timeout)
+    found = sum(len(json.loads(v)["assets"]) for v in outcomes.values)
+    return last - started, found
+
+
+def histogram_totals(histogram: Any) -> tuple[float, float]:
+    [metric] = histogram.collect()
+    values = {s.name.removeprefix(metric.name): s.value for s in metric.samples}
+    return values["_count"], values["_sum"]
+
+
+async def bench_overhead(
+    args: argparse.Namespace, bootstrap: str, blob_dir: str, broker_pid: int | None
+) -> dict[str, Any]:
+    settings = Settings(
+        kafka_bootstrap_servers=bootstrap,
+        topic_prefix=f"benchp{os.getpid()}",
+        blob_url=blob_dir,
+        models="tiny",
+    )
+    await ensure_topics(settings, partitions=PARTITIONS)
+    generator = Generator(GenModels.from_settings(settings))
+    seg = SegStage(settings)
+    seg.setup()
+    options: dict[str, Any] = {"create_topics": False}
+    fetch_wait = getattr(settings, "kafka_fetch_max_wait_ms", None)
+    if args.fetch_wait_ms is not None and "fetch_max_wait_ms" in RuntimeConfig.__dataclass_fields__:
+        options["fetch_max_wait_ms"] = fetch_wait = args.fetch_wait_ms
+    gen_rt = StageRuntime(
+        GenStage(settings, generator=generator),
+        settings,
+        RuntimeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, **options),
+    )
+    seg_rt = StageRuntime(seg, settings, RuntimeConfig(**options))
+    pids = [os.getpid()] + ([broker_pid] if broker_pid else [])
+    direct: list[float] = []
+    pipeline: list[float] = []
+    found: dict[str, list[int]] = {"direct": [], "pipeline": []}
+    loads: list[dict[str, Any]] = []
+    n, size, steps = args.requests, args.size, args.steps
+
+    def events(tag: str, count: int, steps: int, seed0: int) -> list[PromptEvent]:
+        return [prompt(f"{tag}-{i:03d}", seed0 + i, size, steps) for i in range(count)]
+
+    async with gen_rt, seg_rt:
+        # Warm up both paths: group joins, metadata, first-call allocations.
+        await run_pipeline(settings, events("warm", 4, 2, 10), args.timeout)
+        run_direct(generator, seg, events("warm-d", 4, 2, 20), args.max_batch)
+        round_trip, _ = await run_pipeline(settings, events("rtt", 1, steps, 30), args.timeout)
+        count0, sum0 = histogram_totals(gen_rt.metrics.batch_size)
+        for r in range(args.repeats):
+            # The same seeds in both modes: the same images, heat maps and objects (the
+            # embedding cache keys differ, so neither mode reuses the other's work).
+            seed0 = 1000 + 100 * r
+            with LoadMeter(pids) as meter:
+                seconds, objects = run_direct(
+                    generator, seg, events(f"d{r}", n, steps, seed0), args.max_batch
+                )
+            direct.append(seconds)
+            found["direct"].append(objects)
+            loads.append({"mode": "direct", "run": r, **meter.report()})
+            log.info("direct run %d: %.2f s %s", r, direct[-1], loads[-1])
+            with LoadMeter(pids) as meter:
+                seconds, objects = await run_pipeline(
+                    settings, events(f"p{r}", n, steps, seed0), args.timeout
+                )
+            pipeline.append(seconds)
+            found["pipeline"].append(objects)
+            loads.append({"mode": "pipeline", "run": r, **meter.report()})
+            log.info("pipeline run %d: %.2f s %s", r, pipeline[-1], loads[-1])
+        count1, sum1 = histogram_totals(gen_rt.metrics.batch_size)
+    direct_spr, pipeline_spr = min(direct) / n, min(pipeline) / n
+    ratio = pipeline_spr / direct_spr
+
+    def cpu_per_request(mode: str) -> float:
+        return round(statistics.median(x["ours_cpu_s"] for x in loads if x["mode"] == mode) / n, 4)
+
+    return {
+        "requests": n,
+        "size": size,
+        "steps": steps,
+        "max_batch": args.max_batch,
+        "worker_fetch_max_wait_ms": fetch_wait,
+        "repeats": args.repeats,
+        "direct_s_per_request": round(direct_spr, 4),
+        "pipeline_s_per_request": round(pipeline_spr, 4),
+        "ratio": round(ratio, 3),
+        "target_ratio": 1.15,
+        "ok": ratio <= 1.15,
+        # CPU seconds of this process and the broker per request (median run): the work
+        # the pipeline adds, which its gen/seg overlap may hide from the wall clock.
+        "direct_cpu_s_per_request": cpu_per_request("direct"),
+        "pipeline_cpu_s_per_request": cpu_per_request("pipeline"),
+        "round_trip_1_request_s": round(round_trip, 3),
+        "mean_gen_batch": round((sum1 - sum0) / max(count1 - count0, 1), 2),
+        "objects_per_run": found,
+        "direct_runs_s": [round(x, 3) for x in direct],
+        "pipeline_runs_s": [round(x, 3) for x in pipeline],
+        "load": loads,
+    }
+
+
+# --- (b) one against two generator processes --------------------------------------------
+
+
+@dataclass
+class WorkerProcess:
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def assigned(self) -> set[int] | None:
+        """The partitions of this worker's last assignment (None before the first)."""
+        found = re.findall(r"stage gen assigned \[([0-9, ]*)\]", self.log())
+        if not found:
+            return None
+        return {int(p) for p in found[-1].split(",") if p.strip()}
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"gen worker exited {self.proc.returncode}:\n{self.log()[-3000:]}")
+
+
+@contextlib.contextmanager
+def gen_workers(
+    settings: Settings, count: int, log_dir: Path, args: argparse.Namespace
+) -> Iterator[list[WorkerProcess]]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "GENSEG_", "KAFKA_"))}
+    env.update(
+        KAFKA_BOOTSTRAP_SERVERS=settings.kafka_bootstrap_servers,
+        GENSEG_TOPIC_PREFIX=settings.topic_prefix,
+        GENSEG_BLOB_URL=settings.blob_url,
+        GENSEG_MODELS="tiny",
+        GENSEG_LOG_LEVEL="INFO",
+        COLUMNS="300",
+    )
+    workers = []
+    try:
+        for i in range(count):
+            log_path = log_dir / f"{settings.topic_prefix}-gen{i}.log"
+            command = [
+                sys.executable, "-m", "genseg.cli", "worker", "gen", "--torch-threads", "1",
+                "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
+                "--no-create-topics",
+            ]  # fmt: skip
+            with log_path.open("wb") as out:
+                proc = subprocess.Popen(
+                    command, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
+                )
+            workers.append(WorkerProcess(proc, log_path))
+        yield workers
+    finally:
+        for w in workers:
+            if w.proc.poll() is None:
+                w.proc.send_signal(signal.SIGTERM)
+        for w in workers:
+            try:
+                w.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                w.proc.kill()
+                w.proc.wait()
+
+
+async def wait_balanced(workers: list[WorkerProcess], timeout: float) -> None:
+    """Until the workers' last assignments split the partitions among them, all non-empty."""
+    deadline = time.perf_counter() + timeout
+    while True:
+        for w in workers:
+            w.check_alive()
+        sets = [w.assigned() for w in workers]
+        if all(sets) and sum(len(s) for s in sets) == PARTITIONS:  # type: ignore[arg-type]
+            if set().union(*sets) == set(range(PARTITIONS)):  # type: ignore[arg-type]
+                return
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"workers not balanced after {timeout} s: {sets}")
+        await asyncio.sleep(0.2)
+
+
+async def bench_scale(
+    args: argparse.Namespace, bootstrap: str, blob_dir: str, log_dir: Path, broker_pid: int | None
+) -> dict[str, Any]:
+    """Two consumer groups side by side, one of 1 and one of 2 gen processes, measured in
+    alternating rounds (the idle group only polls), so both see the same machine."""
+    n, size, steps = args.scale_requests, args.size, args.steps
+    groups: dict[int, Settings] = {}
+    for count in (1, 2):
+        groups[count] = Settings(
+            kafka_bootstrap_servers=bootstrap,
+            topic_prefix=f"benchs{os.getpid()}-{count}",
+            blob_url=blob_dir,
+            models="tiny",
+        )
+        await ensure_topics(groups[count], partitions=PARTITIONS)
+    results: dict[int, list[float]] = {1: [], 2: []}
+    loads: list[dict[str, Any]] = []
+    with contextlib.ExitStack() as stack:
+        workers = {c: stack.enter_context(gen_workers(groups[c], c, log_dir, args)) for c in (1, 2)}
+        for count in (1, 2):
+            await wait_balanced(workers[count], args.timeout)
+        pids = [w.proc.pid for ws in workers.values() for w in ws] + [os.getpid()]
+        pids += [broker_pid] if broker_pid else []
+        for count in (1, 2):  # warm up every process: one request per partition
+            settings = groups[count]
+            async with Outcomes(settings, ["images", "dlq"]) as outcomes:
+                warm = [prompt(i, 7, size, 2) for i in balanced_ids("warm", PARTITIONS)]
+                await publish(settings, warm)
+                await outcomes.wait({e.id for e in warm}, settings.topics.images, args.timeout)
+        for r in range(args.scale_repeats):
+            for count in (1, 2) if r % 2 == 0 else (2, 1):
+                settings = groups[count]
+                ids = balanced_ids(f"s{r}", n)
+                events = [prompt(i, 5000 + 100 * r + k, size, steps) for k, i in enumerate(ids)]
+                async with Outcomes(settings, ["images", "dlq"]) as outcomes:
+                    with LoadMeter(pids) as meter:
+                        started = time.perf_counter()
+                        await publish(settings, events)
+                        last = await outcomes.wait(set(ids), settings.topics.images, args.timeout)
+                for w in workers[count]:
+                    w.check_alive()
+                elapsed = last - started
+                results[count].append(elapsed)
+                loads.append(
+                    {"processes": count, "run": r, "s": round(elapsed, 3), **meter.report()}
+                )
+                log.info("%d gen process(es), run %d: %.2f s %s", count, r, elapsed, loads[-1])
+    one, two = min(results[1]), min(results[2])
+    ratio = one / two
+    return {
+        "requests": n,
+        "size": size,
+        "steps": steps,
+        "partitions": PARTITIONS,
+        "torch_threads_per_process": 1,
+        "max_batch": args.max_batch,
+        "repeats": args.scale_repeats,
+        "one_process_req_per_s": round(n / one, 3),
+        "two_processes_req_per_s": round(n / two, 3),
+        "throughput_ratio": round(ratio, 3),
+        "target_ratio": 1.7,
+        "ok": ratio >= 1.7,
+        "one_process_runs_s": [round(x, 3) for x in results[1]],
+        "two_processes_runs_s": [round(x, 3) for x in results[2]],
+        "load": loads,
+    }
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+async def bench(
+    args: argparse.Namespace, bootstrap: str, tmp: Path, broker_pid: int | None
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"bench": "pipeline", "profile": "tiny"}
+    load_before = os.getloadavg()
+    if not args.skip_overhead:
+        out["overhead"] = await bench_overhead(args, bootstrap, str(tmp / "blobs-a"), broker_pid)
+    if not args.skip_scale:
+        out["scale"] = await bench_scale(args, bootstrap, str(tmp / "blobs-b"), tmp, broker_pid)
+    out["loadavg_before"] = [round(x, 2) for x in load_before]
+    out["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    out["machine"] = machine()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=32, help="(a) requests per run")
+    parser.add_argument("--scale-requests", type=int, default=24, help="(b) requests per run")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--max-batch", type=int, default=4)
+    parser.add_argument("--max-wait-ms", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=4, help="(a) runs of each mode")
+    parser.add_argument("--scale-repeats", type=int, default=4, help="(b) runs of each count")
+    parser.add_argument("--fetch-wait-ms", type=int, default=None, help="(a) workers' fetch wait")
+    parser.add_argument(
+        "--torch-threads", type=int, default=1, help="(a) torch threads of this process"
+    )
+    parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument("--skip-scale", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for noisy in (
+        "aiokafka",
+        "diffusers",
+        "transformers",
+        "consumers",
+        "gen_worker",
+        "seg_worker",
+        "genseg",
+    ):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    torch.set_num_threads(args.torch_threads)
+    print("machine:", json.dumps(machine()))
+    with tempfile.TemporaryDirectory(prefix="genseg-bench-") as name:
+        tmp = Path(name)
+        bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+        if bootstrap:
+            result = asyncio.run(bench(args, bootstrap, tmp, None))
+        else:
+            with EmbeddedBroker(log_path=tmp / "tansu.log") as broker:
+                result = asyncio.run(bench(args, broker.bootstrap_servers, tmp, broker.pid))
+    if "overhead" in result:
+        a = result["overhead"]
+        print(
+            f"(a) direct {a['direct_s_per_request']:.4f} s/request, pipeline "
+            f"{a['pipeline_s_per_request']:.4f} s/request: ratio {a['ratio']:.3f} (target <= 1.15)"
+        )
+    if "scale" in result:
+        b = result["scale"]
+        print(
+            f"(b) 1 gen process {b['one_process_req_per_s']:.3f} req/s, 2 processes "
+            f"{b['two_processes_req_per_s']:.3f} req/s: ratio {b['throughput_ratio']:.3f} "
+            "(target >= 1.7)"
+        )
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
