@@ -34,7 +34,6 @@ import time
 from collections.abc import Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -55,6 +54,7 @@ from genseg.blobstore import (
     BlobTooLarge,
     ForeignBlobRef,
 )
+from genseg.lifecycle import AsyncService
 from genseg.settings import Settings
 from genseg.telemetry import TRACER_NAME, context_from_headers, headers_from_context
 from producers.publisher import Publisher
@@ -190,7 +190,7 @@ def error_type_of(exc: BaseException) -> str:
     return declared if isinstance(declared, str) else type(exc).__name__
 
 
-class StageRuntime:
+class StageRuntime(AsyncService):
     """Runs ``stage`` as a member of its consumer group until stopped.
 
     Usage::
@@ -327,18 +327,6 @@ class StageRuntime:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             await self.stop()
-
-    async def __aenter__(self) -> StageRuntime:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     @property
     def in_flight(self) -> int:

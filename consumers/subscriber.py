@@ -13,12 +13,12 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
-from types import TracebackType
 from typing import Literal
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import murmur2
 
+from genseg.lifecycle import AsyncService
 from genseg.settings import Settings
 from schemas import (
     SCHEMA_ASSET,
@@ -69,7 +69,7 @@ def partition_for_key(key: str, partitions: int) -> int:
     return (murmur2(key.encode("utf-8")) & 0x7FFFFFFF) % partitions
 
 
-class Subscriber:
+class Subscriber(AsyncService):
     """Async iterator over events of the given short topic names.
 
     Usage::
@@ -130,18 +130,6 @@ class Subscriber:
     async def stop(self) -> None:
         if self._consumer is not None:
             await self._consumer.stop()
-
-    async def __aenter__(self) -> Subscriber:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     async def next_events(self, timeout_s: float = 1.0) -> list[tuple[str, Event]]:
         """The (topic, event) pairs that arrived within ``timeout_s`` (possibly none)."""

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from types import TracebackType
 from typing import Any, Literal
 
 from opentelemetry import trace
 
+from genseg.lifecycle import AsyncService
 from genseg.settings import Settings
 from producers.publisher import Publisher
 from schemas import PromptEvent, SceneOptions
@@ -25,7 +25,7 @@ def new_request_id(prefix: str = "req") -> str:
     return f"{prefix}-{secrets.token_hex(8)}"
 
 
-class GensegClient:
+class GensegClient(AsyncService):
     """Publishes prompt events for upstream systems.
 
     Usage::
@@ -45,17 +45,11 @@ class GensegClient:
         self._own_publisher = publisher is None
         self.publisher = publisher or Publisher(self.settings, tracer_provider=tracer_provider)
 
-    async def __aenter__(self) -> GensegClient:
+    async def start(self) -> None:
         if self._own_publisher:
             await self.publisher.start()
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def stop(self) -> None:
         if self._own_publisher:
             await self.publisher.stop()
 

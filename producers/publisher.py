@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from types import TracebackType
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -13,6 +12,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind
 
+from genseg.lifecycle import AsyncService
 from genseg.settings import Settings
 from genseg.telemetry import TRACER_NAME, headers_from_context, origin_context
 from schemas import Event
@@ -20,7 +20,7 @@ from schemas import Event
 log = logging.getLogger(__name__)
 
 
-class Publisher:
+class Publisher(AsyncService):
     """Publishes contract events to Kafka.
 
     Each :meth:`publish` opens a ``send {topic}`` PRODUCER span (a child of
@@ -71,18 +71,6 @@ class Publisher:
         producer, self._producer = self._producer, None
         if producer is not None:
             await producer.stop()
-
-    async def __aenter__(self) -> Publisher:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
     async def send(
         self,
