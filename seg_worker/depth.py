@@ -85,11 +85,8 @@ ARCHS: dict[str, DepthArch] = {
 }
 
 
-def build_depth_model(arch: str | DepthArch, *, seed: int = 0) -> DepthAnythingForDepthEstimation:
-    """A Depth Anything model of ``arch`` with seeded random weights, eval mode, on the CPU.
-
-    The caller's RNG is untouched (``fork_rng``), so every process builds the same model.
-    """
+def depth_config(arch: str | DepthArch) -> DepthAnythingConfig:
+    """The transformers configuration of ``arch`` (relative depth)."""
     spec = ARCHS[arch] if isinstance(arch, str) else arch
     backbone = Dinov2Config(
         hidden_size=spec.hidden_size,
@@ -101,7 +98,7 @@ def build_depth_model(arch: str | DepthArch, *, seed: int = 0) -> DepthAnythingF
         out_indices=list(spec.out_indices),
         reshape_hidden_states=False,
     )
-    config = DepthAnythingConfig(
+    return DepthAnythingConfig(
         backbone_config=backbone,
         patch_size=PATCH,
         reassemble_hidden_size=spec.hidden_size,
@@ -110,6 +107,14 @@ def build_depth_model(arch: str | DepthArch, *, seed: int = 0) -> DepthAnythingF
         head_hidden_size=spec.head_hidden_size,
         depth_estimation_type="relative",
     )
+
+
+def build_depth_model(arch: str | DepthArch, *, seed: int = 0) -> DepthAnythingForDepthEstimation:
+    """A Depth Anything model of ``arch`` with seeded random weights, eval mode, on the CPU.
+
+    The caller's RNG is untouched (``fork_rng``), so every process builds the same model.
+    """
+    config = depth_config(arch)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = DepthAnythingForDepthEstimation(config)
@@ -171,7 +176,8 @@ class DepthEstimator:
     def estimate(self, image: np.ndarray) -> DepthMap:
         """Depth of ``image`` ``[H, W, 3]`` uint8 RGB, resized back to ``H x W``."""
         height, width = image.shape[:2]
-        inputs = self.processor(images=image, return_tensors="pt")
+        # a writable copy: the processor hands the array to torch.from_numpy
+        inputs = self.processor(images=np.array(image), return_tensors="pt")
         pixels = inputs["pixel_values"].to(self.device, self.model.dtype)
         with self._lock, torch.inference_mode():
             predicted = self.model(pixel_values=pixels).predicted_depth  # [1, h, w]
