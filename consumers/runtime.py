@@ -705,9 +705,15 @@ class StageRuntime(AsyncService):
                 continue
             for tp, part in list(self._partitions.items()):
                 high = self._consumer.highwater(tp)
-                if high is not None:
-                    base = part.committed if part.committed is not None else 0
-                    self.metrics.set_lag(tp.topic, tp.partition, high - base)
+                if high is None:
+                    continue
+                if part.committed is None:
+                    # Nothing committed by this member yet: the group's offset on the broker
+                    # (from an earlier member) is the base, not 0.
+                    with contextlib.suppress(KafkaError, IllegalStateError):
+                        part.committed = await self._consumer.committed(tp)
+                if part.committed is not None:
+                    self.metrics.set_lag(tp.topic, tp.partition, high - part.committed)
 
     def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         for tp in assigned:
@@ -733,6 +739,7 @@ class StageRuntime(AsyncService):
         for part in parts:
             part.revoked = True
             self._partitions.pop(part.tp, None)
+            self.metrics.forget_partition(part.tp.topic, part.tp.partition)
         for job in dropped:
             self._release(job, completed=False)
         log.info("stage %s revoked %s", self.stage.name, sorted(p.partition for p in revoked))

@@ -300,3 +300,20 @@ async def test_two_workers_share_and_one_takes_over_after_sigterm(
     workers = Counter(p["worker"] for p in pongs)
     assert workers["a"] > 0 and workers["b"] > 0
     assert "stage toy stopped" in a_log.read_text()
+
+
+async def test_lag_after_a_restart_counts_from_the_groups_committed_offset(
+    settings: Settings,
+) -> None:
+    await ensure_topics(settings, partitions=1)
+    await publish_all(settings, [Ping(id=f"l{i}") for i in range(10)])
+    config = RuntimeConfig(lag_interval_s=0.05, **FAST)
+    async with StageRuntime(ToyStage(), settings, config):
+        async with TopicReader(settings, "images") as reader:
+            await reader.until(lambda: len(reader.keys("images")) == 10)
+    tp = TopicPartition(settings.topics.prompts, 0)
+    async with StageRuntime(ToyStage(), settings, config) as second:
+        sample = second.metrics.registry.get_sample_value
+        labels = {"stage": "toy", "topic": tp.topic, "partition": "0"}
+        await eventually(lambda: sample("genseg_consumer_lag", labels) is not None, 30)
+        assert sample("genseg_consumer_lag", labels) == 0  # not the whole partition (10)
