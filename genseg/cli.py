@@ -41,6 +41,7 @@ err_console = Console(stderr=True)
 class WorkerKind(StrEnum):
     gen = "gen"
     seg = "seg"
+    scene = "scene"
 
 
 class Profile(StrEnum):
@@ -167,7 +168,7 @@ def broker(
 
 @app.command()
 def worker(
-    kind: Annotated[WorkerKind, typer.Argument(help="gen or seg.")],
+    kind: Annotated[WorkerKind, typer.Argument(help="gen, seg or scene.")],
     concurrency: Annotated[int, typer.Option(help="Batches worked on at once.")] = 1,
     max_batch: Annotated[int | None, typer.Option(help="Records per batch (gen: 4).")] = None,
     max_wait_ms: Annotated[int, typer.Option(help="Longest wait to fill a batch.")] = 20,
@@ -181,9 +182,20 @@ def worker(
     job_timeout: Annotated[float, typer.Option(help="Seconds one handler call may take.")] = 900,
     max_attempts: Annotated[int, typer.Option(help="Attempts before dead-lettering.")] = 3,
     torch_threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+    scenes: Annotated[
+        bool,
+        typer.Option(
+            "--scenes/--no-scenes",
+            help="seg: also run the scene stage (one scene-ready event per scene) in-process.",
+        ),
+    ] = True,
     log_level: LogLevel = "INFO",
 ) -> None:
-    """Run one worker: a member of the gen or seg consumer group, until SIGTERM."""
+    """Run one worker: a member of the gen, seg or scene consumer group, until SIGTERM.
+
+    ``seg`` also runs the scene stage by default (``--no-scenes`` to deploy it apart as
+    ``genseg worker scene``); each is its own consumer group.
+    """
     _setup_logging(log_level)
     from consumers.runtime import RuntimeConfig, StageRuntime
     from genseg.telemetry import setup_tracing, shutdown_tracing
@@ -197,10 +209,15 @@ def worker(
         from gen_worker.handler import GenStage
 
         stage: Any = GenStage(settings)
-    else:
+    elif kind is WorkerKind.seg:
         from seg_worker.handler import SegStage
 
         stage = SegStage(settings)
+    else:
+        from seg_worker.scenes import SceneStage
+
+        stage = SceneStage(settings)
+        concurrency = 1  # one record at a time: see seg_worker/scenes.py
     config = RuntimeConfig(
         max_batch=max_batch or (4 if kind is WorkerKind.gen else 1),
         max_wait_ms=max_wait_ms,
@@ -214,10 +231,47 @@ def worker(
         max_attempts=max_attempts,
     )
     provider = setup_tracing(f"genseg-{kind.value}")
+    runtimes = [StageRuntime(stage, settings, config, tracer_provider=provider)]
+    if kind is WorkerKind.seg and scenes:
+        from seg_worker.scenes import SceneStage
+
+        scene_config = RuntimeConfig(
+            instance_id=f"{instance_id}-scene" if instance_id else None,
+            partitions=partitions,
+            create_topics=create_topics,
+            drain_timeout_s=drain_timeout,
+            max_attempts=max_attempts,
+        )
+        runtimes.append(
+            StageRuntime(SceneStage(settings), settings, scene_config, tracer_provider=provider)
+        )
     try:
-        asyncio.run(StageRuntime(stage, settings, config, tracer_provider=provider).serve())
+        asyncio.run(_serve(runtimes))
     finally:
         shutdown_tracing()
+
+
+async def _serve(runtimes: list[Any]) -> None:
+    """Run the runtimes of one process until SIGTERM or SIGINT, then stop them all."""
+    if len(runtimes) == 1:
+        await runtimes[0].serve()
+        return
+    import signal
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    started = []
+    try:
+        for runtime in runtimes:
+            await runtime.start()
+            started.append(runtime)
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await asyncio.gather(*(runtime.stop() for runtime in reversed(started)))
 
 
 @app.command()
@@ -372,7 +426,7 @@ def topics_create(
     created = asyncio.run(
         ensure_topics(settings, partitions=partitions, replication_factor=replication_factor)
     )
-    for name in settings.topics.all():
+    for name in [*settings.topics.all(), *settings.topics.internal()]:
         state = "created" if name in created else "exists"
         console.print(f"{name}: {state}")
 
