@@ -75,8 +75,17 @@ LogLevel = Annotated[
 
 @app.command()
 def demo(
-    prompt: Annotated[str, typer.Argument(help="What to generate.")],
+    prompt: Annotated[
+        str | None, typer.Argument(help="What to generate (optional with --scene).")
+    ] = None,
     target: Annotated[list[str], typer.Option("--target", "-t", help="Object to cut out.")] = [],  # noqa: B006
+    scene: Annotated[
+        str | None,
+        typer.Option(help="A multi-view scene to generate: views, depth maps and .glb files."),
+    ] = None,
+    views: Annotated[
+        str, typer.Option(help="Viewing angles of --scene in degrees, comma-separated.")
+    ] = "0,45,90,135",
     models: Annotated[Profile, typer.Option(help="Model profile.")] = Profile.tiny,
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("genseg-out"),
     size: Annotated[
@@ -90,13 +99,26 @@ def demo(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the outcome.")] = 600.0,
     log_level: LogLevel = "WARNING",
 ) -> None:
-    """Run the whole pipeline in one process and write image, masks, assets and a contact sheet."""
+    """Run the whole pipeline in one process and write image, masks, assets and a contact sheet.
+
+    With --scene: one image per angle of --views (batched on the generator), their
+    cut-outs, depth maps and .glb files, and the scene's contact sheet.
+    """
     _setup_logging(log_level)
     from genseg.demo import DemoFailed, run_demo
     from genseg.telemetry import setup_tracing, shutdown_tracing
 
+    if (prompt is None) == (scene is None):
+        err_console.print("[red]give a PROMPT, or --scene (not both)[/]")
+        raise typer.Exit(2)
     blob_url = os.environ.get("GENSEG_BLOB_URL") or str(out / "blobs")
     settings = _settings(models=models.value, blob_url=blob_url)
+    if scene is not None:
+        _scene_demo(scene, views, list(target), settings=settings, out=out, size=size,
+                    steps=steps, seed=seed, min_confidence=min_confidence, timeout=timeout,
+                    models=models)  # fmt: skip
+        return
+    assert prompt is not None
     provider = setup_tracing("genseg-demo")
     try:
         result = asyncio.run(
@@ -125,6 +147,66 @@ def demo(
             "[yellow]Note:[/] the tiny profile uses random weights: the image is noise and the "
             "masks are arbitrary. Everything else is real (broker, workers, events, blobs). "
             "Use [bold]--models pretrained[/] with SD_MODEL and SAM_CHECKPOINT for real output."
+        )
+
+
+def _scene_demo(
+    scene: str,
+    views: str,
+    targets: list[str],
+    *,
+    settings: Settings,
+    out: Path,
+    size: int | None,
+    steps: int | None,
+    seed: int,
+    min_confidence: float | None,
+    timeout: float,
+    models: Profile,
+) -> None:
+    """``genseg demo --scene``: run the scene demo and print what it made."""
+    from genseg.demo import DemoFailed, run_scene_demo
+    from genseg.telemetry import setup_tracing, shutdown_tracing
+
+    try:
+        angles = [float(a) for a in views.split(",") if a.strip()]
+    except ValueError:
+        err_console.print(f"[red]--views must be comma-separated degrees, got {views!r}[/]")
+        raise typer.Exit(2) from None
+    if not 1 <= len(angles) <= 64 or len(set(angles)) != len(angles):
+        err_console.print(f"[red]--views needs 1 to 64 distinct angles, got {views!r}[/]")
+        raise typer.Exit(2)
+    provider = setup_tracing("genseg-demo")
+    try:
+        result = asyncio.run(
+            run_scene_demo(scene, angles, targets, settings=settings, out_dir=out, size=size,
+                           steps=steps, seed=seed, min_confidence=min_confidence,
+                           timeout_s=timeout, console=console, tracer_provider=provider)
+        )  # fmt: skip
+    except DemoFailed as exc:
+        err_console.print(f"[red]demo failed:[/] {exc}")
+        raise typer.Exit(1) from None
+    finally:
+        shutdown_tracing()
+    table = Table(title=f"scene {result.scene_id}: {len(result.views)} views")
+    for column in ("view", "status", "objects (median depth)", "seg.depth ms", "seg.mesh ms"):
+        table.add_column(column, justify="right" if "ms" in column else "left")
+    for view, event in zip(result.scene.views, result.views, strict=True):
+        objects = ", ".join(
+            f"{a.label} ({a.depth_median:.2f})" if a.depth_median is not None else a.label
+            for a in event.assets
+        )
+        t = event.timings_ms
+        table.add_row(view.view, event.status, objects or "-",
+                      f"{t.get('seg.depth', 0):.1f}", f"{t.get('seg.mesh', 0):.1f}")  # fmt: skip
+    console.print(table)
+    console.print(f"end to end (wall) {result.wall_s:.1f} s, trace id [bold]{result.trace_id}[/]")
+    for path in result.files:
+        console.print(f"  wrote {path}")
+    if models is Profile.tiny:
+        console.print(
+            "[yellow]Note:[/] the tiny profile uses random weights: images are noise, masks and "
+            "depth arbitrary. Everything else is real (broker, workers, events, blobs, .glb)."
         )
 
 
