@@ -35,10 +35,10 @@ from typing import Any, Literal, TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from consumers.stage import ItemResult, Output, Stage, StageContext, TransientError
-from genseg.blobstore import BlobError, BlobNotFound, BlobStore, BlobUnavailable, scene_key
+from genseg.blobstore import BlobNotFound, BlobStore, BlobUnavailable, scene_key
 from genseg.settings import Settings
 from schemas import AssetReadyEvent, Event, SceneReadyEvent, SceneView, parse_event
 from schemas.events import RequestId, TenantId
@@ -267,7 +267,7 @@ class SceneStage(Stage[SceneViewRecord]):
                     results.append(self._one(rec, SceneState(ctx.blob), ctx))
             except BlobUnavailable as exc:
                 results.append(TransientError(f"scene state: {exc}"))
-            except (BlobError, ValidationError, ValueError) as exc:
+            except Exception as exc:  # the runtime classifies it: retried, or dead-lettered
                 results.append(exc)
         return results
 
