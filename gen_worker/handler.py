@@ -29,7 +29,14 @@ from gen_worker.policy import Policy, PolicyError, PolicyStore, RateLimiter
 from gen_worker.profiles import GenModels, RuntimeOptions
 from gen_worker.safety import NSFW, SafetyChecker
 from genseg.blobstore import blob_key
-from genseg.images import HEATMAP_MEDIA_TYPE, PNG, decode_image, encode_heatmap, encode_png
+from genseg.images import (
+    HEATMAP_MEDIA_TYPE,
+    PNG,
+    decode_image,
+    encode_heatmap,
+    encode_png,
+    png_byte_limit,
+)
 from genseg.settings import Settings
 from schemas import (
     ImageReadyEvent,
@@ -328,8 +335,12 @@ class GenStage(Stage[GenEvent]):
         """The RGB image and L mask of an inpaint event, checked against its size."""
         limit = self.settings.max_image_pixels
         with ctx.phase("blob_read", item=item):
-            image = decode_image(ctx.blob.get(event.image), max_pixels=limit, mode="RGB")
-            mask = decode_image(ctx.blob.get(event.mask), max_pixels=limit, mode="L")
+            # Blob errors propagate: the runtime dead-letters them under their error_type.
+            max_bytes = png_byte_limit(limit)
+            image = decode_image(ctx.blob.get(event.image, max_bytes=max_bytes), max_pixels=limit)
+            mask = decode_image(
+                ctx.blob.get(event.mask, max_bytes=max_bytes), max_pixels=limit, mode="L"
+            )
         wanted = (event.width, event.height)
         if image.size != wanted:
             raise PermanentError(

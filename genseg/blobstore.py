@@ -26,25 +26,38 @@ log = logging.getLogger(__name__)
 class BlobError(Exception):
     """Base of blob store errors."""
 
+    #: ``error.type`` of the dead-letter event a failure of this kind ends in.
+    error_type = "blob_error"
+
 
 class ForeignBlobRef(BlobError):
     """A reference that points outside the configured store (traversal, other bucket or scheme)."""
+
+    error_type = "foreign_blob_ref"
 
 
 class BlobNotFound(BlobError):
     """The referenced blob does not exist."""
 
+    error_type = "blob_not_found"
+
 
 class BlobIntegrityError(BlobError):
     """The blob's bytes do not match the reference's sha256 or size."""
+
+    error_type = "blob_integrity"
 
 
 class BlobTooLarge(BlobError):
     """The blob is larger than the reader allows."""
 
+    error_type = "blob_too_large"
+
 
 class BlobUnavailable(BlobError):
     """The store could not be reached; worth retrying."""
+
+    error_type = "blob_unavailable"
 
 
 def _segment(value: str) -> str:

@@ -26,6 +26,15 @@ class InvalidImage(PermanentError):
     error_type = "invalid_image"
 
 
+def png_byte_limit(max_pixels: int) -> int:
+    """Largest plausible PNG of ``max_pixels`` pixels: 8 bytes a pixel (16-bit RGBA) + 1 MiB.
+
+    Readers pass it as ``max_bytes`` so a reference claiming a huge blob is refused
+    before anything is read.
+    """
+    return max_pixels * 8 + 2**20
+
+
 def encode_png(image: Image.Image) -> bytes:
     """PNG bytes of ``image``; deterministic for the same pixels."""
     buf = io.BytesIO()

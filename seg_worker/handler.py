@@ -44,14 +44,10 @@ from consumers.stage import (
 )
 from genseg.blobstore import (
     BlobError,
-    BlobIntegrityError,
-    BlobNotFound,
-    BlobTooLarge,
     BlobUnavailable,
-    ForeignBlobRef,
     blob_key,
 )
-from genseg.images import PNG, decode_heatmap, decode_image
+from genseg.images import PNG, decode_heatmap, decode_image, png_byte_limit
 from genseg.settings import Settings
 from schemas import (
     RLE,
@@ -82,15 +78,6 @@ from seg_worker.segment import Plan, Segmenter
 log = logging.getLogger(__name__)
 
 #: Blob errors that retrying cannot fix, and their dead-letter ``error.type``.
-_PERMANENT_BLOB_ERRORS: dict[type[BlobError], str] = {
-    ForeignBlobRef: "foreign_blob_ref",
-    BlobIntegrityError: "blob_integrity",
-    BlobNotFound: "blob_not_found",
-    BlobTooLarge: "blob_too_large",
-}
-#: A PNG is at most its raw pixels (8 bytes for 16-bit RGBA) plus small overhead.
-_BYTES_PER_PIXEL_LIMIT = 8
-_BYTES_OVERHEAD_LIMIT = 2**20
 
 
 class _Item:
@@ -240,7 +227,7 @@ class SegStage(Stage[ImageReadyEvent]):
         """Read and decode the image ``[H, W, 3]`` uint8 and the heat maps it needs."""
         event = item.event
         max_pixels = self.settings.max_image_pixels
-        max_bytes = max_pixels * _BYTES_PER_PIXEL_LIMIT + _BYTES_OVERHEAD_LIMIT
+        max_bytes = png_byte_limit(max_pixels)
         data = _read_blob(ctx, event.image, max_bytes, "image")
         item.image = np.asarray(decode_image(data, max_pixels=max_pixels, mode="RGB"))
         heatmaps: dict[str, np.ndarray] = {}
@@ -379,11 +366,7 @@ def _read_blob(ctx: StageContext, ref: BlobRef, max_bytes: int, what: str) -> by
     except BlobUnavailable as exc:
         raise TransientError(f"{what}: {exc}") from exc
     except BlobError as exc:
-        error_type = next(
-            (name for cls, name in _PERMANENT_BLOB_ERRORS.items() if isinstance(exc, cls)),
-            "blob_error",
-        )
-        raise PermanentError(f"{what}: {exc}", error_type=error_type) from exc
+        raise PermanentError(f"{what}: {exc}", error_type=exc.error_type) from exc
 
 
 def _write_blob(

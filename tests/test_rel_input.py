@@ -413,13 +413,7 @@ SEG_ERROR_TYPES = {
     "blob_too_large",
     "invalid_image",
 }
-GEN_ERROR_TYPES = {
-    "ForeignBlobRef",
-    "BlobIntegrityError",
-    "BlobNotFound",
-    "BlobTooLarge",
-    "invalid_image",
-}
+GEN_ERROR_TYPES = SEG_ERROR_TYPES  # one naming: the blob errors' own error_type
 
 
 def image_ready(request_id: str, image: BlobRef, heatmap: BlobRef) -> ImageReadyEvent:

@@ -199,7 +199,7 @@ async def test_object_store_outage_dead_letters_with_reason_then_replay_finishes
     assert set(dead) == set(wave2), "exactly the requests that met the outage dead-lettered"
     for request_id in wave2:
         d = dead[request_id]
-        assert d["stage"] == "gen" and d["error"]["type"] == "BlobUnavailable", d
+        assert d["stage"] == "gen" and d["error"]["type"] == "blob_unavailable", d
         assert d["attempts"] == 3, d  # retried before giving up
         assert f"could not write s3://{bucket}/genseg/{request_id}/0/gen/" in d["error"]["message"]
     assert backoffs == [(1, 200), (2, 400)], "exponential backoff between the attempts"
