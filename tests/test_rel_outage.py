@@ -180,7 +180,7 @@ async def test_object_store_outage_dead_letters_with_reason_then_replay_finishes
     finally:
         stop_all([gen, seg])
     retry_lines = re.findall(
-        r"stage gen: BlobUnavailable on b'(s3b-\d+)', retry (\d) in (\d+) ms", gen_log
+        r"stage gen: blob_unavailable on b'(s3b-\d+)', retry (\d) in (\d+) ms", gen_log
     )
     backoffs = sorted({(int(n), int(ms)) for _, n, ms in retry_lines})
     record_figures(
