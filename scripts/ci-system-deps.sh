@@ -8,10 +8,13 @@
 #   docker-compose  Debian's Compose v1 (1.29), used offline by tests/test_compose.py
 #                   (`docker-compose config -q`) to validate compose/docker-compose.yml.
 #                   No Docker engine is needed for `config`.
+#   stunnel4        TLS terminator in front of the embedded broker (tansu 0.6.0 cannot
+#                   serve TLS), used by tests/test_rel_security.py.
 set -eu
 
 missing=""
 command -v docker-compose >/dev/null 2>&1 || missing="$missing docker-compose"
+command -v stunnel4 >/dev/null 2>&1 || command -v stunnel >/dev/null 2>&1 || missing="$missing stunnel4"
 
 if [ -z "$missing" ]; then
     exit 0
