@@ -299,9 +299,11 @@ class StageRuntime(AsyncService):
             await asyncio.wait_for(self._idle.wait(), self.config.drain_timeout_s)
         except TimeoutError:
             log.warning("drain timed out with %d records in flight", self._in_flight)
-        for task in [*self._tasks, *self._retry_tasks]:
+        # After the drain only side work is left (progress sends, a timed-out batch's).
+        leftovers = [*self._tasks, *self._retry_tasks, *self._side_tasks]
+        for task in leftovers:
             task.cancel()
-        await asyncio.gather(*self._tasks, *self._retry_tasks, return_exceptions=True)
+        await asyncio.gather(*leftovers, return_exceptions=True)
         await self._commit()
         if self._consumer is not None:
             await self._consumer.stop()  # sends LeaveGroup
@@ -364,6 +366,8 @@ class StageRuntime(AsyncService):
                     continue
                 for record in records:
                     self._accept(record, part)
+            if batches:  # one wake-up per fetch, not one task per record
+                await self._notify_ready()
 
     def _accept(self, record: ConsumerRecord[bytes, bytes], part: _Partition) -> None:
         part.pending.add(record.offset)
@@ -401,7 +405,6 @@ class StageRuntime(AsyncService):
             self._spawn(self._dead_letter(job, exc))
             return
         self._ready.append(job)
-        self._spawn(self._notify_ready())
 
     async def _notify_ready(self) -> None:
         async with self._ready_changed:
@@ -457,13 +460,21 @@ class StageRuntime(AsyncService):
             for job in live:
                 job.partition.running += 1
             try:
-                await self._run_batch(live)
-            finally:
-                for job in live:
-                    job.partition.running -= 1
-                self._batch_finished.set()
+                results = await self._run_batch(live)
+            except BaseException:
+                self._end_running(live)
+                raise
+            # Publishing and waiting for the broker's acks go on in a tracked task while
+            # this worker takes its next batch; the records stay in flight until acked.
+            self._spawn(self._complete(live, results))
 
-    async def _run_batch(self, jobs: list[_Job]) -> None:
+    def _end_running(self, jobs: list[_Job]) -> None:
+        for job in jobs:
+            job.partition.running -= 1
+        self._batch_finished.set()
+
+    async def _run_batch(self, jobs: list[_Job]) -> list[ItemResult]:
+        """Run the handler on ``jobs`` in the thread pool; one result per job."""
         assert self._loop is not None
         for job in jobs:
             job.attempts += 1
@@ -504,9 +515,7 @@ class StageRuntime(AsyncService):
             if batch_span is not None:
                 batch_span.end()
         self._replay_phases(ctx, jobs)
-        await asyncio.gather(
-            *(self._finish(job, result) for job, result in zip(jobs, results, strict=True))
-        )
+        return results
 
     def _replay_phases(self, ctx: StageContext, jobs: list[_Job]) -> None:
         """Turn the handler's timed phases into child spans of each record they served."""
@@ -526,29 +535,43 @@ class StageRuntime(AsyncService):
                 span.end(end_time=phase.end_ns)
                 spans[number] = span
 
-    async def _finish(self, job: _Job, result: ItemResult) -> None:
-        if isinstance(result, BaseException):
-            await self._failed(job, result)
-            return
+    async def _complete(self, jobs: list[_Job], results: list[ItemResult]) -> None:
+        """Send a finished batch's outputs in order, then settle each record on its acks."""
         try:
-            await self._publish(job, result)
-        except Exception as exc:  # broker trouble: the record is retried, outputs overwrite
-            await self._failed(job, exc)
-            return
-        self.metrics.processed.inc()
-        self.metrics.tenant_outcome(tenant_of(job.event, job.record.value), "processed")
-        self.metrics.latency.observe(time.monotonic() - job.received_at)
-        self._release(job, completed=True)
+            sent: list[tuple[_Job, list[asyncio.Future[Any]]]] = []
+            for job, result in zip(jobs, results, strict=True):
+                if isinstance(result, BaseException):
+                    await self._failed(job, result)
+                    continue
+                try:
+                    sent.append((job, await self._send(job, result)))
+                except Exception as exc:  # broker trouble: retried, outputs overwrite
+                    await self._failed(job, exc)
+            for job, futures in sent:
+                try:
+                    await asyncio.gather(*futures)
+                except Exception as exc:
+                    await self._failed(job, exc)
+                    continue
+                self.metrics.processed.inc()
+                self.metrics.tenant_outcome(tenant_of(job.event, job.record.value), "processed")
+                self.metrics.latency.observe(time.monotonic() - job.received_at)
+                self._release(job, completed=True)
+        finally:
+            self._end_running(jobs)
 
-    async def _publish(self, job: _Job, outputs: list[Output]) -> None:
+    async def _send(self, job: _Job, outputs: list[Output]) -> list[asyncio.Future[Any]]:
+        """Enqueue ``outputs`` with the record's trace context; futures resolve on ack."""
         headers = headers_from_context(job.context)
-        futures = [
+        return [
             await self._publisher.send(
                 out.topic, out.event.to_json_bytes(), key=out.record_key, headers=headers
             )
             for out in outputs
         ]
-        await asyncio.gather(*futures)
+
+    async def _publish(self, job: _Job, outputs: list[Output]) -> None:
+        await asyncio.gather(*await self._send(job, outputs))
 
     def _emit_threadsafe(self, output: Output, jobs: list[_Job], item: int | None) -> None:
         """Called from the handler thread: publish a side record, fire-and-forget."""
