@@ -7,11 +7,13 @@ image, heat maps, masks, RGBA assets, a contact sheet and the events to ``out``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,6 +120,26 @@ async def run_demo(
             broker.stop()
 
 
+@contextlib.asynccontextmanager
+async def _running(
+    runtimes: list[StageRuntime], console: Console, models: str
+) -> AsyncIterator[None]:
+    """Start ``runtimes`` in order; stop those started, however the block is left.
+
+    A runtime that fails to start must not leave the others running.
+    """
+    started: list[StageRuntime] = []
+    try:
+        with console.status(f"loading {models} models and joining consumer groups"):
+            for runtime in runtimes:
+                await runtime.start()
+                started.append(runtime)
+        yield
+    finally:
+        for runtime in reversed(started):
+            await runtime.stop()
+
+
 async def _run(
     prompt: str,
     targets: list[str],
@@ -147,10 +169,7 @@ async def _run(
     request_id = new_request_id("demo")
     tracer = trace.get_tracer(TRACER_NAME, tracer_provider=tracer_provider)
     events: dict[str, Event] = {}
-    try:  # a runtime that fails to start must not leave the other one running
-        with console.status(f"loading {settings.models} models and joining consumer groups"):
-            await gen.start()
-            await seg.start()
+    async with _running([gen, seg], console, settings.models):
         started = time.monotonic()
         async with Subscriber(
             settings, ["images", "masks", "assets", "dlq", "progress"], only_key=request_id
@@ -165,9 +184,6 @@ async def _run(
                     )  # fmt: skip
             console.print(f"submitted [bold]{request_id}[/] (trace {trace_id})")
             await _follow(sub, events, steps, timeout_s, console)
-    finally:
-        await gen.stop()
-        await seg.stop()
     wall = time.monotonic() - started
     terminal = events.get("terminal")
     if isinstance(terminal, DeadLetterEvent):
@@ -360,13 +376,7 @@ async def _run_scene(
     ]  # fmt: skip
     scene_id = new_request_id("scene")
     tracer = trace.get_tracer(TRACER_NAME, tracer_provider=tracer_provider)
-    started = time.monotonic()
-    started_runtimes: list[StageRuntime] = []
-    try:  # a runtime that fails to start must not leave the others running
-        with console.status(f"loading {settings.models} models and joining consumer groups"):
-            for runtime in runtimes:
-                await runtime.start()
-                started_runtimes.append(runtime)
+    async with _running(runtimes, console, settings.models):
         started = time.monotonic()
         topics = ["images", "assets", "dlq", "scenes", "progress"]
         async with Subscriber(settings, topics) as sub:
@@ -384,9 +394,6 @@ async def _run_scene(
             scene, images, assets = await _follow_scene(
                 sub, scene_id, set(ids), steps, timeout_s, console
             )
-    finally:
-        for runtime in reversed(started_runtimes):
-            await runtime.stop()
     wall = time.monotonic() - started
     ordered = [assets[v.id] for v in scene.views]
     result = SceneDemoResult(
