@@ -9,7 +9,6 @@ so start it before submitting and nothing is missed.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -35,7 +34,7 @@ from schemas import (
     MasksReadyEvent,
     ProgressEvent,
     SceneReadyEvent,
-    parse_event,
+    parse_by_schema,
 )
 
 log = logging.getLogger(__name__)
@@ -54,14 +53,7 @@ Terminal = AssetReadyEvent | DeadLetterEvent
 
 def decode_downstream(raw: bytes) -> Event:
     """Decode a downstream record by its ``schema`` field."""
-    try:
-        schema = json.loads(raw).get("schema")
-    except (ValueError, AttributeError):
-        raise InvalidEvent("value is not a JSON object") from None
-    model = DOWNSTREAM_MODELS.get(schema)
-    if model is None:
-        raise InvalidEvent(f"unknown downstream schema {str(schema)[:80]!r}")
-    return parse_event(raw, model)
+    return parse_by_schema(raw, DOWNSTREAM_MODELS, where=" downstream")
 
 
 def partition_for_key(key: str, partitions: int) -> int:

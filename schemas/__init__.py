@@ -33,7 +33,7 @@ from schemas.events import (
     SegmentationOptions,
     SourceInfo,
 )
-from schemas.parse import InvalidEvent, parse_event, parse_prompts_record
+from schemas.parse import InvalidEvent, parse_by_schema, parse_event, parse_prompts_record
 from schemas.topics import TOPIC_NAMES, Topics
 
 __all__ = [
@@ -71,6 +71,7 @@ __all__ = [
     "SegmentationOptions",
     "SourceInfo",
     "Topics",
+    "parse_by_schema",
     "parse_event",
     "parse_prompts_record",
 ]

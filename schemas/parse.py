@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -71,23 +72,37 @@ def parse_event(raw: bytes, model: type[T]) -> T:
     return _validate(_load_object(raw), model)
 
 
+def parse_by_schema(
+    raw: bytes, models: Mapping[str, type[T]], *, default: str | None = None, where: str = ""
+) -> T:
+    """Decode ``raw`` as the model its ``schema`` field names (``default`` when absent).
+
+    The JSON is read once; an unknown schema raises :class:`InvalidEvent` naming the
+    expected ones (``where`` says which topic, for the message).
+    """
+    data = _load_object(raw)
+    schema = data.get("schema", default)
+    model = models.get(schema) if isinstance(schema, str) else None
+    if model is None:
+        shown = schema[:100] if isinstance(schema, str) else type(schema).__name__
+        expected = " or ".join(repr(name) for name in models)
+        raise InvalidEvent(
+            f"unknown schema {shown!r}{where}; expected {expected}", _request_id(data)
+        )
+    return _validate(data, model)
+
+
+_PROMPTS_TOPIC_MODELS: dict[str, type[PromptEvent] | type[InpaintEvent]] = {
+    SCHEMA_PROMPT: PromptEvent,
+    SCHEMA_INPAINT: InpaintEvent,
+}
+
+
 def parse_prompts_record(raw: bytes) -> PromptEvent | InpaintEvent:
     """Decode a record of the prompts topic: ``schema`` tells prompt from inpaint.
 
     A record without ``schema`` is read as a prompt event.
     """
-    data = _load_object(raw)
-    schema = data.get("schema", SCHEMA_PROMPT)
-    model: type[PromptEvent] | type[InpaintEvent]
-    if schema == SCHEMA_PROMPT:
-        model = PromptEvent
-    elif schema == SCHEMA_INPAINT:
-        model = InpaintEvent
-    else:
-        shown = schema[:100] if isinstance(schema, str) else type(schema).__name__
-        raise InvalidEvent(
-            f"unknown schema {shown!r} on the prompts topic; "
-            f"expected {SCHEMA_PROMPT!r} or {SCHEMA_INPAINT!r}",
-            _request_id(data),
-        )
-    return _validate(data, model)
+    return parse_by_schema(
+        raw, _PROMPTS_TOPIC_MODELS, default=SCHEMA_PROMPT, where=" on the prompts topic"
+    )
