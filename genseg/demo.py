@@ -57,6 +57,12 @@ DEFAULT_SIZE = {"tiny": 128, "random": 512, "pretrained": 512}
 DEFAULT_STEPS = {"tiny": 20, "random": 25, "pretrained": 25}
 #: Random SAM weights never predict an IoU near the contract's 0.8 default; the tiny
 #: demo keeps every mask so that each kind of output is shown (and says so).
+#: One process, fresh groups: a short session so tansu completes each join in ~3 s.
+_QUICK_JOIN: dict[str, Any] = {
+    "session_timeout_ms": 6000,
+    "heartbeat_interval_ms": 500,
+    "create_topics": False,
+}
 DEFAULT_MIN_CONFIDENCE = {"tiny": 0.0, "random": 0.0, "pretrained": 0.8}
 
 
@@ -158,13 +164,12 @@ async def _run(
     from seg_worker.handler import SegStage
 
     await ensure_topics(settings, partitions=1)
-    quick = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 500, "create_topics": False}
     gen = StageRuntime(
-        GenStage(settings), settings, RuntimeConfig(max_batch=4, **quick),
+        GenStage(settings), settings, RuntimeConfig(max_batch=4, **_QUICK_JOIN),
         tracer_provider=tracer_provider,
     )  # fmt: skip
     seg = StageRuntime(
-        SegStage(settings), settings, RuntimeConfig(**quick), tracer_provider=tracer_provider
+        SegStage(settings), settings, RuntimeConfig(**_QUICK_JOIN), tracer_provider=tracer_provider
     )
     request_id = new_request_id("demo")
     tracer = trace.get_tracer(TRACER_NAME, tracer_provider=tracer_provider)
@@ -361,17 +366,16 @@ async def _run_scene(
     from seg_worker.scenes import SceneStage
 
     await ensure_topics(settings, partitions=1)
-    quick = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 500, "create_topics": False}
     # The views arrive together and share their parameters: one generator batch.
     runtimes = [
         StageRuntime(
             GenStage(settings), settings,
-            RuntimeConfig(max_batch=max(4, len(views)), max_wait_ms=500, **quick),
+            RuntimeConfig(max_batch=max(4, len(views)), max_wait_ms=500, **_QUICK_JOIN),
             tracer_provider=tracer_provider,
         ),
-        StageRuntime(SegStage(settings), settings, RuntimeConfig(**quick),
+        StageRuntime(SegStage(settings), settings, RuntimeConfig(**_QUICK_JOIN),
                      tracer_provider=tracer_provider),
-        StageRuntime(SceneStage(settings), settings, RuntimeConfig(**quick),
+        StageRuntime(SceneStage(settings), settings, RuntimeConfig(**_QUICK_JOIN),
                      tracer_provider=tracer_provider),
     ]  # fmt: skip
     scene_id = new_request_id("scene")
