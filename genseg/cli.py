@@ -46,6 +46,7 @@ class WorkerKind(StrEnum):
 
 class Profile(StrEnum):
     tiny = "tiny"
+    toy = "toy"
     random = "random"
     pretrained = "pretrained"
 

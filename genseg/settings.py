@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas import Topics
 
-ModelProfile = Literal["tiny", "random", "pretrained"]
+ModelProfile = Literal["tiny", "toy", "random", "pretrained"]
 
 
 class Settings(BaseSettings):

@@ -203,8 +203,9 @@ def load_depth(
     ``AutoModelForDepthEstimation`` and its ``AutoImageProcessor``; a directory without a
     preprocessor config gets Depth Anything's 518 px preprocessing.
     """
-    if profile in ("tiny", "random"):
-        arch = ARCHS["tiny" if profile == "tiny" else "small"]
+    if profile in ("tiny", "toy", "random"):
+        # No depth model is trained for the toy world: it runs the tiny random one.
+        arch = ARCHS["small" if profile == "random" else "tiny"]
         model: PreTrainedModel = build_depth_model(arch, seed=seed)
         processor = build_processor(arch.input_size)
     elif profile == "pretrained":

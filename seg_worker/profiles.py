@@ -36,7 +36,7 @@ from segment_anything.modeling import (
 
 log = logging.getLogger(__name__)
 
-Profile = Literal["tiny", "random", "pretrained"]
+Profile = Literal["tiny", "toy", "random", "pretrained"]
 
 #: Seed of the random initialisation; the same in every process.
 DEFAULT_SEED = 0
