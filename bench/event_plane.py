@@ -12,8 +12,12 @@ Variants:
 - ``stage-b1``, ``stage-b64``: :class:`consumers.runtime.StageRuntime` running
   :class:`NoopStage` (parse into a tiny :class:`Tick` event, one :class:`Output` per
   event, no work) with ``max_batch`` 1 and ``--max-batch`` (64), ``max_in_flight``
-  ``--max-in-flight`` (1000). Like ``genseg worker``, it gets an SDK tracer provider
-  (spans are recorded, not exported; ``--tracing none`` keeps the API's no-op tracer).
+  ``--max-in-flight`` (1000). Like ``genseg worker`` without an OTLP endpoint, it gets
+  an SDK tracer provider without span processors (``--tracing sdk``, the default: the
+  runtime then makes only the span ids that the outputs' ``traceparent`` carries on);
+  ``--tracing export`` adds a batch span processor whose exporter drops the spans (every
+  span is recorded and handed over, as with a collector); ``--tracing none`` keeps the
+  API's no-op tracer.
 
 Both consumers use the same fetch wait (``--fetch-max-wait-ms``, by default the
 runtime's: tansu answers a fetch only when that wait runs out or data is there) and
@@ -114,6 +118,17 @@ class NoopStage(Stage[Tick]):
         return [[Output(ctx.topics.images, event)] for event in events]
 
 
+def dropping_exporter() -> Any:
+    """A span exporter that takes every span a batch processor hands over, and drops it."""
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    class Dropping(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    return Dropping()
+
+
 @dataclass(frozen=True)
 class Variant:
     name: str
@@ -166,10 +181,14 @@ async def _wait_assigned(assigned: Any, partitions: int, timeout: float = 60.0) 
 async def run_stage(args: WorkerArgs, ready: MpEvent, stop: MpEvent) -> dict[str, Any]:
     v = args.variant
     provider = None
-    if args.tracing == "sdk":
+    if args.tracing in ("sdk", "export"):
         from opentelemetry.sdk.trace import TracerProvider
 
         provider = TracerProvider()  # what setup_tracing() gives without an exporter
+        if args.tracing == "export":
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+            provider.add_span_processor(BatchSpanProcessor(dropping_exporter()))
     with tempfile.TemporaryDirectory(prefix="genseg-bench-blobs-") as blobs:
         settings = Settings(
             kafka_bootstrap_servers=args.bootstrap, topic_prefix=args.prefix, blob_url=blobs
@@ -639,7 +658,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=1, help="stage handler threads")
     parser.add_argument("--variants", help="comma-separated subset, e.g. bare,stage-b64")
     parser.add_argument("--repeats", type=int, default=1, help="rounds; the median counts")
-    parser.add_argument("--tracing", choices=["sdk", "none"], default="sdk")
+    parser.add_argument("--tracing", choices=["sdk", "export", "none"], default="sdk")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per phase")
     parser.add_argument("--profile", help="write cProfile stats of each worker here")
     args = parser.parse_args()

@@ -68,6 +68,7 @@ class StageMetrics:
         self.retried = Counter(
             "genseg_records_retried", "Retries scheduled after a failure", ["stage"], registry=r
         ).labels(stage)
+        #: The stage runtime binds it to its count (``set_function``), read when scraped.
         self.in_flight = Gauge(
             "genseg_in_flight", "Records accepted and not yet done", ["stage"], registry=r
         ).labels(stage)
@@ -123,12 +124,12 @@ class StageMetrics:
                 return tenant
         return NO_TENANT
 
-    def tenant_outcome(self, tenant: str | None, outcome: str) -> None:
-        """Count one finished record of ``tenant``: ``processed`` or a dead letter's
+    def tenant_outcome(self, tenant: str | None, outcome: str, count: int = 1) -> None:
+        """Count ``count`` finished records of ``tenant``: ``processed`` or a dead letter's
         ``error.type`` (``policy`` and ``rate_limited`` kept, others ``dead_lettered``)."""
         if outcome != "processed" and outcome not in _REFUSAL_OUTCOMES:
             outcome = "dead_lettered"
-        self.tenant_records.labels(self.stage, self.tenant_label(tenant), outcome).inc()
+        self.tenant_records.labels(self.stage, self.tenant_label(tenant), outcome).inc(count)
 
     def fail(self, error_type: str) -> None:
         self.failed.labels(self.stage, error_type).inc()

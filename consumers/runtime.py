@@ -19,7 +19,9 @@ It owns every Kafka concern so a stage is only a handler:
 - tracing: a ``process {topic}`` CONSUMER span per record, child of the
   upstream context; handler phases become child spans of every record they
   served; a ``batch {stage}`` span links the records of a batch; outputs carry
-  the record's context on;
+  the record's context on. When no span processor would see a span
+  (:func:`genseg.telemetry.spans_recorded`), the ``process`` span is only a new span
+  id in the upstream trace, and batch and phase spans are skipped;
 - metrics: see :class:`consumers.metrics.StageMetrics`.
 """
 
@@ -41,7 +43,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanKind, Status, StatusCode
 from pydantic import TypeAdapter, ValidationError
 
 from consumers.metrics import StageMetrics
@@ -56,7 +58,16 @@ from genseg.blobstore import (
 )
 from genseg.lifecycle import AsyncService
 from genseg.settings import Settings
-from genseg.telemetry import TRACER_NAME, context_from_headers, headers_from_context
+from genseg.telemetry import (
+    TRACER_NAME,
+    child_span_context,
+    context_from_headers,
+    headers_from_context,
+    span_context_from_headers,
+    spans_recorded,
+    traceparent_headers,
+    w3c_propagation,
+)
 from producers.publisher import Publisher
 from schemas import DeadLetterEvent, InvalidEvent, SourceInfo
 from schemas.events import TenantId
@@ -130,24 +141,30 @@ class _Partition:
         return min(self.pending) if self.pending else self.next_offset
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Job:
     """One consumed record on its way through the stage."""
 
     record: ConsumerRecord[bytes, bytes]
     partition: _Partition
     span: Span
-    context: Context
     received_at: float
     event: Any = None
     attempts: int = 0
     alone: bool = False  # retries run alone, so a poison record cannot fail its batch mates
     batch_key: Hashable | None = None
+    headers: list[tuple[str, bytes]] | None = None  # trace headers of its outputs, once made
 
     @property
     def source(self) -> SourceInfo:
         r = self.record
         return SourceInfo(topic=r.topic, partition=r.partition, offset=r.offset)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark a future's exception as seen (its record already failed on an earlier one)."""
+    if not future.cancelled():
+        future.exception()
 
 
 class _Listener(ConsumerRebalanceListener):
@@ -219,6 +236,7 @@ class StageRuntime(AsyncService):
         self.group_id = self.config.group_id or f"{settings.topic_prefix}.{stage.name}"
         self.blob = blob or BlobStore.from_url(settings.blob_url)
         self.metrics = metrics or StageMetrics(stage.name)
+        self._tracer_provider = tracer_provider
         self._tracer = trace.get_tracer(TRACER_NAME, tracer_provider=tracer_provider)
         self._publisher = Publisher(settings, tracer_provider=tracer_provider)
         self._consumer: AIOKafkaConsumer | None = None
@@ -231,6 +249,13 @@ class StageRuntime(AsyncService):
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        # A paused fetch loop resumes once this few records are in flight (hysteresis).
+        self._resume_at = self.config.max_in_flight - max(
+            1, min(self.config.max_batch, self.config.max_in_flight // 4)
+        )
+        self._room = asyncio.Event()
+        # Read when scraped: nothing to update per record.
+        self.metrics.in_flight.set_function(lambda: self._in_flight)
         self._batch_finished = asyncio.Event()
         self._stopping = False
         self._stopped = asyncio.Event()
@@ -346,40 +371,72 @@ class StageRuntime(AsyncService):
         paused = False
         while not self._stopping:
             room = self.config.max_in_flight - self._in_flight
-            assignment = consumer.assignment()
-            if room <= 0 and not paused:
-                consumer.pause(*assignment)
+            timeout_ms = 100
+            if room <= 0 or (paused and self._in_flight > self._resume_at):
+                # Also pauses partitions assigned since the last round.
+                consumer.pause(*consumer.assignment())
                 paused = True
-            elif room > 0 and paused:
-                consumer.resume(*assignment)
+                # Wake up when records finish, not when a paused fetch times out; the
+                # wait is bounded so that polling goes on (it keeps the member alive).
+                self._room.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._room.wait(), 0.1)
+                if self._in_flight <= self._resume_at:
+                    continue
+                timeout_ms = 0
+            elif paused:
+                consumer.resume(*consumer.assignment())
                 paused = False
             try:
-                # Polling goes on while paused: it keeps the member alive and runs rebalances.
-                batches = await consumer.getmany(timeout_ms=100, max_records=max(room, 1))
+                batches = await consumer.getmany(timeout_ms=timeout_ms, max_records=max(room, 1))
             except KafkaError as exc:
                 log.warning("fetch failed, retrying: %s", exc)
                 await asyncio.sleep(0.5)
                 continue
+            if not batches:
+                continue
+            # Once per fetch, not per record: the clock, the tracing mode, the counters.
+            now = time.monotonic()
+            recording = spans_recorded(self._tracer_provider)
+            w3c = w3c_propagation()
+            accepted = 0
             for tp, records in batches.items():
                 part = self._partitions.get(tp)
                 if part is None or part.revoked:
                     continue
                 for record in records:
-                    self._accept(record, part)
-            if batches:  # one wake-up per fetch, not one task per record
-                await self._notify_ready()
+                    self._accept(record, part, now, recording, w3c)
+                accepted += len(records)
+            if accepted:
+                self._idle.clear()
+                self.metrics.received.inc(accepted)
+                await self._notify_ready()  # one wake-up per fetch, not one task per record
 
-    def _accept(self, record: ConsumerRecord[bytes, bytes], part: _Partition) -> None:
-        part.pending.add(record.offset)
-        part.next_offset = record.offset + 1
-        self._in_flight += 1
-        self._idle.clear()
-        self.metrics.received.inc()
-        self.metrics.in_flight.set(self._in_flight)
-        parent = context_from_headers(record.headers)
-        span = self._tracer.start_span(
+    def _process_span(
+        self, record: ConsumerRecord[bytes, bytes], recording: bool, w3c: bool
+    ) -> Span:
+        """The record's ``process {topic}`` span, a child of the upstream context.
+
+        When nothing records spans (no SDK, or one without processors), it is only a new
+        span id in the upstream trace, which the outputs' ``traceparent`` carries on.
+        """
+        parent_context: Context | None = None
+        if w3c:
+            parent = span_context_from_headers(record.headers)
+        else:
+            parent_context = context_from_headers(record.headers)
+            parent = trace.get_current_span(parent_context).get_span_context()
+        if not recording:
+            return NonRecordingSpan(child_span_context(parent))
+        if parent_context is None:
+            parent_context = (
+                trace.set_span_in_context(NonRecordingSpan(parent), Context())
+                if parent is not None
+                else Context()
+            )
+        return self._tracer.start_span(
             f"process {record.topic}",
-            context=parent,
+            context=parent_context,
             kind=SpanKind.CONSUMER,
             attributes={
                 "messaging.system": "kafka",
@@ -391,13 +448,19 @@ class StageRuntime(AsyncService):
                 "messaging.consumer.group.name": self.group_id,
             },
         )
-        job = _Job(
-            record=record,
-            partition=part,
-            span=span,
-            context=trace.set_span_in_context(span),
-            received_at=time.monotonic(),
-        )
+
+    def _accept(
+        self,
+        record: ConsumerRecord[bytes, bytes],
+        part: _Partition,
+        now: float,
+        recording: bool,
+        w3c: bool,
+    ) -> None:
+        part.pending.add(record.offset)
+        part.next_offset = record.offset + 1
+        self._in_flight += 1
+        job = _Job(record, part, self._process_span(record, recording, w3c), now)
         try:
             job.event = self.stage.parse(record.value or b"")
             job.batch_key = self.stage.batch_key(job.event)
@@ -418,11 +481,18 @@ class StageRuntime(AsyncService):
     # --- batching and work ---------------------------------------------------------------
 
     def _compatible(self, first: _Job) -> list[_Job]:
-        if first.alone or first.batch_key is None or self.config.max_batch == 1:
+        """``first`` and the next ready records that may share its batch, in order."""
+        limit = self.config.max_batch
+        if first.alone or first.batch_key is None or limit == 1:
             return [first]
-        return [j for j in self._ready if not j.alone and j.batch_key == first.batch_key][
-            : self.config.max_batch
-        ]
+        key = first.batch_key
+        batch = []
+        for job in self._ready:
+            if not job.alone and job.batch_key == key:
+                batch.append(job)
+                if len(batch) == limit:
+                    break
+        return batch
 
     async def _next_batch(self) -> list[_Job] | None:
         async with self._ready_changed:
@@ -442,8 +512,11 @@ class StageRuntime(AsyncService):
                 if not self._ready or self._ready[0] is not first:
                     break  # the revoke path took it away
                 batch = self._compatible(first)
-            taken = set(map(id, batch))
-            self._ready = [j for j in self._ready if id(j) not in taken]
+            if self._ready[len(batch) - 1] is batch[-1]:
+                del self._ready[: len(batch)]  # the usual case: the batch is the head
+            else:
+                taken = set(map(id, batch))
+                self._ready = [j for j in self._ready if id(j) not in taken]
             return batch
 
     async def _worker_loop(self) -> None:
@@ -480,7 +553,8 @@ class StageRuntime(AsyncService):
             job.attempts += 1
         self.metrics.batch_size.observe(len(jobs))
         batch_span = None
-        if len(jobs) > 1:
+        recording = spans_recorded(self._tracer_provider)
+        if len(jobs) > 1 and recording:
             batch_span = self._tracer.start_span(
                 f"batch {self.stage.name}",
                 links=[Link(j.span.get_span_context()) for j in jobs],
@@ -514,7 +588,8 @@ class StageRuntime(AsyncService):
             self.metrics.handler_seconds.observe(time.monotonic() - started)
             if batch_span is not None:
                 batch_span.end()
-        self._replay_phases(ctx, jobs)
+        if recording and ctx.phases:
+            self._replay_phases(ctx, jobs)
         return results
 
     def _replay_phases(self, ctx: StageContext, jobs: list[_Job]) -> None:
@@ -547,26 +622,55 @@ class StageRuntime(AsyncService):
                     sent.append((job, await self._send(job, result)))
                 except Exception as exc:  # broker trouble: retried, outputs overwrite
                     await self._failed(job, exc)
+            done: list[_Job] = []
             for job, futures in sent:
                 try:
-                    await asyncio.gather(*futures)
+                    for number, future in enumerate(futures):
+                        try:
+                            await future
+                        except BaseException:
+                            for rest in futures[number + 1 :]:
+                                rest.add_done_callback(_retrieve)
+                            raise
                 except Exception as exc:
                     await self._failed(job, exc)
                     continue
-                self.metrics.processed.inc()
-                self.metrics.tenant_outcome(tenant_of(job.event, job.record.value), "processed")
-                self.metrics.latency.observe(time.monotonic() - job.received_at)
-                self._release(job, completed=True)
+                done.append(job)
+            if done:
+                self._processed(done)
         finally:
             self._end_running(jobs)
 
+    def _processed(self, jobs: list[_Job]) -> None:
+        """Count and release records whose outputs the broker acknowledged (per batch)."""
+        now = time.monotonic()
+        tenants: dict[str | None, int] = {}
+        observe = self.metrics.latency.observe
+        for job in jobs:
+            observe(now - job.received_at)
+            tenant = tenant_of(job.event, job.record.value)
+            tenants[tenant] = tenants.get(tenant, 0) + 1
+            self._release(job, completed=True)
+        self.metrics.processed.inc(len(jobs))
+        for tenant, count in tenants.items():
+            self.metrics.tenant_outcome(tenant, "processed", count)
+
+    def _headers(self, job: _Job) -> list[tuple[str, bytes]]:
+        """The trace headers of ``job``'s outputs: its process span's context."""
+        if job.headers is None:
+            job.headers = (
+                traceparent_headers(job.span.get_span_context())
+                if w3c_propagation()
+                else headers_from_context(trace.set_span_in_context(job.span, Context()))
+            )
+        return job.headers
+
     async def _send(self, job: _Job, outputs: list[Output]) -> list[asyncio.Future[Any]]:
         """Enqueue ``outputs`` with the record's trace context; futures resolve on ack."""
-        headers = headers_from_context(job.context)
+        headers = self._headers(job)
+        send = self._publisher.send
         return [
-            await self._publisher.send(
-                out.topic, out.event.to_json_bytes(), key=out.record_key, headers=headers
-            )
+            await send(out.topic, out.event.to_json_bytes(), key=out.record_key, headers=headers)
             for out in outputs
         ]
 
@@ -584,7 +688,7 @@ class StageRuntime(AsyncService):
                     output.topic,
                     output.event.to_json_bytes(),
                     key=output.record_key,
-                    headers=headers_from_context(job.context),
+                    headers=self._headers(job),
                 )
                 await future
             except Exception as exc:  # progress is best effort
@@ -689,9 +793,10 @@ class StageRuntime(AsyncService):
             job.partition.pending.discard(job.record.offset)
         job.span.end()
         self._in_flight -= 1
-        self.metrics.in_flight.set(self._in_flight)
-        if self._in_flight == 0:
-            self._idle.set()
+        if self._in_flight <= self._resume_at:
+            self._room.set()
+            if self._in_flight == 0:
+                self._idle.set()
 
     async def _commit(self, only: set[TopicPartition] | None = None) -> None:
         if self._consumer is None:

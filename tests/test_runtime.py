@@ -13,14 +13,27 @@ from pathlib import Path
 
 import pytest
 from aiokafka import TopicPartition
+from hypothesis import given
+from hypothesis import strategies as st
+from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import NonRecordingSpan, NoOpTracerProvider, SpanContext, TraceFlags
 
 from consumers.runtime import RuntimeConfig, StageRuntime
 from consumers.stage import ItemResult, Output, StageContext
 from genseg.admin import ensure_topics
 from genseg.settings import Settings
+from genseg.telemetry import (
+    context_from_headers,
+    headers_from_context,
+    span_context_from_headers,
+    spans_recorded,
+    traceparent_headers,
+    w3c_propagation,
+)
 from producers.publisher import Publisher
 from schemas import PromptEvent, parse_prompts_record
 from tests.kafka_utils import TopicReader, committed_offsets, eventually
@@ -203,6 +216,124 @@ async def test_batches_form_and_their_span_links_every_record(settings: Settings
         s.context.span_id for s in exporter.get_finished_spans() if s.name.startswith("process")
     }
     assert {link.context.span_id for s in batch_spans for link in s.links} <= process_ids
+
+
+async def test_records_without_a_span_processor_keep_the_upstream_trace(
+    settings: Settings,
+) -> None:
+    """No exporter (or no SDK): the process span is only ids, and they still propagate."""
+    upstream_trace, upstream_span = 0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331
+    header = f"00-{upstream_trace:032x}-{upstream_span:016x}-01".encode()
+    for provider in (TracerProvider(), NoOpTracerProvider()):
+        assert not spans_recorded(provider)
+        async with StageRuntime(
+            ToyStage(), settings, RuntimeConfig(**FAST), tracer_provider=provider
+        ):
+            async with Publisher(settings) as pub:
+                for i, headers in enumerate([[("traceparent", header)], []]):
+                    key = f"{type(provider).__name__}-{i}"
+                    await (
+                        await pub.send(
+                            settings.topics.prompts,
+                            Ping(id=key).to_json_bytes(),
+                            key=key,
+                            headers=headers,
+                        )
+                    )
+            async with TopicReader(settings, "images") as reader:
+                names = {f"{type(provider).__name__}-{i}" for i in range(2)}
+                await reader.until(lambda names=names: names <= set(reader.keys("images")))
+        by_key = {r.key.decode(): dict(r.headers) for r in reader.records[settings.topics.images]}
+        traced = by_key[f"{type(provider).__name__}-0"]["traceparent"].decode().split("-")
+        assert traced[1] == f"{upstream_trace:032x}" and traced[3] == "01"
+        assert traced[2] != f"{upstream_span:016x}", "the process span has an id of its own"
+        # A record without a traceparent starts a trace: every output carries one.
+        fresh = by_key[f"{type(provider).__name__}-1"]["traceparent"].decode().split("-")
+        assert fresh[1] != "0" * 32 and fresh[1] != traced[1]
+
+
+async def test_in_flight_is_bounded_and_fetching_resumes(settings: Settings) -> None:
+    """At ``max_in_flight`` the partitions pause; as records finish, fetching resumes."""
+    gate = threading.Event()
+    stage = ToyStage(gates={"hold": gate})
+    config = RuntimeConfig(max_in_flight=5, **FAST)
+    events = [Ping(id="held", block="hold"), *(Ping(id=f"q{i:02d}") for i in range(40))]
+    try:
+        async with StageRuntime(stage, settings, config) as rt:
+            await publish_all(settings, events, key="one")
+            await eventually(lambda: rt.in_flight == 5, what="max_in_flight records accepted")
+            rounds = rt.commit_rounds
+            await eventually(lambda: rt.commit_rounds >= rounds + 5)
+            assert rt.in_flight == 5, "paused at max_in_flight"
+            in_flight = rt.metrics.registry.get_sample_value("genseg_in_flight", {"stage": "toy"})
+            assert in_flight == 5
+            gate.set()
+            async with TopicReader(settings, "images") as reader:
+                await reader.until(lambda: len(set(reader.keys("images"))) == len(events))
+            await eventually(lambda: rt.in_flight == 0)
+            assert rt.metrics.registry.get_sample_value("genseg_in_flight", {"stage": "toy"}) == 0
+            received = rt.metrics.registry.get_sample_value(
+                "genseg_records_received_total", {"stage": "toy"}
+            )
+            assert received == len(events)
+    finally:
+        gate.set()
+
+
+_HEX = st.text(alphabet="0123456789abcdefABCDEF", min_size=0, max_size=34)
+_TRACEPARENTS = st.one_of(
+    st.builds(
+        lambda v, t, s, f, tail: f"{v}-{t}-{s}-{f}{tail}",
+        st.sampled_from(["00", "01", "ff", "0", "zz"]),
+        st.one_of(_HEX, st.just("0" * 32), st.just("4bf92f3577b34da6a3ce929d0e0e4736")),
+        st.one_of(_HEX, st.just("0" * 16), st.just("00f067aa0ba902b7")),
+        st.sampled_from(["00", "01", "ff", "1", "0g"]),
+        st.sampled_from(["", "-x", " ", "\t", "\n", "-", "--a"]),
+    ),
+    st.text(max_size=40),
+)
+_HEADER_VALUES = st.one_of(
+    _TRACEPARENTS.map(lambda v: v.encode("utf-8")),
+    st.sampled_from([b"", b"\xff\xfe", b"vendor=value", b"a=1,b=2", b"bad state", None]),
+    st.binary(max_size=20),
+)
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["traceparent", "tracestate", "baggage", "x"]), _HEADER_VALUES),
+        max_size=4,
+    )
+)
+def test_fast_trace_header_parsing_agrees_with_the_w3c_propagator(
+    headers: list[tuple[str, bytes | None]],
+) -> None:
+    """The runtime's per-record helpers give what extract and inject give (default W3C)."""
+    assert w3c_propagation()
+    fast = span_context_from_headers(headers)  # type: ignore[arg-type]
+    slow = trace.get_current_span(context_from_headers(headers)).get_span_context()  # type: ignore[arg-type]
+    if fast is None:
+        assert not slow.is_valid
+        return
+    assert fast == slow
+    assert fast.trace_state == slow.trace_state
+    child = SpanContext(
+        fast.trace_id,
+        0x1234,
+        is_remote=False,
+        trace_flags=TraceFlags(fast.trace_flags),
+        trace_state=fast.trace_state,
+    )
+    expected = headers_from_context(trace.set_span_in_context(NonRecordingSpan(child), Context()))
+    assert traceparent_headers(child) == expected
+
+
+def test_spans_recorded_only_where_a_processor_sees_them() -> None:
+    provider = TracerProvider()
+    assert not spans_recorded(provider)
+    provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+    assert spans_recorded(provider)
+    assert not spans_recorded(NoOpTracerProvider())
 
 
 # --- worker processes -------------------------------------------------------------------
