@@ -27,7 +27,7 @@ class SegConfig:
     auto_points_per_batch: int = 64
     #: SamAutomaticMaskGenerator's stability filter (0 disables it).
     auto_stability_thresh: float = 0.92
-    #: SAM architecture; None: Settings.sam_model (``tiny`` is forced by the tiny profile).
+    #: SAM architecture; None: Settings.sam_model (the tiny and toy profiles force their own).
     arch: str | None = None
     #: Seed of random initialisation (tiny and random profiles).
     seed: int = 0
@@ -38,8 +38,13 @@ class SegConfig:
 
         ``tiny``: a 4x4 automatic grid (speed), and no stability filter: with random
         weights the stability score says nothing, so only ``min_confidence`` filters.
+        ``toy``: 64 px images: a 16x16 grid puts a point every 4 px (a dozen or more
+        inside the smallest toy object), and the stability filter stays: the trained
+        model's logits are sharp, so its masks are stable.
         """
         base = cls()
         if profile == "tiny":
             base = replace(base, auto_points_per_side=4, auto_stability_thresh=0.0)
+        elif profile == "toy":
+            base = replace(base, auto_points_per_side=16, auto_stability_thresh=0.92)
         return replace(base, **overrides)

@@ -71,7 +71,7 @@ from seg_worker.depth import median_depth as object_depth
 from seg_worker.finishing import SegObject, encode_rle, mask_png, rgba_png
 from seg_worker.mesh import GLB_MEDIA_TYPE, MeshPart, view_glb
 from seg_worker.predictor import CachedPredictor
-from seg_worker.profiles import load_sam
+from seg_worker.profiles import load_sam, profile_arch
 from seg_worker.scenes import view_record
 from seg_worker.segment import Plan, Segmenter
 
@@ -141,7 +141,7 @@ class SegStage(Stage[ImageReadyEvent]):
             log.info(
                 "seg worker ready: profile %s, SAM %s, input %d px, device %s",
                 s.models,
-                "tiny" if s.models == "tiny" else (self.config.arch or s.sam_model),
+                profile_arch(s.models, self.config.arch or s.sam_model),
                 model.image_encoder.img_size,
                 model.device,
             )

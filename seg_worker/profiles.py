@@ -1,4 +1,4 @@
-"""Segment Anything models per profile: ``tiny``, ``random`` and ``pretrained``.
+"""Segment Anything models per profile: ``tiny``, ``toy``, ``random`` and ``pretrained``.
 
 Every profile builds the real segment-anything classes (:class:`Sam`,
 :class:`ImageEncoderViT`, :class:`PromptEncoder`, :class:`MaskDecoder`,
@@ -9,11 +9,16 @@ Every profile builds the real segment-anything classes (:class:`Sam`,
   prompt encoder's frame and the mask post-processing, so a smaller input is
   consistent end to end). Random weights, seeded: every process builds the same
   model. Milliseconds per image on a CPU.
+- ``toy``: the ``toy`` architecture (64 px input) with the weights trained on the
+  toy world (``toy/train_sam.py``), shipped as ``toy/weights/sam.safetensors`` and
+  loaded exactly like ``pretrained`` (:func:`read_checkpoint`, strict
+  ``load_state_dict``); ``SAM_CHECKPOINT`` overrides the file.
 - ``random``: ViT-B/L/H (``SAM_MODEL``) at the real 1024 px input with seeded
   random weights: the compute cost of the real model without a download.
 - ``pretrained``: the ``SAM_MODEL`` architecture with weights from
   ``SAM_CHECKPOINT`` (a path, or an http(s) URL fetched through torch.hub), read
-  with ``torch.load(weights_only=True)`` so a checkpoint cannot run code.
+  with ``torch.load(weights_only=True)`` so a checkpoint cannot run code, or
+  with safetensors for a ``.safetensors`` file (tensors only by design).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 import torch
+from safetensors.torch import load_file
 from segment_anything.modeling import (
     ImageEncoderViT,
     MaskDecoder,
@@ -89,6 +95,25 @@ ARCHS: dict[str, SamArch] = {
         decoder_num_heads=2,
         iou_head_hidden_dim=32,
     ),
+    # Trained on the toy world (toy/train_sam.py, weights in toy/weights/): 64 px input,
+    # patch 4 -> 16x16 embedding and 64x64 low-res masks (full resolution for the toy
+    # world's 64x64 images). Four encoder blocks of width 64 (windows of 8x8 patches,
+    # global attention in blocks 2 and 4) and the real two-layer two-way transformer.
+    "toy": SamArch(
+        "toy",
+        encoder_embed_dim=64,
+        encoder_depth=4,
+        encoder_num_heads=4,
+        encoder_global_attn_indexes=(1, 3),
+        img_size=64,
+        patch_size=4,
+        window_size=8,
+        prompt_embed_dim=64,
+        mask_in_chans=16,
+        decoder_mlp_dim=256,
+        decoder_num_heads=4,
+        iou_head_hidden_dim=64,
+    ),
 }
 
 
@@ -149,8 +174,10 @@ def _inference(model: Sam) -> Sam:
 def read_checkpoint(checkpoint: str) -> dict[str, torch.Tensor]:
     """The state dict in ``checkpoint`` (a path or an http(s) URL), tensors only.
 
-    ``weights_only=True`` refuses pickled code; URLs go through torch.hub's cache
-    (``TORCH_HOME``), so a worker downloads a checkpoint once per machine.
+    ``.safetensors`` files are read with ``safetensors.torch.load_file``; anything
+    else with ``torch.load(weights_only=True)``, which refuses pickled code. URLs go
+    through torch.hub's cache (``TORCH_HOME``), so a worker downloads a checkpoint
+    once per machine.
     """
     if urlsplit(checkpoint).scheme in ("http", "https"):
         state = torch.hub.load_state_dict_from_url(
@@ -160,7 +187,10 @@ def read_checkpoint(checkpoint: str) -> dict[str, torch.Tensor]:
         path = Path(checkpoint).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"SAM checkpoint {checkpoint!r} is not a file")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            state = load_file(path, device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise ValueError(f"SAM checkpoint {checkpoint!r} does not hold a state dict")
     return state
@@ -176,16 +206,21 @@ def load_sam(
 ) -> Sam:
     """Build the model of ``profile`` on ``device``.
 
-    ``arch`` names an entry of :data:`ARCHS`; the ``tiny`` profile always uses
-    ``tiny``. ``pretrained`` loads ``checkpoint`` strictly: a checkpoint of another
-    architecture fails here with the mismatching keys, not later with odd masks.
+    ``arch`` names an entry of :data:`ARCHS`; the ``tiny`` and ``toy`` profiles always
+    use their own architecture (:func:`profile_arch`). ``pretrained`` loads
+    ``checkpoint`` strictly: a checkpoint of another architecture fails here with the
+    mismatching keys, not later with odd masks. ``toy`` is ``pretrained`` with the
+    shipped toy weights (``toy.weights.SAM_WEIGHTS``) unless ``checkpoint`` is given.
     """
-    if profile == "tiny":
-        arch = "tiny"
+    arch = profile_arch(profile, arch)
     if arch not in ARCHS:
         raise ValueError(f"unknown SAM architecture {arch!r}; expected one of {sorted(ARCHS)}")
     model = build_sam(arch, seed=seed)
-    if profile == "pretrained":
+    if profile == "toy" and not checkpoint:
+        from toy.weights import SAM_WEIGHTS
+
+        checkpoint = str(SAM_WEIGHTS)
+    if profile in ("pretrained", "toy"):
         if not checkpoint:
             raise ValueError("the pretrained profile needs SAM_CHECKPOINT (a path or URL)")
         state = read_checkpoint(checkpoint)
@@ -199,6 +234,12 @@ def load_sam(
     elif profile not in ("tiny", "random"):
         raise ValueError(f"unknown model profile {profile!r}")
     return _inference(model).to(resolve_device(device))
+
+
+def profile_arch(profile: str, arch: str) -> str:
+    """The architecture a profile runs: ``tiny`` and ``toy`` have their own, the others
+    take ``arch`` (``SegConfig.arch`` or ``SAM_MODEL``)."""
+    return profile if profile in ("tiny", "toy") else arch
 
 
 def resolve_device(device: str) -> torch.device:
