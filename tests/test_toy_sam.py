@@ -7,6 +7,7 @@ evaluation scenes of the toy world (seeds from ``EVAL_SEED_BASE``, never trained
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 
 import numpy as np
@@ -14,7 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from genseg.settings import Settings
 from schemas import SegmentationOptions
+from seg_worker import SegStage
 from seg_worker.config import SegConfig
 from seg_worker.predictor import CachedPredictor
 from seg_worker.profiles import ARCHS, build_sam, load_sam, read_checkpoint
@@ -135,3 +138,13 @@ def test_toy_profile_in_the_segmenter(toy_sam) -> None:
         assert max((iou(o.mask, obj.mask) for o in auto), default=0.0) >= 0.8, obj.name
     background = ~np.logical_or.reduce([o.mask for o in scene.objects])
     assert all(iou(o.mask, background) < 0.5 for o in auto)
+
+
+def test_seg_stage_runs_the_toy_profile(tmp_path, caplog) -> None:
+    """GENSEG_MODELS=toy: the worker loads the shipped weights with the toy settings."""
+    stage = SegStage(Settings(blob_url=str(tmp_path), models="toy"))
+    assert stage.config == SegConfig.for_profile("toy")
+    with caplog.at_level(logging.INFO, logger="seg_worker.handler"):
+        stage.setup()
+    assert stage.predictor.model.image_encoder.img_size == 64
+    assert "profile toy, SAM toy, input 64 px" in caplog.text
