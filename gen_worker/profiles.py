@@ -4,6 +4,10 @@
   seeded random weights (the same in every process), a locally written tokenizer;
 - ``random``: the SD 1.5 architectures (UNet, VAE, CLIP ViT-L/14 text encoder)
   with seeded random weights: the compute cost of the real model, no download;
+- ``toy``: the small pipeline trained on the synthetic world of :mod:`toy.world`
+  (``python -m toy.train_gen``), shipped in ``toy/weights/sd`` (or ``TOY_SD_MODEL``),
+  loaded exactly like ``pretrained``; 64x64 images, and inpainting with the same
+  UNet (diffusers blends the kept region in at every step);
 - ``pretrained``: ``Settings.sd_model`` / ``sd_inpaint_model``, each a Hugging Face
   id, a local diffusers directory, or one ``.safetensors``/``.ckpt`` file.
 
@@ -359,6 +363,23 @@ class GenModels:
                 ),
                 options=opts,
             )
+        if profile == "toy":
+            from toy.weights import SD_DIR
+
+            source = settings.toy_sd_model or str(SD_DIR)
+            txt2img = load_pretrained(source, StableDiffusionPipeline, dtype=dtype)
+            return cls(
+                profile="toy",
+                name=source,
+                device=device,
+                dtype=dtype,
+                txt2img=txt2img,
+                inpaint_name=source,
+                inpaint_loader=lambda: StableDiffusionInpaintPipeline(
+                    **{**txt2img.components, "requires_safety_checker": False}
+                ),
+                options=opts,
+            )
         if profile == "pretrained":
             sd_model, inpaint_model = settings.sd_model, settings.sd_inpaint_model
             return cls(
@@ -378,7 +399,9 @@ class GenModels:
                 ),
                 options=opts,
             )
-        raise ValueError(f"unknown model profile {profile!r}: expected tiny, random or pretrained")
+        raise ValueError(
+            f"unknown model profile {profile!r}: expected tiny, toy, random or pretrained"
+        )
 
 
 def enable_xformers(pipe: Any) -> bool:

@@ -9,8 +9,10 @@ text encoder), so token ids cover the embedding table of the model they feed.
 
 from __future__ import annotations
 
+import itertools
 import json
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from transformers import CLIPTokenizer
@@ -44,18 +46,43 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in chars), strict=True))
 
 
-def build_vocab(vocab_size: int | None = None) -> tuple[dict[str, int], list[str]]:
+def bpe(word: str, merges: Sequence[str]) -> list[str]:
+    """The pieces CLIP's BPE makes of ``word`` with ``merges`` (lowest rank first)."""
+    ranks = {tuple(rule.split(" ")): i for i, rule in enumerate(merges)}
+    pieces = [*word[:-1], word[-1] + WORD_END]
+    while len(pieces) > 1:
+        pairs = [
+            (ranks.get(pair, len(ranks)), i) for i, pair in enumerate(itertools.pairwise(pieces))
+        ]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        pieces = [*pieces[:i], pieces[i] + pieces[i + 1], *pieces[i + 2 :]]
+    return pieces
+
+
+def build_vocab(
+    vocab_size: int | None = None,
+    words: Sequence[str] = COMMON_WORDS,
+    *,
+    whole_words: bool = False,
+) -> tuple[dict[str, int], list[str]]:
     """The vocabulary (token -> id) and the ordered merge rules.
 
-    ``vocab_size``: pad to exactly this many tokens (must be at least the base size).
+    ``vocab_size``: pad to exactly this many tokens (must be at least the base size);
+    ``words``: the words to merge. Merging a word left to right can be undone by the
+    rules of an earlier word ("an" splits "triangle" into "tri an g l e"); with
+    ``whole_words`` each word's merges start from what the earlier rules make of it,
+    so every word is one token (the toy profile). Without, the ``tiny`` profile's
+    vocabulary stays as it always was (and some of its words are several tokens).
     """
     symbols = list(_bytes_to_unicode().values())
     tokens: list[str] = symbols + [s + WORD_END for s in symbols]
     merges: list[str] = []
     known = set(tokens)
-    for word in COMMON_WORDS:
+    for word in words:
         # Merge left to right: "cup" -> c u p</w> -> cu p</w> -> cup</w>.
-        pieces = [*word[:-1], word[-1] + WORD_END]
+        pieces = bpe(word, merges) if whole_words else [*word[:-1], word[-1] + WORD_END]
         while len(pieces) > 1:
             merged = pieces[0] + pieces[1]
             rule = f"{pieces[0]} {pieces[1]}"
@@ -73,9 +100,15 @@ def build_vocab(vocab_size: int | None = None) -> tuple[dict[str, int], list[str
     return {tok: i for i, tok in enumerate(tokens)}, merges
 
 
-def write_tokenizer_files(directory: Path, vocab_size: int | None = None) -> Path:
+def write_tokenizer_files(
+    directory: Path,
+    vocab_size: int | None = None,
+    words: Sequence[str] = COMMON_WORDS,
+    *,
+    whole_words: bool = False,
+) -> Path:
     """Write ``vocab.json`` and ``merges.txt`` (what CLIPTokenizer reads) into ``directory``."""
-    vocab, merges = build_vocab(vocab_size)
+    vocab, merges = build_vocab(vocab_size, words, whole_words=whole_words)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (directory / "merges.txt").write_text(
@@ -84,8 +117,14 @@ def write_tokenizer_files(directory: Path, vocab_size: int | None = None) -> Pat
     return directory
 
 
-def local_clip_tokenizer(vocab_size: int | None = None, max_length: int = 77) -> CLIPTokenizer:
+def local_clip_tokenizer(
+    vocab_size: int | None = None,
+    max_length: int = 77,
+    words: Sequence[str] = COMMON_WORDS,
+    *,
+    whole_words: bool = False,
+) -> CLIPTokenizer:
     """A CLIPTokenizer loaded from files written to a temporary directory (then removed)."""
     with tempfile.TemporaryDirectory(prefix="genseg-tokenizer-") as tmp:
-        write_tokenizer_files(Path(tmp), vocab_size)
+        write_tokenizer_files(Path(tmp), vocab_size, words, whole_words=whole_words)
         return CLIPTokenizer.from_pretrained(tmp, model_max_length=max_length)

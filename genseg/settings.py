@@ -66,6 +66,9 @@ class Settings(BaseSettings):
         default="stable-diffusion-v1-5/stable-diffusion-inpainting",
         validation_alias="SD_INPAINT_MODEL",
     )
+    #: The ``toy`` profile's generator: a diffusers directory; None: the shipped weights
+    #: (toy/weights/sd, made by ``python -m toy.train_gen``).
+    toy_sd_model: str | None = Field(default=None, validation_alias="TOY_SD_MODEL")
     sam_model: Literal["vit_h", "vit_l", "vit_b"] = Field(
         default="vit_h", validation_alias="SAM_MODEL"
     )

@@ -1,0 +1,277 @@
+"""Does "text -> heat map -> SAM -> cut-out" find the right object? Measured on the toy world.
+
+For each evaluation prompt (a caption of an evaluation-seed scene, never a training
+seed, and one of its objects as the target) the ``toy`` generator makes an image and
+the target's heat map; the heat map goes through the same 16-bit PNG as in a
+``masks`` event; then the segmenter runs in three modes on that image:
+
+- ``attention``: the heat map's prompts (the default mode of a request);
+- ``auto``: SAM's automatic mask generator; its best-scored object counts;
+- ``oracle``: a ``boxes`` request with the box of the true object (the best a
+  prompt can do; what SAM itself is worth).
+
+The truth is the object the generated image actually contains, found by colour
+(:func:`toy.world.find_object`): the generator may put it anywhere. A target is
+*generated* when that region exists and :func:`toy.world.classify_shape` names the
+asked shape; IoU figures are over generated targets (a mode that returns nothing
+scores 0 there, and counts as a no-match).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from gen_worker.generate import BatchSpec, Generator, Sample, SampleResult
+from genseg.images import decode_heatmap, encode_heatmap
+from schemas import SegmentationOptions
+from seg_worker.segment import Segmenter
+from toy.world import EVAL_SEED_BASE, classify_shape, find_object, iou, make_scene, mask_box
+
+log = logging.getLogger(__name__)
+
+MODES: tuple[str, ...] = ("attention", "auto", "oracle")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One evaluation request: the caption of scene ``seed`` and one of its objects."""
+
+    seed: int
+    caption: str
+    target: str
+
+
+def eval_prompts(count: int, *, seed_base: int = EVAL_SEED_BASE) -> list[Prompt]:
+    """``count`` fixed prompts from evaluation seeds; targets cycle over object positions."""
+    prompts = []
+    for i in range(count):
+        scene = make_scene(seed_base + i)
+        obj = scene.objects[i % len(scene.objects)]
+        prompts.append(Prompt(scene.seed, scene.caption, obj.name))
+    return prompts
+
+
+@dataclass
+class Outcome:
+    """What happened to one prompt. ``ious[mode]``: None when the target was not generated."""
+
+    prompt: Prompt
+    colour_found: bool
+    shape: str | None
+    generated: bool
+    ious: dict[str, float | None] = field(default_factory=dict)
+    matched: dict[str, bool] = field(default_factory=dict)
+    heat_peak_inside: bool | None = None
+    image: np.ndarray | None = field(default=None, repr=False)
+    heatmap: np.ndarray | None = field(default=None, repr=False)
+    masks: dict[str, np.ndarray | None] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True)
+class GenParams:
+    steps: int = 25
+    guidance_scale: float = 7.5
+    sampler: str = "dpmpp_2m"
+    size: int = 64
+    batch: int = 8
+
+
+def generate(
+    generator: Generator, prompts: Sequence[Prompt], params: GenParams
+) -> list[SampleResult]:
+    """The images and heat maps of ``prompts`` (seed = the prompt's index), in order."""
+    spec = BatchSpec(
+        mode="txt2img",
+        width=params.size,
+        height=params.size,
+        steps=params.steps,
+        guidance_scale=params.guidance_scale,
+        sampler=params.sampler,
+    )
+    results: list[SampleResult] = []
+    for start in range(0, len(prompts), params.batch):
+        chunk = prompts[start : start + params.batch]
+        samples = [
+            Sample(prompt=p.caption, seed=start + i, targets=(p.target,))
+            for i, p in enumerate(chunk)
+        ]
+        results += generator.generate(spec, samples)
+    return results
+
+
+def _first(objects: Sequence[Any], label: str | None = None) -> np.ndarray | None:
+    for obj in objects:
+        if label is None or obj.label == label:
+            return obj.mask
+    return None
+
+
+def evaluate(
+    prompt: Prompt,
+    result: SampleResult,
+    segmenter: Segmenter | None,
+    options: SegmentationOptions,
+) -> Outcome:
+    """Score one generated image; ``segmenter`` None: generation figures only."""
+    image = np.asarray(result.image.convert("RGB"))
+    colour, shape = prompt.target.split()
+    truth = find_object(image, colour)
+    found_shape = classify_shape(truth)[0] if truth is not None else None
+    generated = truth is not None and found_shape == shape
+    heat = None
+    if prompt.target in result.heatmaps:
+        heat = decode_heatmap(encode_heatmap(result.heatmaps[prompt.target]))
+    outcome = Outcome(prompt, truth is not None, found_shape, generated, image=image, heatmap=heat)
+    if heat is not None and truth is not None:
+        big = np.asarray(
+            Image.fromarray(heat).resize(image.shape[1::-1], Image.Resampling.BILINEAR)
+        )
+        py, px = np.unravel_index(int(np.argmax(big)), big.shape)
+        outcome.heat_peak_inside = bool(truth[py, px])
+    if segmenter is None:
+        return outcome
+    sha = hashlib.sha256(image.tobytes()).hexdigest()
+    requests: dict[str, SegmentationOptions] = {
+        "attention": options.model_copy(update={"mode": "attention"}),
+        "auto": options.model_copy(update={"mode": "auto"}),
+    }
+    if truth is not None:
+        x0, y0, x1, y1 = mask_box(truth)
+        requests["oracle"] = options.model_copy(
+            update={"mode": "boxes", "boxes": [[x0, y0, x1 - x0, y1 - y0]]}
+        )
+    heatmaps = {prompt.target: heat} if heat is not None else {}
+    for mode, opts in requests.items():
+        objects = segmenter.segment(
+            image,
+            sha,
+            opts,
+            targets=[prompt.target],
+            heatmaps=heatmaps if mode == "attention" else None,
+            missing_targets=list(result.missing_targets),
+        )
+        mask = _first(objects, prompt.target if mode == "attention" else None)
+        outcome.masks[mode] = mask
+        outcome.matched[mode] = mask is not None
+        if generated:
+            outcome.ious[mode] = iou(mask, truth) if mask is not None else 0.0
+    return outcome
+
+
+@dataclass
+class Report:
+    """Figures over all prompts (rates in 0..1)."""
+
+    prompts: int
+    generation_accuracy: float
+    colour_found_rate: float
+    heat_peak_inside_rate: float | None
+    modes: dict[str, dict[str, float]]
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "prompts": self.prompts,
+            "generation_accuracy": round(self.generation_accuracy, 4),
+            "colour_found_rate": round(self.colour_found_rate, 4),
+            "heat_peak_inside_rate": (
+                None if self.heat_peak_inside_rate is None else round(self.heat_peak_inside_rate, 4)
+            ),
+        }
+        for mode, figures in self.modes.items():
+            for key, value in figures.items():
+                out[f"{mode}_{key}"] = round(value, 4)
+        return out
+
+
+def summarise(outcomes: Sequence[Outcome]) -> Report:
+    n = len(outcomes)
+    generated = [o for o in outcomes if o.generated]
+    inside = [o.heat_peak_inside for o in outcomes if o.heat_peak_inside is not None]
+    modes: dict[str, dict[str, float]] = {}
+    for mode in MODES:
+        ious = [o.ious[mode] for o in generated if o.ious.get(mode) is not None]
+        if not ious:
+            continue
+        values = np.asarray(ious, np.float64)
+        modes[mode] = {
+            "mean_iou": float(values.mean()),
+            "success_rate": float((values >= 0.5).mean()),
+            "no_match_rate": float(np.mean([not o.matched.get(mode, False) for o in generated])),
+        }
+    return Report(
+        prompts=n,
+        generation_accuracy=len(generated) / n if n else 0.0,
+        colour_found_rate=sum(o.colour_found for o in outcomes) / n if n else 0.0,
+        heat_peak_inside_rate=(sum(inside) / len(inside)) if inside else None,
+        modes=modes,
+    )
+
+
+def run(
+    generator: Generator,
+    segmenter: Segmenter | None,
+    prompts: Sequence[Prompt],
+    params: GenParams,
+    options: SegmentationOptions | None = None,
+    *,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> tuple[Report, list[Outcome]]:
+    """Generate and score every prompt; ``on_progress(done, total)`` after each batch."""
+    options = options or SegmentationOptions()
+    outcomes: list[Outcome] = []
+    for start in range(0, len(prompts), params.batch):
+        chunk = list(prompts[start : start + params.batch])
+        results = generate(generator, chunk, params)
+        outcomes += [
+            evaluate(p, r, segmenter, options) for p, r in zip(chunk, results, strict=True)
+        ]
+        if on_progress is not None:
+            on_progress(len(outcomes), len(prompts))
+    return summarise(outcomes), outcomes
+
+
+def contact_sheet(outcomes: Sequence[Outcome], *, scale: int = 2, columns: int = 4) -> Image.Image:
+    """Per outcome: image | heat map | attention mask | oracle mask, each ``64*scale`` px."""
+    tiles: list[list[Image.Image]] = []
+    for o in outcomes:
+        assert o.image is not None
+        h, w = o.image.shape[:2]
+        row = [Image.fromarray(o.image)]
+        heat = o.heatmap if o.heatmap is not None else np.zeros((h // 4, w // 4), np.float32)
+        row.append(Image.fromarray((heat * 255).astype(np.uint8)).resize((w, h)).convert("RGB"))
+        for mode in ("attention", "oracle"):
+            mask = o.masks.get(mode)
+            pixels = np.zeros((h, w), np.uint8) if mask is None else mask.astype(np.uint8) * 255
+            row.append(Image.fromarray(pixels).convert("RGB"))
+        tiles.append(row)
+    tw = 64 * scale
+    rows = (len(tiles) + columns - 1) // columns
+    sheet = Image.new("RGB", (columns * 4 * tw + (columns - 1) * 8, max(rows, 1) * tw), "white")
+    for k, row in enumerate(tiles):
+        r, c = divmod(k, columns)
+        for j, tile in enumerate(row):
+            x = c * (4 * tw + 8) + j * tw
+            sheet.paste(tile.resize((tw, tw), Image.Resampling.NEAREST), (x, r * tw))
+    return sheet
+
+
+__all__ = [
+    "MODES",
+    "GenParams",
+    "Outcome",
+    "Prompt",
+    "Report",
+    "contact_sheet",
+    "eval_prompts",
+    "evaluate",
+    "generate",
+    "run",
+    "summarise",
+]
