@@ -4,8 +4,8 @@ Everything runs on one embedded tansu broker (memory storage) that this script s
 Variants:
 
 - ``bare``: a plain :class:`aiokafka.AIOKafkaConsumer` in a consumer group with manual
-  commits and an :class:`aiokafka.AIOKafkaProducer` with the publisher's settings
-  (acks=all, linger 2 ms, no idempotence). Per ``getmany`` batch (up to
+  commits and an :class:`aiokafka.AIOKafkaProducer` with the runtime's producer settings
+  (acks=all, linger 2 ms, no idempotence, 128 KiB batches). Per ``getmany`` batch (up to
   ``--max-in-flight`` records) it parses each value with :func:`schemas.parse_event`
   (the stage's application work too), sends one output per record, waits for the
   acknowledgements, then commits the batch's offsets;
@@ -87,8 +87,14 @@ from schemas import Event, parse_event
 
 log = logging.getLogger("bench.event_plane")
 
-#: The publisher's producer settings (producers/publisher.py), used by the bare loop too.
-PRODUCER_KWARGS: dict[str, Any] = {"acks": "all", "linger_ms": 2, "enable_idempotence": False}
+#: The stage runtime's producer settings (producers/publisher.py, and the batch size from
+#: RuntimeConfig), used by the bare loop too.
+PRODUCER_KWARGS: dict[str, Any] = {
+    "acks": "all",
+    "linger_ms": 2,
+    "enable_idempotence": False,
+    "max_batch_size": RuntimeConfig().producer_batch_bytes,
+}
 #: Group timing that lets tansu complete a join quickly (see RuntimeConfig).
 SESSION_TIMEOUT_MS = 6000
 HEARTBEAT_INTERVAL_MS = 500

@@ -114,6 +114,10 @@ class RuntimeConfig:
     heartbeat_interval_ms: int = 1_000
     max_poll_interval_ms: int = 300_000
     fetch_max_wait_ms: int | None = None  # None: Settings.kafka_fetch_max_wait_ms
+    # The output producer's batch size per partition. aiokafka sends one batch per
+    # partition per request and one request per broker at a time, so under load this
+    # bounds what a round trip carries (its 16 KiB default: ~50 small records).
+    producer_batch_bytes: int = 128 * 1024
     create_topics: bool = True
     partitions: int = 4
     metrics_port: int | None = None
@@ -238,7 +242,11 @@ class StageRuntime(AsyncService):
         self.metrics = metrics or StageMetrics(stage.name)
         self._tracer_provider = tracer_provider
         self._tracer = trace.get_tracer(TRACER_NAME, tracer_provider=tracer_provider)
-        self._publisher = Publisher(settings, tracer_provider=tracer_provider)
+        self._publisher = Publisher(
+            settings,
+            tracer_provider=tracer_provider,
+            max_batch_size=self.config.producer_batch_bytes,
+        )
         self._consumer: AIOKafkaConsumer | None = None
         self._executor = ThreadPoolExecutor(
             max_workers=self.config.concurrency, thread_name_prefix=f"genseg-{stage.name}"
