@@ -412,7 +412,9 @@ def save_sam(model: Sam, path: str | Path, *, fp16: bool = False) -> Path:
         k: (v.half() if fp16 and v.is_floating_point() else v).contiguous().clone()
         for k, v in model.state_dict().items()
     }
-    save_file(state, str(path), metadata={"arch": ARCH, "format": "pt"})
+    # One metadata key: safetensors writes a map in arbitrary order, so two would make the
+    # bytes of the file differ from run to run.
+    save_file(state, str(path), metadata={"format": "pt"})
     return path
 
 
