@@ -6,7 +6,9 @@ the target's heat map; the heat map goes through the same 16-bit PNG as in a
 ``masks`` event; then the segmenter runs in three modes on that image:
 
 - ``attention``: the heat map's prompts (the default mode of a request);
-- ``auto``: SAM's automatic mask generator; its best-scored object counts;
+- ``auto``: SAM's automatic mask generator; its best-scored object counts (what a
+  client that takes the first asset gets: auto mode does not know the target), and
+  ``auto_any`` is the best IoU among all the objects it returns;
 - ``oracle``: a ``boxes`` request with the box of the true object (the best a
   prompt can do; what SAM itself is worth).
 
@@ -36,7 +38,7 @@ from toy.world import EVAL_SEED_BASE, classify_shape, find_object, iou, make_sce
 
 log = logging.getLogger(__name__)
 
-MODES: tuple[str, ...] = ("attention", "auto", "oracle")
+MODES: tuple[str, ...] = ("attention", "auto", "auto_any", "oracle")
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,9 @@ def evaluate(
         outcome.matched[mode] = mask is not None
         if generated:
             outcome.ious[mode] = iou(mask, truth) if mask is not None else 0.0
+            if mode == "auto":
+                outcome.matched["auto_any"] = mask is not None
+                outcome.ious["auto_any"] = max((iou(o.mask, truth) for o in objects), default=0.0)
     return outcome
 
 
