@@ -43,7 +43,15 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import (
+    INVALID_SPAN,
+    Link,
+    NonRecordingSpan,
+    Span,
+    SpanKind,
+    Status,
+    StatusCode,
+)
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from consumers.metrics import StageMetrics
@@ -61,6 +69,7 @@ from genseg.settings import Settings
 from genseg.telemetry import (
     TRACER_NAME,
     child_span_context,
+    child_trace_headers,
     context_from_headers,
     headers_from_context,
     span_context_from_headers,
@@ -474,7 +483,12 @@ class StageRuntime(AsyncService):
         part.pending.add(record.offset)
         part.next_offset = record.offset + 1
         self._in_flight += 1
-        job = _Job(record, part, self._process_span(record, recording, w3c), now)
+        headers = None if recording or not w3c else child_trace_headers(record.headers)
+        if headers is not None:
+            # Nothing records spans: the new span is only the ids in its outputs' headers.
+            job = _Job(record, part, INVALID_SPAN, now, headers=headers)
+        else:
+            job = _Job(record, part, self._process_span(record, recording, w3c), now)
         try:
             job.event = self.stage.parse(record.value or b"")
             job.batch_key = self.stage.batch_key(job.event)
@@ -571,7 +585,11 @@ class StageRuntime(AsyncService):
         if len(jobs) > 1 and recording:
             batch_span = self._tracer.start_span(
                 f"batch {self.stage.name}",
-                links=[Link(j.span.get_span_context()) for j in jobs],
+                links=[
+                    Link(j.span.get_span_context())
+                    for j in jobs
+                    if j.span.get_span_context().is_valid
+                ],
                 attributes={"genseg.batch.size": len(jobs)},
             )
         ctx = StageContext(
@@ -609,6 +627,8 @@ class StageRuntime(AsyncService):
     def _replay_phases(self, ctx: StageContext, jobs: list[_Job]) -> None:
         """Turn the handler's timed phases into child spans of each record they served."""
         for index, job in enumerate(jobs):
+            if not job.span.get_span_context().is_valid:
+                continue  # accepted while nothing recorded spans: its ids are in its headers
             spans: dict[int, Span] = {}
             for number, phase in enumerate(ctx.phases):
                 if phase.item not in (None, index) or not phase.end_ns:

@@ -158,12 +158,12 @@ def w3c_propagation() -> bool:
     return ok
 
 
-def span_context_from_headers(headers: KafkaHeaders | None) -> SpanContext | None:
-    """The upstream span context of a record's W3C ``traceparent``/``tracestate`` headers,
-    or None; what the W3C propagator's ``extract`` finds, without building a Context."""
+def _w3c_values(headers: KafkaHeaders | None) -> tuple[str | None, str | None]:
+    """``traceparent`` and ``tracestate`` as context_from_headers reads them: the last
+    ASCII value of each wins."""
     traceparent: str | None = None
     tracestate: str | None = None
-    for key, value in headers or ():  # as context_from_headers: the last decodable one wins
+    for key, value in headers or ():
         if key in ("traceparent", "tracestate") and isinstance(value, bytes):
             try:
                 text = value.decode("ascii")
@@ -173,6 +173,11 @@ def span_context_from_headers(headers: KafkaHeaders | None) -> SpanContext | Non
                 traceparent = text
             else:
                 tracestate = text
+    return traceparent, tracestate
+
+
+def _traceparent_ids(traceparent: str | None) -> tuple[str, str, str] | None:
+    """(trace id, span id, flags) in lowercase hex of a valid ``traceparent``, else None."""
     if not traceparent or len(traceparent) > _TRACEPARENT_MAX:
         return None
     match = _TRACEPARENT.match(traceparent)
@@ -181,19 +186,46 @@ def span_context_from_headers(headers: KafkaHeaders | None) -> SpanContext | Non
     version, trace_hex, span_hex, flags, rest = match.groups()
     if version == "ff" or (version == "00" and rest):
         return None
-    trace_id, span_id = int(trace_hex, 16), int(span_hex, 16)
-    if not trace_id or not span_id:
+    if trace_hex == "0" * 32 or span_hex == "0" * 16:
         return None
+    return trace_hex, span_hex, flags
+
+
+def span_context_from_headers(headers: KafkaHeaders | None) -> SpanContext | None:
+    """The upstream span context of a record's W3C ``traceparent``/``tracestate`` headers,
+    or None; what the W3C propagator's ``extract`` finds, without building a Context."""
+    traceparent, tracestate = _w3c_values(headers)
+    ids = _traceparent_ids(traceparent)
+    if ids is None:
+        return None
+    trace_hex, span_hex, flags = ids
     state = None
     if tracestate is not None and len(tracestate) <= _TRACESTATE_MAX:
         state = TraceState.from_header([tracestate])
     return SpanContext(
-        trace_id=trace_id,
-        span_id=span_id,
+        trace_id=int(trace_hex, 16),
+        span_id=int(span_hex, 16),
         is_remote=True,
         trace_flags=TraceFlags(int(flags, 16)),
         trace_state=state,
     )
+
+
+def child_trace_headers(headers: KafkaHeaders | None) -> list[tuple[str, bytes]] | None:
+    """The W3C headers of a new span under a record's ``traceparent`` (or of the root of a
+    fresh sampled trace, without a valid one): what ``traceparent_headers`` gives for
+    ``child_span_context(span_context_from_headers(headers))``, made straight from the
+    header text. None for a record with a ``tracestate`` (take that longer way then)."""
+    traceparent, tracestate = _w3c_values(headers)
+    if tracestate is not None:
+        return None
+    ids = _traceparent_ids(traceparent)
+    span = b"%016x" % (random.getrandbits(64) or 1)
+    if ids is None:
+        value = b"00-%032x-%s-01" % (random.getrandbits(128) or 1, span)
+    else:
+        value = b"00-%s-%s-%s" % (ids[0].encode(), span, ids[2].encode())
+    return [("traceparent", value)]
 
 
 def traceparent_headers(span_context: SpanContext) -> list[tuple[str, bytes]]:

@@ -27,6 +27,7 @@ from consumers.stage import ItemResult, Output, StageContext
 from genseg.admin import ensure_topics
 from genseg.settings import Settings
 from genseg.telemetry import (
+    child_trace_headers,
     context_from_headers,
     headers_from_context,
     span_context_from_headers,
@@ -312,6 +313,19 @@ def test_fast_trace_header_parsing_agrees_with_the_w3c_propagator(
     assert w3c_propagation()
     fast = span_context_from_headers(headers)  # type: ignore[arg-type]
     slow = trace.get_current_span(context_from_headers(headers)).get_span_context()  # type: ignore[arg-type]
+    child_headers = child_trace_headers(headers)  # type: ignore[arg-type]
+    if child_headers is None:  # only for a record with a tracestate: the general path
+        assert any(k == "tracestate" and isinstance(v, bytes) and v.isascii() for k, v in headers)
+    else:
+        ((name, value),) = child_headers
+        version, trace_hex, span_hex, flags = value.decode().split("-")
+        assert name == "traceparent" and version == "00" and len(span_hex) == 16
+        assert int(span_hex, 16) and int(trace_hex, 16)
+        if slow.is_valid:
+            assert (trace_hex, flags) == (f"{slow.trace_id:032x}", f"{slow.trace_flags:02x}")
+            assert int(span_hex, 16) != slow.span_id or slow.span_id == 0
+        else:
+            assert flags == "01" and len(trace_hex) == 32
     if fast is None:
         assert not slow.is_valid
         return
