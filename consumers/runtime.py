@@ -701,17 +701,19 @@ class StageRuntime(AsyncService):
 
     async def _send(self, job: _Job, outputs: list[Output]) -> list[asyncio.Future[Any]]:
         """Enqueue ``outputs`` with the record's trace context; futures resolve on ack."""
-        headers = self._headers(job)
+        headers = job.headers if job.headers is not None else self._headers(job)
         send = self._publisher.producer.send  # Publisher.send, one coroutine less per record
-        return [
-            await send(
-                out.topic,
-                value=out.event.to_json_bytes(),
-                key=out.record_key.encode("utf-8"),
-                headers=headers,
+        futures = []
+        for out in outputs:  # a loop, not an async comprehension (a coroutine of its own)
+            futures.append(
+                await send(
+                    out.topic,
+                    value=out.event.to_json_bytes(),
+                    key=out.record_key.encode("utf-8"),
+                    headers=headers,
+                )
             )
-            for out in outputs
-        ]
+        return futures
 
     async def _publish(self, job: _Job, outputs: list[Output]) -> None:
         await asyncio.gather(*await self._send(job, outputs))
