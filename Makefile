@@ -34,7 +34,7 @@ format: install
 	$(BIN)/ruff format .
 
 demo: install
-	$(BIN)/genseg demo "a modern minimalist coffee cup on a wooden table, natural light, 8k" --target "coffee cup" --models tiny
+	$(BIN)/genseg demo "a red circle next to a blue square" --target "red circle" --models toy
 
 clean:
 	rm -rf $(VENV) genseg-out .pytest_cache

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import time
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -90,7 +91,7 @@ def demo(
     models: Annotated[Profile, typer.Option(help="Model profile.")] = Profile.tiny,
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("genseg-out"),
     size: Annotated[
-        int | None, typer.Option(help="Image side (default 128 tiny, 512 else).")
+        int | None, typer.Option(help="Image side (default 128 tiny, 64 toy, 512 else).")
     ] = None,
     steps: Annotated[int | None, typer.Option(help="Denoising steps.")] = None,
     seed: Annotated[int, typer.Option(help="Seed (same seed, same image).")] = 7,
@@ -147,7 +148,14 @@ def demo(
         console.print(
             "[yellow]Note:[/] the tiny profile uses random weights: the image is noise and the "
             "masks are arbitrary. Everything else is real (broker, workers, events, blobs). "
-            "Use [bold]--models pretrained[/] with SD_MODEL and SAM_CHECKPOINT for real output."
+            'Use [bold]--models toy[/] with a toy prompt ("a red circle next to a blue '
+            'square") for trained models, [bold]--models pretrained[/] with SD_MODEL and '
+            "SAM_CHECKPOINT for real output."
+        )
+    elif models is Profile.toy:
+        console.print(
+            "[yellow]Note:[/] the toy profile knows only its synthetic world: one to three "
+            "circles, squares, triangles or stars in red, green, blue, yellow or purple."
         )
 
 
@@ -209,6 +217,35 @@ def _scene_demo(
             "[yellow]Note:[/] the tiny profile uses random weights: images are noise, masks and "
             "depth arbitrary. Everything else is real (broker, workers, events, blobs, .glb)."
         )
+
+
+@app.command("train-toy")
+def train_toy(
+    out: Annotated[
+        Path, typer.Option(help="Directory of the weights: sd/ and sam.safetensors.")
+    ] = (Path("toy/weights")),
+    quick: Annotated[
+        bool, typer.Option(help="A few steps of each (a smoke test of the loops, useless weights).")
+    ] = False,
+) -> None:
+    """Train the toy profile's models on the synthetic world, on the CPU (about 45 minutes).
+
+    Runs ``python -m toy.train_gen`` (VAE, text encoder, UNet) then ``python -m
+    toy.train_sam`` with their default recipes, which reproduce the shipped weights.
+    """
+    from toy import train_gen, train_sam
+
+    started = time.monotonic()
+    gen_args = ["--out", str(out / "sd")]
+    sam_args = ["--out", str(out / "sam.safetensors")]
+    if quick:
+        gen_args += ["--scenes", "64", "--vae-steps", "4", "--unet-steps", "4", "--log-every", "1"]
+        sam_args += ["--scenes", "64", "--steps", "4"]
+    console.print(f"[bold]1/2[/] generator -> {out / 'sd'}")
+    train_gen.main(gen_args)
+    console.print(f"[bold]2/2[/] segment anything -> {out / 'sam.safetensors'}")
+    train_sam.main(sam_args)
+    console.print(f"trained in {(time.monotonic() - started) / 60:.1f} min")
 
 
 @app.command()

@@ -10,6 +10,7 @@ from toy.world import (
     PALETTE,
     classify_shape,
     colour_labels,
+    coverage,
     find_object,
     iou,
     make_scene,
@@ -57,3 +58,19 @@ def test_colour_search_recovers_every_object_and_shape() -> None:
         for colour in set(PALETTE) - {o.colour for o in scene.objects}:
             assert find_object(scene.image, colour) is None, (seed, colour)
     assert objects >= 300
+
+
+def test_colour_search_prefers_the_asked_shape() -> None:
+    """Two red objects (as a generator may draw): the asked shape wins over the larger one."""
+    grey = np.full((64, 64, 3), 150.0, np.float32)
+    red = np.asarray(PALETTE["red"], np.float32)
+    image = grey
+    masks = {}
+    for shape, (cx, cy, r) in {"circle": (18, 18, 12), "square": (46, 46, 8)}.items():
+        cov = coverage(shape, cx, cy, r, 64)[:, :, None]
+        image = image * (1 - cov) + red * cov
+        masks[shape] = cov[:, :, 0] >= 0.5
+    pixels = np.rint(image).astype(np.uint8)
+    assert iou(find_object(pixels, "red"), masks["circle"]) == 1.0  # the largest
+    assert iou(find_object(pixels, "red", "square"), masks["square"]) == 1.0
+    assert iou(find_object(pixels, "red", "star"), masks["circle"]) == 1.0  # none: largest

@@ -13,7 +13,8 @@ the target's heat map; the heat map goes through the same 16-bit PNG as in a
   prompt can do; what SAM itself is worth).
 
 The truth is the object the generated image actually contains, found by colour
-(:func:`toy.world.find_object`): the generator may put it anywhere. A target is
+(:func:`toy.world.find_object`; of two regions of the asked colour, the one of the
+asked shape): the generator may put it anywhere. A target is
 *generated* when that region exists and :func:`toy.world.classify_shape` names the
 asked shape; IoU figures are over generated targets (a mode that returns nothing
 scores 0 there, and counts as a no-match).
@@ -124,7 +125,7 @@ def evaluate(
     """Score one generated image; ``segmenter`` None: generation figures only."""
     image = np.asarray(result.image.convert("RGB"))
     colour, shape = prompt.target.split()
-    truth = find_object(image, colour)
+    truth = find_object(image, colour, shape)
     found_shape = classify_shape(truth)[0] if truth is not None else None
     generated = truth is not None and found_shape == shape
     heat = None

@@ -254,19 +254,30 @@ def colour_labels(
     return np.where(ok, best, -1)
 
 
-def find_object(image: np.ndarray, colour: str, *, min_area: int = 12) -> np.ndarray | None:
+def find_object(
+    image: np.ndarray, colour: str, shape: str | None = None, *, min_area: int = 12
+) -> np.ndarray | None:
     """Mask ``[H, W]`` bool of the largest 8-connected region of ``colour`` in ``image``,
-    holes filled; None when there is none of at least ``min_area`` pixels."""
+    holes filled; None when there is none of at least ``min_area`` pixels.
+
+    With ``shape``, a region that :func:`classify_shape` names ``shape`` comes before
+    a larger one that it does not: a generated image may hold two objects of the asked
+    colour, and the asked object is the one of the asked shape.
+    """
     labels = colour_labels(image)
     region = labels == list(PALETTE).index(colour)
     components, count = ndimage.label(region, structure=np.ones((3, 3), bool))
     if count == 0:
         return None
     areas = np.bincount(components.ravel())[1:]
-    best = int(areas.argmax())
-    if areas[best] < min_area:
+    candidates = []
+    for k in np.flatnonzero(areas >= min_area):
+        mask = ndimage.binary_fill_holes(components == k + 1)
+        right = shape is not None and classify_shape(mask)[0] == shape
+        candidates.append((right, int(areas[k]), -int(k), mask))
+    if not candidates:
         return None
-    return ndimage.binary_fill_holes(components == best + 1)
+    return max(candidates, key=lambda c: c[:3])[3]
 
 
 def _template(shape: str, width: int, height: int) -> np.ndarray:
