@@ -9,7 +9,7 @@ through the ``toy`` generator and segmenter (the workers' own classes, in proces
 Prints the machine, one line per prompt (with ``--verbose``), a table, and as the
 last line one JSON object ``{"bench": "quality", ...}``.
 
-    python bench/quality.py                         # 120 prompts, shipped weights
+    python bench/quality.py                         # 300 prompts, shipped weights
     python bench/quality.py --prompts 5             # the CI smoke size
     python bench/quality.py --sd /tmp/sd --gen-only --sheet /tmp/sheet.png
 """
@@ -63,7 +63,7 @@ def machine() -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prompts", type=int, default=120)
+    parser.add_argument("--prompts", type=int, default=300)
     parser.add_argument("--sd", help="toy generator directory (default: the shipped weights)")
     parser.add_argument("--sam", help="toy SAM safetensors (default: the shipped weights)")
     parser.add_argument("--steps", type=int, default=25)
