@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.machine import cpu_name
 from gen_worker.generate import Generator
 from gen_worker.profiles import GenModels, RuntimeOptions
 from genseg.settings import Settings
@@ -43,14 +44,7 @@ log = logging.getLogger("bench.quality")
 
 
 def machine() -> dict[str, object]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name() or platform.processor() or platform.machine()
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),

@@ -37,6 +37,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.machine import cpu_name
 from consumers.stage import StageContext
 from genseg.blobstore import LocalBlobStore, blob_key
 from genseg.images import encode_heatmap, encode_png
@@ -51,14 +52,7 @@ TARGETS = ("sofa", "coffee table")
 
 def machine() -> dict[str, object]:
     """What ran the benchmark."""
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name() or platform.processor() or "unknown"
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),

@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from bench.machine import cpu_name
 from consumers.runtime import RuntimeConfig, StageRuntime
 from genseg.admin import ensure_topics
 from genseg.blobstore import BlobStore
@@ -67,14 +68,7 @@ TARGETS = ("cup", "plate")
 
 def machine() -> dict[str, object]:
     """What ran the benchmark."""
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name() or platform.processor() or "unknown"
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),

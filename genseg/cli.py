@@ -222,19 +222,25 @@ def _scene_demo(
 @app.command("train-toy")
 def train_toy(
     out: Annotated[
-        Path, typer.Option(help="Directory of the weights: sd/ and sam.safetensors.")
-    ] = (Path("toy/weights")),
+        Path | None,
+        typer.Option(
+            help="Directory of the weights: sd/ and sam.safetensors (default: toy/weights)."
+        ),
+    ] = None,
     quick: Annotated[
         bool, typer.Option(help="A few steps of each (a smoke test of the loops, useless weights).")
     ] = False,
 ) -> None:
-    """Train the toy profile's models on the synthetic world, on the CPU (about 45 minutes).
+    """Train the toy profile's models on the synthetic world, on the CPU (about 40 minutes).
 
     Runs ``python -m toy.train_gen`` (VAE, text encoder, UNet) then ``python -m
     toy.train_sam`` with their default recipes, which reproduce the shipped weights.
     """
     from toy import train_gen, train_sam
+    from toy.weights import SD_DIR
 
+    # The package's own weights directory, wherever the command runs from.
+    out = out or SD_DIR.parent
     started = time.monotonic()
     gen_args = ["--out", str(out / "sd")]
     sam_args = ["--out", str(out / "sam.safetensors")]

@@ -34,8 +34,17 @@ from PIL import Image
 from gen_worker.generate import BatchSpec, Generator, Sample, SampleResult
 from genseg.images import decode_heatmap, encode_heatmap
 from schemas import SegmentationOptions
+from seg_worker.prompts import resize_heatmap
 from seg_worker.segment import Segmenter
-from toy.world import EVAL_SEED_BASE, classify_shape, find_object, iou, make_scene, mask_box
+from toy.world import (
+    EVAL_SEED_BASE,
+    classify_shape,
+    find_object,
+    iou,
+    make_scene,
+    mask_box,
+    parse_target,
+)
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +133,7 @@ def evaluate(
 ) -> Outcome:
     """Score one generated image; ``segmenter`` None: generation figures only."""
     image = np.asarray(result.image.convert("RGB"))
-    colour, shape = prompt.target.split()
+    colour, shape = parse_target(prompt.target)
     truth = find_object(image, colour, shape)
     found_shape = classify_shape(truth)[0] if truth is not None else None
     generated = truth is not None and found_shape == shape
@@ -133,9 +142,7 @@ def evaluate(
         heat = decode_heatmap(encode_heatmap(result.heatmaps[prompt.target]))
     outcome = Outcome(prompt, truth is not None, found_shape, generated, image=image, heatmap=heat)
     if heat is not None and truth is not None:
-        big = np.asarray(
-            Image.fromarray(heat).resize(image.shape[1::-1], Image.Resampling.BILINEAR)
-        )
+        big = resize_heatmap(heat, *image.shape[:2])
         py, px = np.unravel_index(int(np.argmax(big)), big.shape)
         outcome.heat_peak_inside = bool(truth[py, px])
     if segmenter is None:

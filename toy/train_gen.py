@@ -32,11 +32,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import copy
+import json
 import logging
 import math
 import multiprocessing
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
@@ -114,6 +115,7 @@ def build_models(
     """Freshly initialised VAE, text encoder and UNet (fp32), seeded."""
     torch.manual_seed(cfg.seed)
     vae_channels = _channels(cfg.vae_channels)
+    unet_channels = _channels(cfg.unet_channels)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -144,13 +146,13 @@ def build_models(
         sample_size=16,
         in_channels=4,
         out_channels=4,
-        block_out_channels=_channels(cfg.unet_channels),
+        block_out_channels=unet_channels,
         layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=64,
         attention_head_dim=4,  # diffusers' name for the number of heads
-        norm_num_groups=min(32, _channels(cfg.unet_channels)[0]),
+        norm_num_groups=min(32, unet_channels[0]),
     )
     return vae, text_encoder, unet
 
@@ -187,7 +189,10 @@ def build_data(
     images = np.empty((count, world.size, world.size, 3), np.uint8)
     ids = np.empty((count, MAX_TOKENS), np.int64)
     token_object = np.full((count, MAX_TOKENS), -1, np.int64)
-    masks = np.zeros((count, world.max_objects, world.size, world.size), np.float32)
+    # Masks are pooled to the 16x16 cells one object at a time: full-size masks of
+    # 20,000 scenes would take 1 GB. Coverage is a multiple of 1/factor^2, exact in float32.
+    factor = world.size // 16
+    cells = np.zeros((count, world.max_objects, 16, 16), np.float32)
     for i, scene in enumerate(scenes):
         images[i] = scene.image
         row = tokenizer(
@@ -195,14 +200,16 @@ def build_data(
         ).input_ids
         ids[i] = row
         for k, obj in enumerate(scene.objects):
-            masks[i, k] = obj.mask
+            cells[i, k] = obj.mask.reshape(16, factor, 16, factor).mean(axis=(1, 3))
             token_object[i, find_token_span(tokenizer, row, obj.name)] = k
     empty = tokenizer("", padding="max_length", max_length=MAX_TOKENS).input_ids
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    factor = world.size // 16
-    cells = F.avg_pool2d(torch.from_numpy(masks), factor)
     return WorldData(
-        pixels, torch.from_numpy(ids), torch.from_numpy(token_object), cells, torch.tensor(empty)
+        pixels,
+        torch.from_numpy(ids),
+        torch.from_numpy(token_object),
+        torch.from_numpy(cells),
+        torch.tensor(empty),
     )
 
 
@@ -272,9 +279,10 @@ def encode_latents(vae: AutoencoderKL, images: torch.Tensor, batch: int = 256) -
             for i in range(0, len(images), batch)
         ]
     )
-    scale = float(1.0 / means.std())
+    std = float(means.std())
+    scale = 1.0 / std
     vae.register_to_config(scaling_factor=scale)
-    log.info("latents: std %.3f -> scaling_factor %.4f", float(means.std()), scale)
+    log.info("latents: std %.3f -> scaling_factor %.4f", std, scale)
     return means * scale
 
 
@@ -459,27 +467,24 @@ class _Meter:
 # --- the whole recipe ---------------------------------------------------------------------
 
 
-def train(
-    out: Path, cfg: TrainConfig | None = None, *, on_phase: Callable[[str], None] | None = None
-) -> StableDiffusionPipeline:
+def train(out: Path, cfg: TrainConfig | None = None) -> StableDiffusionPipeline:
     """Run the three phases and save the pipeline to ``out`` (a diffusers directory)."""
     cfg = cfg or TrainConfig()
     # CPU kernels are deterministic for a fixed thread count; torch's deterministic mode
     # would only add a fill of every new tensor (a third of the step time).
     torch.set_num_threads(cfg.threads)
-    note = on_phase or (lambda phase: log.info("phase: %s", phase))
     started = time.monotonic()
     tokenizer = toy_tokenizer()
     rng = torch.Generator().manual_seed(cfg.seed)
     vae, text_encoder, unet = (m.to(cfg.device) for m in build_models(tokenizer, cfg))
 
-    note(f"world: {cfg.scenes} scenes")
+    log.info("phase: world: %d scenes", cfg.scenes)
     data = load_or_build_data(cfg, tokenizer)
-    note(f"vae: {cfg.vae_steps} steps")
+    log.info("phase: vae: %d steps", cfg.vae_steps)
     train_vae(vae, data.images, cfg, rng)
     vae.requires_grad_(False)
     latents = encode_latents(vae, data.images)
-    note(f"text encoder + unet: {cfg.unet_steps} steps")
+    log.info("phase: text encoder + unet: %d steps", cfg.unet_steps)
     unet, text_encoder = train_denoiser(unet, text_encoder, latents, data, cfg, rng)
 
     pipe = StableDiffusionPipeline(
@@ -495,16 +500,12 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     # fp16 halves the shipped size; the pipeline loads it back in the dtype it is asked for.
     pipe.to("cpu", torch.float16).save_pretrained(out, safe_serialization=True)
-    (out / "train_config.json").write_text(_config_json(cfg), encoding="utf-8")
+    (out / "train_config.json").write_text(
+        json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8"
+    )
     pipe.to(torch.float32)
-    note(f"saved to {out} after {time.monotonic() - started:.0f} s")
+    log.info("phase: saved to %s after %.0f s", out, time.monotonic() - started)
     return pipe
-
-
-def _config_json(cfg: TrainConfig) -> str:
-    import json
-
-    return json.dumps(asdict(cfg), indent=2) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
