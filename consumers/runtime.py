@@ -107,7 +107,11 @@ class RuntimeConfig:
     max_batch: int = 1
     max_wait_ms: int = 20
     concurrency: int = 1
-    max_in_flight: int = 64
+    #: Records held at once (running, ready, being acked); then fetching pauses. None:
+    #: two batches a slot (``2 * max_batch * concurrency``), at least 8. Model work takes
+    #: seconds a batch, so more only wait in this process: unseen by a member that joins
+    #: after a rebalance, and polled for at the broker while this one has plenty.
+    max_in_flight: int | None = None
     max_attempts: int = 3
     backoff_initial_ms: int = 200
     backoff_max_ms: int = 10_000
@@ -135,6 +139,8 @@ class RuntimeConfig:
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.concurrency < 1 or self.max_attempts < 1:
             raise ValueError("max_batch, concurrency and max_attempts must be >= 1")
+        if self.max_in_flight is None:
+            self.max_in_flight = max(2 * self.max_batch * self.concurrency, 8)
         if self.max_in_flight < self.max_batch:
             raise ValueError("max_in_flight must be at least max_batch")
 

@@ -298,6 +298,12 @@ def worker(
     concurrency: Annotated[int, typer.Option(help="Batches worked on at once.")] = 1,
     max_batch: Annotated[int | None, typer.Option(help="Records per batch (gen: 4).")] = None,
     max_wait_ms: Annotated[int, typer.Option(help="Longest wait to fill a batch.")] = 20,
+    max_in_flight: Annotated[
+        int | None,
+        typer.Option(
+            help="Records held at once, then fetching pauses (default: 2 batches a slot)."
+        ),
+    ] = None,
     metrics_port: Annotated[int | None, typer.Option(help="Serve /metrics on this port.")] = None,
     instance_id: Annotated[
         str | None, typer.Option(help="Static group membership id (restarts skip a rebalance).")
@@ -348,6 +354,7 @@ def worker(
         max_batch=max_batch or (4 if kind is WorkerKind.gen else 1),
         max_wait_ms=max_wait_ms,
         concurrency=concurrency,
+        max_in_flight=max_in_flight,
         metrics_port=metrics_port,
         instance_id=instance_id,
         partitions=partitions,

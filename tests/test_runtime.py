@@ -253,21 +253,37 @@ async def test_records_without_a_span_processor_keep_the_upstream_trace(
         assert fresh[1] != "0" * 32 and fresh[1] != traced[1]
 
 
-async def test_in_flight_is_bounded_and_fetching_resumes(settings: Settings) -> None:
+def test_in_flight_defaults_to_two_batches_a_slot() -> None:
+    assert RuntimeConfig().max_in_flight == 8, "at least 8"
+    assert RuntimeConfig(max_batch=4).max_in_flight == 8
+    assert RuntimeConfig(max_batch=4, concurrency=3).max_in_flight == 24
+    assert RuntimeConfig(max_batch=4, max_in_flight=64).max_in_flight == 64
+    with pytest.raises(ValueError, match="max_in_flight"):
+        RuntimeConfig(max_batch=4, max_in_flight=3)
+
+
+@pytest.mark.parametrize(
+    ("options", "bound"),
+    [({"max_in_flight": 5}, 5), ({"max_batch": 6, "max_wait_ms": 1}, 12)],
+    ids=["explicit", "default"],
+)
+async def test_in_flight_is_bounded_and_fetching_resumes(
+    settings: Settings, options: dict[str, int], bound: int
+) -> None:
     """At ``max_in_flight`` the partitions pause; as records finish, fetching resumes."""
     gate = threading.Event()
     stage = ToyStage(gates={"hold": gate})
-    config = RuntimeConfig(max_in_flight=5, **FAST)
+    config = RuntimeConfig(**options, **FAST)
     events = [Ping(id="held", block="hold"), *(Ping(id=f"q{i:02d}") for i in range(40))]
     try:
         async with StageRuntime(stage, settings, config) as rt:
             await publish_all(settings, events, key="one")
-            await eventually(lambda: rt.in_flight == 5, what="max_in_flight records accepted")
+            await eventually(lambda: rt.in_flight == bound, what="max_in_flight records accepted")
             rounds = rt.commit_rounds
             await eventually(lambda: rt.commit_rounds >= rounds + 5)
-            assert rt.in_flight == 5, "paused at max_in_flight"
+            assert rt.in_flight == bound, "paused at max_in_flight"
             in_flight = rt.metrics.registry.get_sample_value("genseg_in_flight", {"stage": "toy"})
-            assert in_flight == 5
+            assert in_flight == bound
             gate.set()
             async with TopicReader(settings, "images") as reader:
                 await reader.until(lambda: len(set(reader.keys("images"))) == len(events))
