@@ -9,8 +9,9 @@
       RGBA PNG encodings, in memory;
     - ``pipeline``: prompt events published to the broker, a gen and a seg
       :class:`StageRuntime` (blob store, image/heat-map PNGs, progress, image-ready,
-      masks-ready, asset-ready events), timed from the first publish to the last
-      asset-ready event received.
+      masks-ready, asset-ready events), timed from the first publish to the timestamp
+      of the last asset-ready event (when the seg worker sent it; the client's
+      producer is started before the clock).
 
     Modes alternate ``--repeats`` times (fresh seeds each run, so no embedding-cache
     hits); the best run of each counts. Target: pipeline / direct <= 1.15 (seconds
@@ -24,23 +25,29 @@
 (b) scaling out: 1 against 2 generator *processes* (``genseg worker gen
     --torch-threads 1``, the real CLI) sharing 4 partitions. Two consumer groups run
     side by side (topic prefixes of their own), one of 1 and one of 2 processes, and
-    take ``--scale-requests`` prompts in alternating rounds while the other group idles
-    (request ids chosen so that every partition holds the same number), timed from
-    the first publish to the last image-ready event; every process is warmed up (one
-    request per partition) first, the best round of each counts. Target: throughput
-    of 2 processes / 1 process >= 1.7 on a 2-core machine.
+    take ``--scale-requests`` prompts in alternating rounds (request ids chosen so that
+    every partition holds the same number), timed from the first publish to the
+    timestamp of the last image-ready event; every process is warmed up (one request
+    per partition) first, the best round of each counts. The group whose turn it is not
+    is frozen (SIGSTOP) meanwhile: a deployment of either size has no second group
+    polling the broker. Each round reports its batches per process, when each process
+    sent its last image, and the CPU seconds of each group, the driver and the broker.
+    Target: throughput of 2 processes / 1 process >= 1.7 on a 2-core machine.
 
 Other load on the machine skews both, (b) most (two single-threaded workers need
 both cores): every run reports the machine's busy cores from ``/proc/stat``, the
 part of it that was this benchmark's own processes, and the rest ("other load").
 
 Kafka hops: tansu answers a fetch when the consumer's ``fetch_max_wait_ms`` runs
-out even if records arrived earlier, so every hop waits up to that long. Workers and
-the measuring consumers here use ``KAFKA_FETCH_MAX_WAIT_MS`` (``--fetch-wait-ms``
-overrides it for (a)'s workers); the JSON reports the value. That is a fixed
+out even if records arrived earlier, so every hop waits up to that long. Workers use
+``KAFKA_FETCH_MAX_WAIT_MS`` (``--fetch-wait-ms`` overrides it for (a)'s workers,
+``--scale-fetch-wait-ms`` for (b)'s); the JSON reports the value. That is a fixed
 fill-and-drain cost per run, not per request, while every empty fetch costs some CPU.
+The measuring consumers poll every 200 ms: they time runs by the records' own
+timestamps, so their latency is not counted and their polling costs little.
 
-Usage: ``python bench/pipeline.py [--requests 32] [--steps 20] [--scale-requests 24]``.
+Usage: ``python bench/pipeline.py [--requests 32] [--steps 20] [--scale-requests 24]``
+(``--worker-max-in-flight 64`` runs (b)'s workers with the runtime's old prefetch).
 Prints the machine; the last line is one JSON object ``{"bench": "pipeline", ...}``.
 """
 
@@ -60,7 +67,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,7 +86,7 @@ from gen_worker.generate import Generator, Sample
 from gen_worker.handler import GenStage, batch_spec
 from gen_worker.profiles import GenModels
 from genseg.admin import ensure_topics
-from genseg.broker import EmbeddedBroker
+from genseg.broker import EmbeddedBroker, free_port
 from genseg.settings import Settings
 from schemas import PromptEvent, SegmentationOptions
 from seg_worker import SegStage
@@ -88,6 +96,8 @@ log = logging.getLogger("bench.pipeline")
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTITIONS = 4
+#: The measuring consumers' fetch wait: they time runs by the records' own timestamps.
+DRIVER_FETCH_WAIT_MS = 200
 #: Tiny SAM's random IoU head scores about 0.2: keep its masks, so assets are made.
 SEGMENTATION = {"min_confidence": 0.0}
 
@@ -138,19 +148,24 @@ def _process_cpu_s(pid: int) -> float:
 
 @dataclass
 class LoadMeter:
-    """Busy cores of the machine during a run, and how much of it was ours."""
+    """Busy cores of the machine during a run, and how much of it was ours.
 
-    pids: list[int]
+    ``roles`` names our processes (e.g. ``{"driver": [pid], "broker": [pid]}``); the
+    report gives each role's CPU seconds, so a run shows where its cores went.
+    """
+
+    roles: dict[str, list[int]]
     wall: float = 0.0
     busy: float | None = None
     ours: float = 0.0
+    by_role: dict[str, float] = field(default_factory=dict)
     _t0: float = 0.0
     _busy0: float | None = None
-    _ours0: dict[int, float] = field(default_factory=dict)
+    _cpu0: dict[int, float] = field(default_factory=dict)
 
     def __enter__(self) -> LoadMeter:
         self._t0, self._busy0 = time.perf_counter(), _machine_busy_s()
-        self._ours0 = {pid: _process_cpu_s(pid) for pid in self.pids}
+        self._cpu0 = {pid: _process_cpu_s(pid) for pids in self.roles.values() for pid in pids}
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -158,13 +173,18 @@ class LoadMeter:
         busy1 = _machine_busy_s()
         if busy1 is not None and self._busy0 is not None:
             self.busy = busy1 - self._busy0
-        self.ours = sum(_process_cpu_s(pid) - t for pid, t in self._ours0.items())
+        self.by_role = {
+            role: sum(_process_cpu_s(pid) - self._cpu0[pid] for pid in pids)
+            for role, pids in self.roles.items()
+        }
+        self.ours = sum(self.by_role.values())
 
     def report(self) -> dict[str, Any]:
         wall = max(self.wall, 1e-9)
         out: dict[str, Any] = {
             "ours_cpu_s": round(self.ours, 3),
             "ours_cores": round(self.ours / wall, 2),
+            "cpu_s_by_role": {role: round(s, 3) for role, s in self.by_role.items()},
         }
         if self.busy is not None:
             out["busy_cores"] = round(self.busy / wall, 2)
@@ -206,11 +226,13 @@ def balanced_ids(tag: str, n: int, partitions: int = PARTITIONS) -> list[str]:
 class Outcomes:
     """Reads the given topics from their current end (fetch wait: the settings')."""
 
-    def __init__(self, settings: Settings, short_names: list[str]) -> None:
+    def __init__(
+        self, settings: Settings, short_names: list[str], fetch_max_wait_ms: int | None = None
+    ) -> None:
         self.settings = settings
         self.topics = [settings.topics.name(n) for n in short_names]
         self.consumer = AIOKafkaConsumer(
-            fetch_max_wait_ms=getattr(settings, "kafka_fetch_max_wait_ms", 25),
+            fetch_max_wait_ms=fetch_max_wait_ms or settings.kafka_fetch_max_wait_ms,
             **settings.kafka_kwargs(),
         )
 
@@ -233,14 +255,18 @@ class Outcomes:
         await self.consumer.stop()
 
     async def wait(self, ids: set[str], topic: str, timeout: float) -> float:
-        """Wait until every id has a record on ``topic``; perf_counter time of the last one.
+        """Wait until every id has a record on ``topic``; the latest record's timestamp.
 
-        A record of an id on any other topic (the dead-letter topic) fails the run.
+        That is when the worker sent it (producer CreateTime, seconds since the epoch
+        here), so the measuring consumer's own fetch latency does not count and it can
+        poll slowly and cheaply. A record of an id on any other topic (the dead-letter
+        topic) fails the run. Per record: ``values``, ``timestamps`` (ms), ``partitions``.
         """
         seen: set[str] = set()
         self.values: list[bytes] = []
+        self.timestamps: list[int] = []
+        self.partitions: list[int] = []
         deadline = time.perf_counter() + timeout
-        last = time.perf_counter()
         while not ids <= seen:
             if time.perf_counter() > deadline:
                 raise TimeoutError(f"{len(ids - seen)} of {len(ids)} outcomes missing")
@@ -254,23 +280,32 @@ class Outcomes:
                     if key not in seen:
                         seen.add(key)
                         self.values.append(record.value or b"")
-                    last = time.perf_counter()
-        return last
+                        self.timestamps.append(record.timestamp)
+                        self.partitions.append(tp.partition)
+        return max(self.timestamps) / 1000
 
 
-async def publish(settings: Settings, events: list[PromptEvent]) -> None:
+@contextlib.asynccontextmanager
+async def client_producer(settings: Settings) -> AsyncIterator[AIOKafkaProducer]:
+    """The upstream client's producer, started once: its connection setup is not timed."""
     producer = AIOKafkaProducer(acks="all", linger_ms=2, **settings.kafka_kwargs())
     await producer.start()
     try:
-        futures = [
-            await producer.send(
-                settings.topics.prompts, e.to_json_bytes(), key=e.id.encode(), headers=[]
-            )
-            for e in events
-        ]
-        await asyncio.gather(*futures)
+        yield producer
     finally:
         await producer.stop()
+
+
+async def publish(
+    producer: AIOKafkaProducer, settings: Settings, events: list[PromptEvent]
+) -> None:
+    futures = [
+        await producer.send(
+            settings.topics.prompts, e.to_json_bytes(), key=e.id.encode(), headers=[]
+        )
+        for e in events
+    ]
+    await asyncio.gather(*futures)
 
 
 # --- (a) pipeline against direct ---------------------------------------------------------
@@ -318,12 +353,12 @@ def run_direct(
 
 
 async def run_pipeline(
-    settings: Settings, events: list[PromptEvent], timeout: float
+    producer: AIOKafkaProducer, settings: Settings, events: list[PromptEvent], timeout: float
 ) -> tuple[float, int]:
     """Seconds from the first publish to the last asset-ready event, and the assets cut."""
-    async with Outcomes(settings, ["assets", "dlq"]) as outcomes:
-        started = time.perf_counter()
-        await publish(settings, events)
+    async with Outcomes(settings, ["assets", "dlq"], DRIVER_FETCH_WAIT_MS) as outcomes:
+        started = time.time()
+        await publish(producer, settings, events)
         last = await outcomes.wait({e.id for e in events}, settings.topics.assets, timeout)
     found = sum(len(json.loads(v)["assets"]) for v in outcomes.values)
     return last - started, found
@@ -358,7 +393,7 @@ async def bench_overhead(
         RuntimeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, **options),
     )
     seg_rt = StageRuntime(seg, settings, RuntimeConfig(**options))
-    pids = [os.getpid()] + ([broker_pid] if broker_pid else [])
+    pids = {"bench": [os.getpid()], "broker": [broker_pid] if broker_pid else []}
     direct: list[float] = []
     pipeline: list[float] = []
     found: dict[str, list[int]] = {"direct": [], "pipeline": []}
@@ -368,11 +403,13 @@ async def bench_overhead(
     def events(tag: str, count: int, steps: int, seed0: int) -> list[PromptEvent]:
         return [prompt(f"{tag}-{i:03d}", seed0 + i, size, steps) for i in range(count)]
 
-    async with gen_rt, seg_rt:
+    async with gen_rt, seg_rt, client_producer(settings) as producer:
         # Warm up both paths: group joins, metadata, first-call allocations.
-        await run_pipeline(settings, events("warm", 4, 2, 10), args.timeout)
+        await run_pipeline(producer, settings, events("warm", 4, 2, 10), args.timeout)
         run_direct(generator, seg, events("warm-d", 4, 2, 20), args.max_batch)
-        round_trip, _ = await run_pipeline(settings, events("rtt", 1, steps, 30), args.timeout)
+        round_trip, _ = await run_pipeline(
+            producer, settings, events("rtt", 1, steps, 30), args.timeout
+        )
         count0, sum0 = histogram_totals(gen_rt.metrics.batch_size)
         for r in range(args.repeats):
             # The same seeds in both modes: the same images, heat maps and objects (the
@@ -388,7 +425,7 @@ async def bench_overhead(
             log.info("direct run %d: %.2f s %s", r, direct[-1], loads[-1])
             with LoadMeter(pids) as meter:
                 seconds, objects = await run_pipeline(
-                    settings, events(f"p{r}", n, steps, seed0), args.timeout
+                    producer, settings, events(f"p{r}", n, steps, seed0), args.timeout
                 )
             pipeline.append(seconds)
             found["pipeline"].append(objects)
@@ -433,6 +470,15 @@ async def bench_overhead(
 class WorkerProcess:
     proc: subprocess.Popen[bytes]
     log_path: Path
+    metrics_port: int
+
+    def batches(self) -> tuple[int, int]:
+        """Handler calls (batches) so far and the records in them, from /metrics."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        found = dict(re.findall(r"^genseg_batch_size_(count|sum)\{[^}]*\} (\S+)$", text, re.M))
+        return int(float(found["count"])), int(float(found["sum"]))
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -448,6 +494,29 @@ class WorkerProcess:
         if self.proc.poll() is not None:
             raise RuntimeError(f"gen worker exited {self.proc.returncode}:\n{self.log()[-3000:]}")
 
+    def assignments(self) -> int:
+        """How many partition assignments this worker has had (a rebalance adds one)."""
+        return len(re.findall(r"stage gen assigned \[", self.log()))
+
+
+@contextlib.contextmanager
+def stopped(workers: list[WorkerProcess]) -> Iterator[None]:
+    """The workers frozen (SIGSTOP) for a while, then continued (SIGCONT).
+
+    The other group's round must not pay for this group's idle polling (its fetches,
+    heartbeats and the broker's answers): in a real deployment of either size there
+    is no second group. The freeze stays well under the session timeout (10 s), so the
+    group keeps its members; ``bench_scale`` checks that no rebalance happened.
+    """
+    for w in workers:
+        w.proc.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for w in workers:
+            if w.proc.poll() is None:
+                w.proc.send_signal(signal.SIGCONT)
+
 
 @contextlib.contextmanager
 def gen_workers(
@@ -460,22 +529,26 @@ def gen_workers(
         GENSEG_BLOB_URL=settings.blob_url,
         GENSEG_MODELS="tiny",
         GENSEG_LOG_LEVEL="INFO",
+        KAFKA_FETCH_MAX_WAIT_MS=str(args.scale_fetch_wait_ms or settings.kafka_fetch_max_wait_ms),
         COLUMNS="300",
     )
     workers = []
     try:
         for i in range(count):
             log_path = log_dir / f"{settings.topic_prefix}-gen{i}.log"
+            port = free_port()
             command = [
                 sys.executable, "-m", "genseg.cli", "worker", "gen", "--torch-threads", "1",
                 "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
-                "--no-create-topics",
+                "--no-create-topics", "--metrics-port", str(port),
             ]  # fmt: skip
+            if args.worker_max_in_flight:
+                command += ["--max-in-flight", str(args.worker_max_in_flight)]
             with log_path.open("wb") as out:
                 proc = subprocess.Popen(
                     command, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
                 )
-            workers.append(WorkerProcess(proc, log_path))
+            workers.append(WorkerProcess(proc, log_path, port))
         yield workers
     finally:
         for w in workers:
@@ -521,34 +594,64 @@ async def bench_scale(
         await ensure_topics(groups[count], partitions=PARTITIONS)
     results: dict[int, list[float]] = {1: [], 2: []}
     loads: list[dict[str, Any]] = []
-    with contextlib.ExitStack() as stack:
+    async with contextlib.AsyncExitStack() as stack:
         workers = {c: stack.enter_context(gen_workers(groups[c], c, log_dir, args)) for c in (1, 2)}
+        producer = await stack.enter_async_context(client_producer(groups[1]))
         for count in (1, 2):
             await wait_balanced(workers[count], args.timeout)
-        pids = [w.proc.pid for ws in workers.values() for w in ws] + [os.getpid()]
-        pids += [broker_pid] if broker_pid else []
+        pids = {
+            **{f"gen_group_{c}": [w.proc.pid for w in ws] for c, ws in workers.items()},
+            "driver": [os.getpid()],
+            "broker": [broker_pid] if broker_pid else [],
+        }
         for count in (1, 2):  # warm up every process: one request per partition
             settings = groups[count]
             async with Outcomes(settings, ["images", "dlq"]) as outcomes:
                 warm = [prompt(i, 7, size, 2) for i in balanced_ids("warm", PARTITIONS)]
-                await publish(settings, warm)
+                await publish(producer, settings, warm)
                 await outcomes.wait({e.id for e in warm}, settings.topics.images, args.timeout)
         for r in range(args.scale_repeats):
             for count in (1, 2) if r % 2 == 0 else (2, 1):
                 settings = groups[count]
                 ids = balanced_ids(f"s{r}", n)
                 events = [prompt(i, 5000 + 100 * r + k, size, steps) for k, i in enumerate(ids)]
-                async with Outcomes(settings, ["images", "dlq"]) as outcomes:
-                    with LoadMeter(pids) as meter:
-                        started = time.perf_counter()
-                        await publish(settings, events)
+                assignments = [w.assignments() for w in workers[count]]
+                batches0 = [w.batches() for w in workers[count]]
+                async with Outcomes(settings, ["images", "dlq"], DRIVER_FETCH_WAIT_MS) as outcomes:
+                    with stopped(workers[3 - count]), LoadMeter(pids) as meter:
+                        started = time.time()
+                        await publish(producer, settings, events)
                         last = await outcomes.wait(set(ids), settings.topics.images, args.timeout)
                 for w in workers[count]:
                     w.check_alive()
+                if [w.assignments() for w in workers[count]] != assignments:
+                    raise RuntimeError(f"the {count}-process group rebalanced during run {r}")
                 elapsed = last - started
                 results[count].append(elapsed)
+                handled = [
+                    (c1 - c0, s1 - s0)
+                    for (c0, s0), (c1, s1) in zip(
+                        batches0, [w.batches() for w in workers[count]], strict=True
+                    )
+                ]
+                # When each process sent its last image-ready event, from the start: the
+                # first to finish idles its core while the other works on.
+                out = list(zip(outcomes.timestamps, outcomes.partitions, strict=True))
+                finished = [
+                    max(t for t, p in out if p in (w.assigned() or set())) / 1000 - started
+                    for w in workers[count]
+                ]
                 loads.append(
-                    {"processes": count, "run": r, "s": round(elapsed, 3), **meter.report()}
+                    {
+                        "processes": count,
+                        "run": r,
+                        "s": round(elapsed, 3),
+                        "first_out_s": round(min(outcomes.timestamps) / 1000 - started, 3),
+                        "finished_s": [round(f, 3) for f in finished],
+                        "batches": [c for c, _ in handled],
+                        "records": [n for _, n in handled],
+                        **meter.report(),
+                    }
                 )
                 log.info("%d gen process(es), run %d: %.2f s %s", count, r, elapsed, loads[-1])
     one, two = min(results[1]), min(results[2])
@@ -560,6 +663,8 @@ async def bench_scale(
         "partitions": PARTITIONS,
         "torch_threads_per_process": 1,
         "max_batch": args.max_batch,
+        "worker_fetch_max_wait_ms": args.scale_fetch_wait_ms or groups[1].kafka_fetch_max_wait_ms,
+        "worker_max_in_flight": args.worker_max_in_flight or "default",
         "repeats": args.scale_repeats,
         "one_process_req_per_s": round(n / one, 3),
         "two_processes_req_per_s": round(n / two, 3),
@@ -603,6 +708,15 @@ def main() -> None:
     parser.add_argument("--fetch-wait-ms", type=int, default=None, help="(a) workers' fetch wait")
     parser.add_argument(
         "--torch-threads", type=int, default=1, help="(a) torch threads of this process"
+    )
+    parser.add_argument(
+        "--scale-fetch-wait-ms", type=int, default=None, help="(b) workers' fetch wait"
+    )
+    parser.add_argument(
+        "--worker-max-in-flight",
+        type=int,
+        default=None,
+        help="(b) workers' --max-in-flight (default: theirs, two batches)",
     )
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--skip-overhead", action="store_true")
