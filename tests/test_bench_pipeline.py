@@ -1,0 +1,44 @@
+"""bench/pipeline.py runs end to end on a few requests and reports what docs/benchmarks.md
+reads from it (the figures themselves are the benchmark's business, not a test's)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pipeline_bench_reports_both_parts(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "GENSEG_", "OTEL_"))}
+    env["TMPDIR"] = str(tmp_path)
+    command = [
+        sys.executable, "bench/pipeline.py", "--requests", "2", "--steps", "2",
+        "--repeats", "1", "--scale-requests", "4", "--scale-repeats", "2",
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["bench"] == "pipeline"
+
+    overhead = result["overhead"]
+    assert overhead["requests"] == 2
+    assert overhead["objects_per_run"]["pipeline"] == overhead["objects_per_run"]["direct"], (
+        "the same seeds cut out the same objects in both modes"
+    )
+    assert overhead["pipeline_s_per_request"] > 0 and overhead["direct_s_per_request"] > 0
+
+    scale = result["scale"]
+    assert scale["requests"] == 4 and scale["worker_max_in_flight"] == "default"
+    rounds = scale["load"]
+    assert sorted(r["processes"] for r in rounds) == [1, 1, 2, 2]
+    for r in rounds:
+        assert len(r["batches"]) == r["processes"] == len(r["finished_s"])
+        assert sum(r["records"]) == 4, "every request of the round went through this group"
+        idle = r["cpu_s_by_role"][f"gen_group_{3 - r['processes']}"]
+        assert idle <= 0.03, f"the other group was frozen during the round: {idle} CPU-s"
+        assert r["s"] >= max(r["finished_s"]) - 1e-3
+    assert scale["throughput_ratio"] > 0
