@@ -80,6 +80,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from bench.machine import cpu_name
 from consumers.runtime import RuntimeConfig, StageRuntime
 from consumers.subscriber import partition_for_key
 from gen_worker.generate import Generator, Sample
@@ -106,14 +107,8 @@ SEGMENTATION = {"min_confidence": 0.0}
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     return {
-        "cpu": cpu,
+        "cpu": cpu_name() or platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
