@@ -78,6 +78,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from bench.machine import process_cpu_s
 from consumers.runtime import RuntimeConfig, StageRuntime
 from consumers.stage import ItemResult, Output, Stage, StageContext
 from genseg.admin import ensure_topics
@@ -313,17 +314,6 @@ def git_commit() -> str | None:
     return (head + ("+dirty" if dirty else "")) or None
 
 
-def cpu_seconds(pid: int | None) -> float | None:
-    """User + system CPU seconds of process ``pid`` so far (Linux /proc), else None."""
-    if pid is None:
-        return None
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
@@ -474,10 +464,10 @@ async def run_variant(
         if not await asyncio.to_thread(ready.wait, 90):
             raise RuntimeError(f"{variant.name}: the worker did not join its group in 90 s")
         pids = {"worker": proc.pid, "driver": os.getpid(), "broker": broker.pid}
-        cpu_before = {k: cpu_seconds(p) for k, p in pids.items()}
+        cpu_before = {k: process_cpu_s(p) for k, p in pids.items()}
         joined = time.perf_counter()
         await reader.until("b", args.records, timeout=args.timeout)
-        cpu_after = {k: cpu_seconds(p) for k, p in pids.items()}
+        cpu_after = {k: process_cpu_s(p) for k, p in pids.items()}
         wall = time.perf_counter() - joined
         first, last = reader.first_read["b"], reader.last_read["b"]
 

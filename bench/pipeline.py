@@ -80,7 +80,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from bench.machine import cpu_name
+from bench.machine import cpu_name, process_cpu_s
 from consumers.runtime import RuntimeConfig, StageRuntime
 from consumers.subscriber import partition_for_key
 from gen_worker.generate import Generator, Sample
@@ -133,12 +133,7 @@ def _machine_busy_s() -> float | None:
 
 def _process_cpu_s(pid: int) -> float:
     """CPU seconds of process ``pid`` (all its threads); 0 when it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = text.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
+    return process_cpu_s(pid) or 0.0
 
 
 @dataclass
