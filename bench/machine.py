@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import platform
 from pathlib import Path
+from typing import Any
 
 
 def cpu_name() -> str | None:
@@ -15,6 +17,20 @@ def cpu_name() -> str | None:
     except OSError:
         pass
     return None
+
+
+def describe() -> dict[str, Any]:
+    """What every bench reports about the machine: CPU, cores, the torch build and its
+    intra-op threads, Python. Benches add their own fields to it."""
+    import torch  # here: the event-plane bench and its worker processes never need it
+
+    return {
+        "cpu": cpu_name() or platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def process_cpu_s(pid: int | None) -> float | None:

@@ -80,7 +80,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from bench.machine import cpu_name, process_cpu_s
+from bench.machine import describe, process_cpu_s
 from consumers.runtime import RuntimeConfig, StageRuntime
 from consumers.subscriber import partition_for_key
 from gen_worker.generate import Generator, Sample
@@ -108,12 +108,8 @@ SEGMENTATION = {"min_confidence": 0.0}
 
 def machine() -> dict[str, Any]:
     return {
-        "cpu": cpu_name() or platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
+        **describe(),
         "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import cpu_name
+from bench.machine import describe
 from gen_worker.generate import Generator
 from gen_worker.profiles import GenModels, RuntimeOptions
 from genseg.settings import Settings
@@ -44,13 +42,8 @@ log = logging.getLogger("bench.quality")
 
 
 def machine() -> dict[str, object]:
-    cpu = cpu_name() or platform.processor() or platform.machine()
     return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
+        **describe(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 

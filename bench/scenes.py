@@ -24,7 +24,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -37,7 +36,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import cpu_name
+from bench.machine import describe
 from consumers.stage import StageContext
 from genseg.blobstore import LocalBlobStore, blob_key
 from genseg.images import encode_heatmap, encode_png
@@ -52,13 +51,8 @@ TARGETS = ("sofa", "coffee table")
 
 def machine() -> dict[str, object]:
     """What ran the benchmark."""
-    cpu = cpu_name() or platform.processor() or "unknown"
     return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
+        **describe(),
         "load_average": [round(v, 2) for v in os.getloadavg()],
     }
 

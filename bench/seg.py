@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from bench.machine import cpu_name
+from bench.machine import describe
 from consumers.runtime import RuntimeConfig, StageRuntime
 from genseg.admin import ensure_topics
 from genseg.blobstore import BlobStore
@@ -68,13 +68,8 @@ TARGETS = ("cup", "plate")
 
 def machine() -> dict[str, object]:
     """What ran the benchmark."""
-    cpu = cpu_name() or platform.processor() or "unknown"
     return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
+        **describe(),
         "platform": platform.platform(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
