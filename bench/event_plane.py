@@ -81,9 +81,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from bench.machine import process_cpu_s
 from consumers.runtime import RuntimeConfig, StageRuntime
 from consumers.stage import ItemResult, Output, Stage, StageContext
-from genseg.admin import ensure_topics
-from genseg.broker import EmbeddedBroker
-from genseg.settings import Settings
+from plumbing.broker import EmbeddedBroker
+from plumbing.kafka import ensure_topics
+from plumbing.settings import Settings
 from schemas import Event, parse_event
 
 log = logging.getLogger("bench.event_plane")

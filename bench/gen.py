@@ -40,8 +40,8 @@ from consumers.subscriber import Subscriber
 from gen_worker.generate import Generator, Sample
 from gen_worker.handler import GenStage, batch_spec, image_seeds
 from gen_worker.profiles import GenModels
-from genseg.broker import EmbeddedBroker
-from genseg.settings import Settings
+from plumbing.broker import EmbeddedBroker
+from plumbing.settings import Settings
 from producers.publisher import Publisher
 from schemas import ImageReadyEvent, PromptEvent
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gen_worker.generate import BatchSpec, Generator, Sample
 from gen_worker.profiles import GenModels, RuntimeOptions
-from genseg.settings import Settings
+from plumbing.settings import Settings
 
 log = logging.getLogger("bench.gpu_gen")
 

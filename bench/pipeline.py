@@ -86,9 +86,9 @@ from consumers.subscriber import partition_for_key
 from gen_worker.generate import Generator, Sample
 from gen_worker.handler import GenStage, batch_spec
 from gen_worker.profiles import GenModels
-from genseg.admin import ensure_topics
-from genseg.broker import EmbeddedBroker, free_port
-from genseg.settings import Settings
+from plumbing.broker import EmbeddedBroker, free_port
+from plumbing.kafka import ensure_topics
+from plumbing.settings import Settings
 from schemas import PromptEvent, SegmentationOptions
 from seg_worker import SegStage
 from seg_worker.finishing import mask_png, rgba_png

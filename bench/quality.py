@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.machine import describe
 from gen_worker.generate import Generator
 from gen_worker.profiles import GenModels, RuntimeOptions
-from genseg.settings import Settings
+from plumbing.settings import Settings
 from schemas import SegmentationOptions
 from seg_worker.config import SegConfig
 from seg_worker.predictor import CachedPredictor

@@ -38,9 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import describe
 from consumers.stage import StageContext
-from genseg.blobstore import LocalBlobStore, blob_key
-from genseg.images import encode_heatmap, encode_png
-from genseg.settings import Settings
+from plumbing.blobstore import LocalBlobStore, blob_key
+from plumbing.images import encode_heatmap, encode_png
+from plumbing.settings import Settings
 from schemas import AssetReadyEvent, ImageReadyEvent, ResolvedParams, SceneOptions, Topics
 from seg_worker import SegStage
 

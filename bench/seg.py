@@ -44,11 +44,11 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench.machine import describe
 from consumers.runtime import RuntimeConfig, StageRuntime
-from genseg.admin import ensure_topics
-from genseg.blobstore import BlobStore
-from genseg.broker import EmbeddedBroker
-from genseg.images import encode_heatmap, encode_png
-from genseg.settings import Settings
+from plumbing.blobstore import BlobStore
+from plumbing.broker import EmbeddedBroker
+from plumbing.images import encode_heatmap, encode_png
+from plumbing.kafka import ensure_topics
+from plumbing.settings import Settings
 from producers.publisher import Publisher
 from schemas import (
     AssetReadyEvent,

@@ -20,7 +20,7 @@ It owns every Kafka concern so a stage is only a handler:
   upstream context; handler phases become child spans of every record they
   served; a ``batch {stage}`` span links the records of a batch; outputs carry
   the record's context on. When no span processor would see a span
-  (:func:`genseg.telemetry.spans_recorded`), the ``process`` span is only a new span
+  (:func:`plumbing.telemetry.spans_recorded`), the ``process`` span is only a new span
   id in the upstream trace, and batch and phase spans are skipped;
 - metrics: see :class:`consumers.metrics.StageMetrics`.
 """
@@ -55,18 +55,13 @@ from opentelemetry.trace import (
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from consumers.metrics import StageMetrics
-from consumers.stage import ItemResult, Output, PermanentError, Stage, StageContext
-from genseg.admin import ensure_topics
-from genseg.blobstore import (
-    BlobIntegrityError,
-    BlobNotFound,
-    BlobStore,
-    BlobTooLarge,
-    ForeignBlobRef,
-)
-from genseg.lifecycle import AsyncService
-from genseg.settings import Settings
-from genseg.telemetry import (
+from consumers.stage import ItemResult, Output, Stage, StageContext
+from plumbing.blobstore import BlobStore
+from plumbing.errors import error_type_of, is_permanent
+from plumbing.kafka import ensure_topics
+from plumbing.lifecycle import AsyncService
+from plumbing.settings import Settings
+from plumbing.telemetry import (
     TRACER_NAME,
     child_span_context,
     child_trace_headers,
@@ -78,20 +73,10 @@ from genseg.telemetry import (
     w3c_propagation,
 )
 from producers.publisher import Publisher
-from schemas import DeadLetterEvent, InvalidEvent, SourceInfo
+from schemas import DeadLetterEvent, SourceInfo
 from schemas.events import TenantId
 
 log = logging.getLogger(__name__)
-
-#: Failures that retrying cannot fix.
-PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
-    PermanentError,
-    InvalidEvent,
-    ForeignBlobRef,
-    BlobIntegrityError,
-    BlobTooLarge,
-    BlobNotFound,
-)
 
 
 class JobTimeout(Exception):
@@ -222,14 +207,6 @@ def tenant_of(event: Any, raw: bytes | None) -> str | None:
         return _TENANT_ID.validate_python(tenant) if isinstance(tenant, str) else None
     except ValidationError:
         return None
-
-
-def error_type_of(exc: BaseException) -> str:
-    """``error.type`` of a dead-letter event for ``exc``."""
-    if isinstance(exc, InvalidEvent):
-        return "validation"
-    declared = getattr(exc, "error_type", None)
-    return declared if isinstance(declared, str) else type(exc).__name__
 
 
 class StageRuntime(AsyncService):
@@ -749,7 +726,7 @@ class StageRuntime(AsyncService):
         kind = error_type_of(exc)
         self.metrics.fail(kind)
         job.span.record_exception(exc)
-        if isinstance(exc, PERMANENT_ERRORS) or job.attempts >= self.config.max_attempts:
+        if is_permanent(exc) or job.attempts >= self.config.max_attempts:
             await self._dead_letter(job, exc)
             return
         if self._stopping:  # leave it uncommitted: the partition's next owner retries it

@@ -15,37 +15,26 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from plumbing.errors import PermanentError, StageError, TransientError
 from schemas import Event, Topics
 
 if TYPE_CHECKING:
-    from genseg.blobstore import BlobStore
-    from genseg.settings import Settings
+    from plumbing.blobstore import BlobStore
+    from plumbing.settings import Settings
 
 In = TypeVar("In", bound=Event)
 
-
-class StageError(Exception):
-    """Base of the errors a handler raises on purpose."""
-
-    #: ``error.type`` in the dead-letter event.
-    error_type: str = "error"
-
-
-class PermanentError(StageError):
-    """Retrying cannot help (bad input, refused reference): dead-letter at once."""
-
-    error_type = "permanent"
-
-    def __init__(self, message: str, error_type: str | None = None) -> None:
-        super().__init__(message)
-        if error_type:
-            self.error_type = error_type
-
-
-class TransientError(StageError):
-    """Worth retrying with backoff (store or broker hiccup, out of memory)."""
-
-    error_type = "transient"
+# Handlers raise these; they live with the rest of the taxonomy in plumbing.errors.
+__all__ = [
+    "ItemResult",
+    "Output",
+    "PermanentError",
+    "Phase",
+    "Stage",
+    "StageContext",
+    "StageError",
+    "TransientError",
+]
 
 
 @dataclass

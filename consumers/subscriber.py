@@ -17,8 +17,9 @@ from typing import Literal
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import murmur2
 
-from genseg.lifecycle import AsyncService
-from genseg.settings import Settings
+from plumbing.kafka import make_consumer
+from plumbing.lifecycle import AsyncService
+from plumbing.settings import Settings
 from schemas import (
     SCHEMA_ASSET,
     SCHEMA_DEAD_LETTER,
@@ -86,11 +87,8 @@ class Subscriber(AsyncService):
         self._consumer: AIOKafkaConsumer = None  # type: ignore[assignment]  # made in start()
 
     async def start(self) -> None:
-        self._consumer = AIOKafkaConsumer(
-            enable_auto_commit=False,
-            client_id="genseg-subscriber",
-            fetch_max_wait_ms=self.settings.kafka_fetch_max_wait_ms,
-            **self.settings.kafka_kwargs(),
+        self._consumer = make_consumer(
+            self.settings, enable_auto_commit=False, client_id="genseg-subscriber"
         )
         await self._consumer.start()
         partitions: list[TopicPartition] = []
@@ -116,6 +114,8 @@ class Subscriber(AsyncService):
                 return set(numbers)
             if time.monotonic() > deadline:
                 raise LookupError(f"topic {topic} does not exist (run `genseg topics create`)")
+            # No public call refreshes the consumer's own metadata (``topics()`` returns a
+            # copy), and a topic created a moment ago is not in it yet.
             await self._consumer._client.force_metadata_update()
             await asyncio.sleep(0.1)
 

@@ -28,8 +28,8 @@ from gen_worker.oom import run_with_oom_ladder
 from gen_worker.policy import Policy, PolicyError, PolicyStore, RateLimiter
 from gen_worker.profiles import GenModels, RuntimeOptions
 from gen_worker.safety import NSFW, SafetyChecker
-from genseg.blobstore import blob_key
-from genseg.images import (
+from plumbing.blobstore import blob_key
+from plumbing.images import (
     HEATMAP_MEDIA_TYPE,
     PNG,
     decode_image,
@@ -37,7 +37,7 @@ from genseg.images import (
     encode_png,
     png_byte_limit,
 )
-from genseg.settings import Settings
+from plumbing.settings import Settings
 from schemas import (
     ImageReadyEvent,
     InpaintEvent,

@@ -1,10 +1,11 @@
 """The out-of-memory ladder: split the batch, then save memory, then give up per item.
 
-On ``torch.cuda.OutOfMemoryError`` a batch is retried as two halves (recursively,
-down to single samples); a single sample that still does not fit is retried once in
-low-memory mode (VAE tiling, attention slicing); a sample that fails even then gets
-a :class:`consumers.stage.PermanentError` with ``error_type="out_of_memory"``.
-Other exceptions propagate. The runner is injected, so the ladder is testable on a CPU.
+On out-of-memory (:func:`plumbing.errors.is_out_of_memory`) a batch is retried as
+two halves (recursively, down to single samples); a single sample that still does
+not fit is retried once in low-memory mode (VAE tiling, attention slicing); a sample
+that fails even then gets a :class:`plumbing.errors.PermanentError` with
+``error_type="out_of_memory"``. Other exceptions propagate. The runner is injected,
+so the ladder is testable on a CPU.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import TypeVar
 
 import torch
 
-from consumers.stage import PermanentError
+from plumbing.errors import OUT_OF_MEMORY, PermanentError, is_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +26,6 @@ R = TypeVar("R")
 
 #: ``run(samples, low_memory)`` -> one result per sample, in order.
 Runner = Callable[[Sequence[T], bool], list[R]]
-
-
-def is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError)
 
 
 def _free_memory() -> None:
@@ -48,8 +45,10 @@ def run_with_oom_ladder(
         return []
     try:
         return list(run(samples, low_memory))
-    except torch.cuda.OutOfMemoryError as exc:
-        message = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        message = str(exc).splitlines()[0] if str(exc) else "out of memory"
     _free_memory()
     if len(samples) > 1:
         half = (len(samples) + 1) // 2
@@ -69,6 +68,6 @@ def run_with_oom_ladder(
     return [
         PermanentError(
             f"out of memory for one image even with VAE tiling and attention slicing: {message}",
-            error_type="out_of_memory",
+            error_type=OUT_OF_MEMORY,
         )
     ]

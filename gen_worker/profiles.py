@@ -38,7 +38,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from gen_worker.tokenizer import local_clip_tokenizer
 
 if TYPE_CHECKING:
-    from genseg.settings import Settings
+    from plumbing.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,9 @@
-"""genseg: prompt events in, images, masks and transparent assets out.
+"""genseg, the application: the command line, the demos, dead-letter replay and
+contact sheets, on top of every other layer (see docs/design-notes.md).
 
-This package holds the plumbing every part uses (settings, blob store, telemetry,
-the embedded broker launcher) and the command line. The contract lives in
-``schemas``, publishing in ``producers``, the stage runtime in ``consumers``, and
-the model stages in ``gen_worker`` and ``seg_worker``.
+The contract lives in ``schemas``, the plumbing (settings, blob store, telemetry,
+Kafka clients) in ``plumbing``, publishing in ``producers``, the stage runtime in
+``consumers``, and the stages in ``gen_worker``, ``seg_worker`` and ``scene_worker``.
 """
 
 __version__ = "0.1.0"

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from genseg.settings import Settings
+from plumbing.settings import Settings
 
 app = typer.Typer(
     name="genseg",
@@ -108,7 +108,7 @@ def demo(
     """
     _setup_logging(log_level)
     from genseg.demo import DemoFailed, run_demo
-    from genseg.telemetry import setup_tracing, shutdown_tracing
+    from plumbing.telemetry import setup_tracing, shutdown_tracing
 
     if (prompt is None) == (scene is None):
         err_console.print("[red]give a PROMPT, or --scene (not both)[/]")
@@ -175,7 +175,7 @@ def _scene_demo(
 ) -> None:
     """``genseg demo --scene``: run the scene demo and print what it made."""
     from genseg.demo import DemoFailed, run_scene_demo
-    from genseg.telemetry import setup_tracing, shutdown_tracing
+    from plumbing.telemetry import setup_tracing, shutdown_tracing
 
     try:
         angles = [float(a) for a in views.split(",") if a.strip()]
@@ -266,7 +266,7 @@ def broker(
     import signal
     import threading
 
-    from genseg.broker import BrokerError, EmbeddedBroker
+    from plumbing.broker import BrokerError, EmbeddedBroker
 
     _setup_logging(log_level)
     host, _, port = listen.rpartition(":")
@@ -330,7 +330,7 @@ def worker(
     """
     _setup_logging(log_level)
     from consumers.runtime import RuntimeConfig, StageRuntime
-    from genseg.telemetry import setup_tracing, shutdown_tracing
+    from plumbing.telemetry import setup_tracing, shutdown_tracing
 
     settings = _settings()
     if torch_threads:
@@ -429,7 +429,7 @@ def submit(
     """Publish a prompt event; with --wait, follow it to its assets."""
     from pydantic import ValidationError
 
-    from genseg.telemetry import setup_tracing, shutdown_tracing
+    from plumbing.telemetry import setup_tracing, shutdown_tracing
     from producers.client import new_request_id
     from schemas import PromptEvent
 
@@ -523,13 +523,13 @@ def tail(
 
 
 async def _tail(settings: Settings, topic: str, from_beginning: bool, limit: int | None) -> None:
-    from aiokafka import AIOKafkaConsumer
+    from plumbing.kafka import make_consumer
 
-    consumer = AIOKafkaConsumer(
+    consumer = make_consumer(
+        settings,
         settings.topics.name(topic),
         auto_offset_reset="earliest" if from_beginning else "latest",
         enable_auto_commit=False,
-        **settings.kafka_kwargs(),
     )
     await consumer.start()
     seen = 0
@@ -553,7 +553,7 @@ def topics_create(
     replication_factor: Annotated[int, typer.Option(help="Replicas per partition.")] = 1,
 ) -> None:
     """Create the contract's topics (idempotent)."""
-    from genseg.admin import ensure_topics
+    from plumbing.kafka import ensure_topics
 
     settings = _settings()
     created = asyncio.run(

@@ -25,9 +25,6 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from consumers.runtime import RuntimeConfig, StageRuntime
 from consumers.subscriber import Subscriber
-from genseg.admin import ensure_topics
-from genseg.blobstore import BlobStore
-from genseg.broker import EmbeddedBroker
 from genseg.contact_sheet import (
     LABEL_H,
     PAD,
@@ -36,9 +33,12 @@ from genseg.contact_sheet import (
     contact_sheet,
     on_checkerboard,
 )
-from genseg.images import decode_heatmap, decode_image
-from genseg.settings import Settings
-from genseg.telemetry import TRACER_NAME
+from plumbing.blobstore import BlobStore
+from plumbing.broker import EmbeddedBroker
+from plumbing.images import decode_heatmap, decode_image
+from plumbing.kafka import ensure_topics
+from plumbing.settings import Settings
+from plumbing.telemetry import TRACER_NAME
 from producers.client import GensegClient, new_request_id
 from schemas import (
     AssetReadyEvent,

@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 
-from genseg.settings import Settings
+from plumbing.kafka import make_consumer
+from plumbing.settings import Settings
 from producers.publisher import Publisher
 from schemas import DeadLetterEvent, InvalidEvent, parse_event
 
@@ -37,7 +38,7 @@ async def replay_dead_letters(
     """Replay the dead letters (of ``request_id``, or all) present now; see the module doc."""
     report = ReplayReport()
     dlq = settings.topics.dlq
-    consumer = AIOKafkaConsumer(enable_auto_commit=False, **settings.kafka_kwargs())
+    consumer = make_consumer(settings, enable_auto_commit=False)
     await consumer.start()
     publisher = Publisher(settings)
     await publisher.start()

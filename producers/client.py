@@ -8,8 +8,8 @@ from typing import Any, Literal
 
 from opentelemetry import trace
 
-from genseg.lifecycle import AsyncService
-from genseg.settings import Settings
+from plumbing.lifecycle import AsyncService
+from plumbing.settings import Settings
 from producers.publisher import Publisher
 from schemas import PromptEvent, SceneOptions
 

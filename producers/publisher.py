@@ -12,9 +12,10 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind
 
-from genseg.lifecycle import AsyncService
-from genseg.settings import Settings
-from genseg.telemetry import TRACER_NAME, headers_from_context, origin_context
+from plumbing.kafka import make_producer
+from plumbing.lifecycle import AsyncService
+from plumbing.settings import Settings
+from plumbing.telemetry import TRACER_NAME, headers_from_context, origin_context
 from schemas import Event
 
 log = logging.getLogger(__name__)
@@ -42,16 +43,7 @@ class Publisher(AsyncService):
     ) -> None:
         self.settings = settings
         self._tracer = trace.get_tracer(TRACER_NAME, tracer_provider=tracer_provider)
-        # Idempotence stays off: not every Kafka-compatible broker supports
-        # InitProducerId (tansu does not), and correctness never depends on it.
-        self._kwargs: dict[str, Any] = {
-            "acks": "all",
-            "linger_ms": 2,
-            "enable_idempotence": False,
-            "request_timeout_ms": 30_000,
-            **settings.kafka_kwargs(),
-            **producer_kwargs,
-        }
+        self._options = producer_kwargs
         self._producer: AIOKafkaProducer | None = None
 
     @property
@@ -63,7 +55,7 @@ class Publisher(AsyncService):
     async def start(self) -> None:
         if self._producer is None:
             # aiokafka clients bind to the running loop, so they are made here, not in __init__.
-            producer = AIOKafkaProducer(**self._kwargs)
+            producer = make_producer(self.settings, **self._options)
             await producer.start()
             self._producer = producer
 

@@ -45,7 +45,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from genseg.images import decode_image
+from plumbing.images import decode_image
 from seg_worker.profiles import Profile, resolve_device
 
 log = logging.getLogger(__name__)

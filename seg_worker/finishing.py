@@ -21,7 +21,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from scipy import ndimage
 
-from genseg.images import encode_png
+from plumbing.images import encode_png
 
 
 @dataclass(eq=False)

@@ -2,14 +2,14 @@
 
 The asset-ready event is the terminal event of the image: it is always
 published, with ``status: "no_match"`` and no assets when nothing passed the
-filters. Failures are raised per image (the runtime dead-letters them):
+filters. Failures are returned per image (the runtime retries or dead-letters
+them): a reference outside the store, a blob that is missing, too large or whose
+bytes do not match its sha256, or an image that does not decode or has more than
+``Settings.max_image_pixels`` pixels are permanent; a store that cannot be reached
+is transient.
 
-- a reference outside the store, a blob that is missing, too large or whose bytes
-  do not match its sha256: :class:`PermanentError` (the blob error is its cause);
-- a store that cannot be reached: :class:`TransientError` (retried);
-- an image that does not decode, is truncated or has more than
-  ``Settings.max_image_pixels`` pixels: :class:`genseg.images.InvalidImage`
-  (a PermanentError).
+Blob errors are permanent or transient by their class (:mod:`plumbing.errors`), and
+out-of-memory is retried by the runtime, like any transient failure.
 
 Batching: every image-ready event may share a batch (:meth:`SegStage.batch_key`
 returns one key). SAM pads every input to the same ``img_size`` square, so any
@@ -34,21 +34,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from consumers.stage import (
-    ItemResult,
-    Output,
-    PermanentError,
-    Stage,
-    StageContext,
-    TransientError,
-)
-from genseg.blobstore import (
-    BlobError,
-    BlobUnavailable,
-    blob_key,
-)
-from genseg.images import PNG, decode_heatmap, decode_image, png_byte_limit
-from genseg.settings import Settings
+from consumers.stage import ItemResult, Output, Stage, StageContext
+from plumbing.blobstore import blob_key
+from plumbing.images import PNG, decode_heatmap, decode_image, png_byte_limit
+from plumbing.settings import Settings
 from schemas import (
     RLE,
     AssetItem,
@@ -76,8 +65,6 @@ from seg_worker.scenes import view_record
 from seg_worker.segment import Plan, Segmenter
 
 log = logging.getLogger(__name__)
-
-#: Blob errors that retrying cannot fix, and their dead-letter ``error.type``.
 
 
 class _Item:
@@ -211,14 +198,14 @@ class SegStage(Stage[ImageReadyEvent]):
                     segmenter.embed(plans)
             except Exception as exc:
                 for item in ready:
-                    results[item.index] = _classify(exc)
+                    results[item.index] = exc
                 ready = []
 
         for item in ready:
             try:
                 results[item.index] = self._finish(item, ctx)
             except Exception as exc:
-                results[item.index] = _classify(exc)
+                results[item.index] = exc
         return [r if r is not None else RuntimeError("unhandled item") for r in results]
 
     # --- steps -----------------------------------------------------------------------
@@ -228,12 +215,12 @@ class SegStage(Stage[ImageReadyEvent]):
         event = item.event
         max_pixels = self.settings.max_image_pixels
         max_bytes = png_byte_limit(max_pixels)
-        data = _read_blob(ctx, event.image, max_bytes, "image")
+        data = ctx.blob.get(event.image, max_bytes=max_bytes)
         item.image = np.asarray(decode_image(data, max_pixels=max_pixels, mode="RGB"))
         heatmaps: dict[str, np.ndarray] = {}
         if event.segmentation.mode == "attention":
             for target, ref in event.heatmaps.items():
-                raw = _read_blob(ctx, ref, max_bytes, f"heat map {target!r}")
+                raw = ctx.blob.get(ref, max_bytes=max_bytes)
                 heatmaps[target] = decode_heatmap(raw, max_pixels=max_pixels)
         return item.image, heatmaps
 
@@ -359,36 +346,13 @@ def _encode(
     )
 
 
-def _read_blob(ctx: StageContext, ref: BlobRef, max_bytes: int, what: str) -> bytes:
-    """``ctx.blob.get`` (sha256 and size verified) with blob errors classified."""
-    try:
-        return ctx.blob.get(ref, max_bytes=max_bytes)
-    except BlobUnavailable as exc:
-        raise TransientError(f"{what}: {exc}") from exc
-    except BlobError as exc:
-        raise PermanentError(f"{what}: {exc}", error_type=exc.error_type) from exc
-
-
 def _write_blob(
     ctx: StageContext, event: ImageReadyEvent, name: str, data: bytes, media_type: str = PNG
 ) -> BlobRef:
     """Write one output under its deterministic key (a redelivery overwrites)."""
-    key = blob_key(event.id, event.image_index, "seg", name)
-    try:
-        return ctx.blob.put(key, data, media_type)
-    except BlobUnavailable as exc:
-        raise TransientError(f"writing {name}: {exc}") from exc
+    return ctx.blob.put(blob_key(event.id, event.image_index, "seg", name), data, media_type)
 
 
 def _slug(text: str) -> str:
     """A mesh and node name part: letters, digits and dashes."""
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "object"
-
-
-def _classify(exc: Exception) -> Exception:
-    """Out-of-memory is worth a retry (perhaps on a less busy worker): TransientError."""
-    if "out of memory" in str(exc).lower() and not isinstance(exc, PermanentError):
-        error = TransientError(f"out of memory: {exc}")
-        error.__cause__ = exc
-        return error
-    return exc

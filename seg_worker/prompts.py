@@ -5,7 +5,7 @@ top-left corner, x to the right; boxes given to SAM are ``[x0, y0, x1, y1]``
 with ``x1 = x + w`` (exclusive edge), as in SAM's own examples.
 
 Heat map to prompts (``attention`` mode): the heat map (0..1, peak 1.0 after
-:func:`genseg.images.decode_heatmap`) is resized to the image, thresholded at
+:func:`plumbing.images.decode_heatmap`) is resized to the image, thresholded at
 ``threshold`` times its peak (0.5 by default: a region at least half as
 attended as the most attended position), and split into 8-connected components.
 Each component gives one prompt: its bounding box plus one foreground point at

@@ -38,8 +38,8 @@ from aiokafka.errors import KafkaError
 from pydantic import Field
 
 from consumers.stage import ItemResult, Output, Stage, StageContext, TransientError
-from genseg.blobstore import BlobNotFound, BlobStore, BlobUnavailable, scene_key
-from genseg.settings import Settings
+from plumbing.blobstore import BlobNotFound, BlobStore, BlobUnavailable, scene_key
+from plumbing.settings import Settings
 from schemas import AssetReadyEvent, Event, SceneReadyEvent, SceneView, parse_event
 from schemas.events import RequestId, TenantId
 

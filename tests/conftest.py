@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from genseg.broker import EmbeddedBroker
-from genseg.settings import Settings
+from plumbing.broker import EmbeddedBroker
+from plumbing.settings import Settings
 
 _prefixes = itertools.count()
 

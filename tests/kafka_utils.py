@@ -10,7 +10,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
-from genseg.settings import Settings
+from plumbing.settings import Settings
 
 
 class TopicReader:

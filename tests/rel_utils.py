@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from genseg.broker import free_port
-from genseg.settings import Settings
+from plumbing.broker import free_port
+from plumbing.settings import Settings
 from tests.kafka_utils import TopicReader
 
 REPO = Path(__file__).resolve().parent.parent

@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
-from genseg.broker import free_port
+from plumbing.broker import free_port
 
 ACCESS_KEY = "testing"
 SECRET_KEY = "testing"

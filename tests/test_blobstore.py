@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from genseg.blobstore import (
+from plumbing.blobstore import (
     BlobError,
     BlobIntegrityError,
     BlobNotFound,

@@ -13,9 +13,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
-from genseg.admin import ensure_topics
-from genseg.broker import BrokerError, EmbeddedBroker, free_port, kafka_api_versions_ok
-from genseg.settings import Settings
+from plumbing.broker import BrokerError, EmbeddedBroker, free_port, kafka_api_versions_ok
+from plumbing.kafka import ensure_topics
+from plumbing.settings import Settings
 from tests.s3_server import MotoServer
 
 Record = tuple[bytes | None, bytes | None, tuple[tuple[str, bytes], ...]]

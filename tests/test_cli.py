@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from genseg.broker import free_port, kafka_api_versions_ok
 from genseg.cli import app
-from genseg.settings import Settings
+from plumbing.broker import free_port, kafka_api_versions_ok
+from plumbing.settings import Settings
 from schemas.export import CONTRACT_MODELS
 from tests.kafka_utils import TopicReader
 

@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from consumers.runtime import RuntimeConfig
-from genseg.settings import Settings
+from plumbing.settings import Settings
 from schemas import Topics
 
 ROOT = Path(__file__).resolve().parents[1]

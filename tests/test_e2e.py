@@ -33,10 +33,10 @@ from aiokafka import AIOKafkaProducer
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from genseg.blobstore import BlobStore, blob_key, sha256_hex
-from genseg.broker import EmbeddedBroker
-from genseg.images import encode_heatmap, encode_png
-from genseg.settings import Settings
+from plumbing.blobstore import BlobStore, blob_key, sha256_hex
+from plumbing.broker import EmbeddedBroker
+from plumbing.images import encode_heatmap, encode_png
+from plumbing.settings import Settings
 from schemas import (
     SCHEMA_PROMPT,
     AssetReadyEvent,

@@ -14,9 +14,9 @@ from PIL import Image
 
 from consumers.runtime import RuntimeConfig, StageRuntime
 from gen_worker.handler import GenStage
-from genseg.blobstore import BlobStore
-from genseg.images import decode_image, encode_png
-from genseg.settings import Settings
+from plumbing.blobstore import BlobStore
+from plumbing.images import decode_image, encode_png
+from plumbing.settings import Settings
 from producers.publisher import Publisher
 from schemas import ImageReadyEvent, InpaintEvent, ProgressEvent, PromptEvent
 from tests.kafka_utils import TopicReader

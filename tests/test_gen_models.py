@@ -25,8 +25,8 @@ from gen_worker.profiles import (
     sd15_architecture,
 )
 from gen_worker.tokenizer import local_clip_tokenizer
-from genseg.images import encode_png
-from genseg.settings import Settings
+from plumbing.images import encode_png
+from plumbing.settings import Settings
 
 SPEC = BatchSpec(
     mode="txt2img", width=64, height=64, steps=3, guidance_scale=7.5, sampler="dpmpp_2m"
@@ -184,8 +184,8 @@ def test_tiny_images_are_identical_in_another_process(tiny: GenModels) -> None:
         torch.set_num_threads({torch.get_num_threads()})
         from gen_worker.generate import BatchSpec, Generator, Sample
         from gen_worker.profiles import GenModels, RuntimeOptions
-        from genseg.images import encode_png
-        from genseg.settings import Settings
+        from plumbing.images import encode_png
+        from plumbing.settings import Settings
         models = GenModels.from_settings(Settings(models="tiny"), RuntimeOptions(device="cpu"))
         spec = BatchSpec(mode="txt2img", width=64, height=64, steps=3, guidance_scale=7.5,
                          sampler="dpmpp_2m")

@@ -16,9 +16,9 @@ from gen_worker.generate import Generator
 from gen_worker.handler import GenStage, default_seed
 from gen_worker.profiles import GenModels, RuntimeOptions
 from gen_worker.samplers import SAMPLERS
-from genseg.blobstore import BlobNotFound, LocalBlobStore
-from genseg.images import decode_heatmap, decode_image, encode_png
-from genseg.settings import Settings
+from plumbing.blobstore import BlobNotFound, LocalBlobStore
+from plumbing.images import decode_heatmap, decode_image, encode_png
+from plumbing.settings import Settings
 from schemas import (
     BlobRef,
     ImageReadyEvent,

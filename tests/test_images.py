@@ -16,7 +16,7 @@ from hypothesis.extra import numpy as hnp
 from PIL import Image
 
 from consumers.stage import PermanentError
-from genseg.images import (
+from plumbing.images import (
     InvalidImage,
     decode_heatmap,
     decode_image,

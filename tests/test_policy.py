@@ -33,8 +33,8 @@ from gen_worker.policy import (
 from gen_worker.profiles import GenModels, RuntimeOptions, build_random_components
 from gen_worker.profiles import tiny_architecture as tiny_arch
 from gen_worker.safety import SafetyChecker
-from genseg.blobstore import LocalBlobStore
-from genseg.settings import Settings
+from plumbing.blobstore import LocalBlobStore
+from plumbing.settings import Settings
 from producers.publisher import Publisher
 from schemas import ImageReadyEvent, PromptEvent, Topics, parse_event
 from tests.kafka_utils import TopicReader, eventually

@@ -33,11 +33,11 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from PIL import Image
 
-from genseg.admin import ensure_topics
-from genseg.blobstore import BlobStore, LocalBlobStore, sha256_hex
-from genseg.broker import EmbeddedBroker
-from genseg.images import encode_heatmap, encode_png
-from genseg.settings import Settings
+from plumbing.blobstore import BlobStore, LocalBlobStore, sha256_hex
+from plumbing.broker import EmbeddedBroker
+from plumbing.images import encode_heatmap, encode_png
+from plumbing.kafka import ensure_topics
+from plumbing.settings import Settings
 from producers.publisher import Publisher
 from schemas import (
     BlobRef,

@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from genseg.admin import ensure_topics
-from genseg.blobstore import BlobStore
-from genseg.broker import EmbeddedBroker, kafka_api_versions_ok
-from genseg.settings import Settings
+from plumbing.blobstore import BlobStore
+from plumbing.broker import EmbeddedBroker, kafka_api_versions_ok
+from plumbing.kafka import ensure_topics
+from plumbing.settings import Settings
 from schemas import BlobRef
 from tests.kafka_utils import committed_offsets
 from tests.rel_utils import (

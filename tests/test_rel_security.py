@@ -30,9 +30,9 @@ from pydantic import SecretStr
 
 from consumers.runtime import RuntimeConfig, StageRuntime
 from consumers.subscriber import Subscriber
-from genseg.admin import ensure_topics
-from genseg.broker import BrokerError, EmbeddedBroker, free_port
-from genseg.settings import Settings
+from plumbing.broker import BrokerError, EmbeddedBroker, free_port
+from plumbing.kafka import ensure_topics
+from plumbing.settings import Settings
 from producers.client import GensegClient
 from schemas import AssetReadyEvent
 from tests.kafka_utils import TopicReader

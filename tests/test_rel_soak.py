@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from genseg.admin import ensure_topics
-from genseg.settings import Settings
+from plumbing.kafka import ensure_topics
+from plumbing.settings import Settings
 from tests.rel_utils import Ledger, WorkerProcess, record_figures, stop_all, worker_env
 from tests.test_rel_workers import publish, tiny_prompt
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from genseg.admin import ensure_topics
-from genseg.blobstore import BlobStore
-from genseg.settings import Settings
+from plumbing.blobstore import BlobStore
+from plumbing.kafka import ensure_topics
+from plumbing.settings import Settings
 from producers.publisher import Publisher
 from schemas import PromptEvent, SegmentationOptions
 from tests.kafka_utils import TopicReader

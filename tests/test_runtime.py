@@ -24,9 +24,9 @@ from opentelemetry.trace import NonRecordingSpan, NoOpTracerProvider, SpanContex
 
 from consumers.runtime import RuntimeConfig, StageRuntime
 from consumers.stage import ItemResult, Output, StageContext
-from genseg.admin import ensure_topics
-from genseg.settings import Settings
-from genseg.telemetry import (
+from plumbing.kafka import ensure_topics
+from plumbing.settings import Settings
+from plumbing.telemetry import (
     child_trace_headers,
     context_from_headers,
     headers_from_context,

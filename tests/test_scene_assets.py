@@ -19,9 +19,9 @@ from PIL import Image
 from transformers import DepthAnythingForDepthEstimation
 
 from consumers.stage import StageContext
-from genseg.blobstore import LocalBlobStore
-from genseg.images import encode_png
-from genseg.settings import Settings
+from plumbing.blobstore import LocalBlobStore
+from plumbing.images import encode_png
+from plumbing.settings import Settings
 from schemas import (
     AssetReadyEvent,
     BlobRef,

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from genseg.cli import app
 from genseg.demo import run_scene_demo, scene_prompt
-from genseg.settings import Settings
+from plumbing.settings import Settings
 from schemas import ImageReadyEvent, SceneOptions, SceneReadyEvent
 from seg_worker.mesh import load_glb
 

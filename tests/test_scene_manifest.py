@@ -17,9 +17,9 @@ from aiokafka import TopicPartition
 
 from consumers.runtime import RuntimeConfig, StageRuntime
 from consumers.stage import Output, StageContext
-from genseg.admin import ensure_topics
-from genseg.blobstore import BlobStore, scene_key
-from genseg.settings import Settings
+from plumbing.blobstore import BlobStore, scene_key
+from plumbing.kafka import ensure_topics
+from plumbing.settings import Settings
 from producers.publisher import Publisher
 from schemas import BlobRef, SceneReadyEvent, SceneView
 from seg_worker.scenes import SceneStage, SceneViewRecord, is_complete, manifest

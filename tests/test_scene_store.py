@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from genseg.blobstore import (
+from plumbing.blobstore import (
     BlobNotFound,
     BlobStore,
     BlobTooLarge,

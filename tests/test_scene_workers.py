@@ -24,10 +24,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from genseg.admin import ensure_topics
-from genseg.blobstore import LocalBlobStore, blob_key
-from genseg.images import encode_png
-from genseg.settings import Settings
+from plumbing.blobstore import LocalBlobStore, blob_key
+from plumbing.images import encode_png
+from plumbing.kafka import ensure_topics
+from plumbing.settings import Settings
 from producers.publisher import Publisher
 from schemas import ImageReadyEvent, ResolvedParams, SceneOptions, SceneReadyEvent
 from seg_worker.mesh import load_glb

@@ -7,9 +7,9 @@ import torch
 from PIL import Image
 
 from consumers.runtime import RuntimeConfig, StageRuntime
-from genseg.blobstore import BlobStore
-from genseg.images import encode_heatmap, encode_png
-from genseg.settings import Settings
+from plumbing.blobstore import BlobStore
+from plumbing.images import encode_heatmap, encode_png
+from plumbing.settings import Settings
 from producers.publisher import Publisher
 from schemas import (
     AssetReadyEvent,

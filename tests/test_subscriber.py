@@ -6,8 +6,8 @@ import pytest
 from pydantic import ValidationError
 
 from consumers.subscriber import Subscriber, partition_for_key, wait_for
-from genseg.admin import ensure_topics
-from genseg.settings import Settings
+from plumbing.kafka import ensure_topics
+from plumbing.settings import Settings
 from producers.client import GensegClient
 from producers.publisher import Publisher
 from schemas import (

@@ -14,7 +14,7 @@ import torch
 
 from gen_worker.generate import BatchSpec, Generator, Sample
 from gen_worker.profiles import GenModels, RuntimeOptions
-from genseg.settings import Settings
+from plumbing.settings import Settings
 from toy.train_gen import (
     MAX_TOKENS,
     TOY_WORDS,

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from genseg.settings import Settings
+from plumbing.settings import Settings
 from schemas import SegmentationOptions
 from seg_worker import SegStage
 from seg_worker.config import SegConfig

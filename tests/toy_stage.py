@@ -22,7 +22,7 @@ import time
 
 from consumers.runtime import RuntimeConfig, StageRuntime
 from consumers.stage import ItemResult, Output, Stage, StageContext
-from genseg.settings import Settings
+from plumbing.settings import Settings
 from schemas import Event, parse_event
 
 

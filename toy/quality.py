@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from gen_worker.generate import BatchSpec, Generator, Sample, SampleResult
-from genseg.images import decode_heatmap, encode_heatmap
+from plumbing.images import decode_heatmap, encode_heatmap
 from schemas import SegmentationOptions
 from seg_worker.prompts import resize_heatmap
 from seg_worker.segment import Segmenter

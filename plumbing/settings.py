@@ -6,7 +6,6 @@ Secrets are ``SecretStr`` so they never appear in logs or reprs.
 
 from __future__ import annotations
 
-import logging
 import ssl
 from typing import Any, Literal
 
@@ -99,7 +98,11 @@ class Settings(BaseSettings):
         return Topics(self.topic_prefix)
 
     def kafka_kwargs(self) -> dict[str, Any]:
-        """Connection keyword arguments shared by aiokafka producers, consumers and admins."""
+        """Connection keyword arguments shared by aiokafka producers, consumers and admins.
+
+        Build clients with :mod:`plumbing.kafka`, which also keeps the SASL password out
+        of aiokafka's debug logs.
+        """
         kwargs: dict[str, Any] = {
             "bootstrap_servers": self.kafka_bootstrap_servers,
             "security_protocol": self.kafka_security_protocol,
@@ -110,9 +113,7 @@ class Settings(BaseSettings):
             kwargs["sasl_mechanism"] = self.kafka_sasl_mechanism or "PLAIN"
             kwargs["sasl_plain_username"] = self.kafka_sasl_username
             if self.kafka_sasl_password is not None:
-                password = self.kafka_sasl_password.get_secret_value()
-                kwargs["sasl_plain_password"] = password
-                _redact_in_aiokafka_logs(password)
+                kwargs["sasl_plain_password"] = self.kafka_sasl_password.get_secret_value()
         return kwargs
 
     def ssl_context(self) -> ssl.SSLContext:
@@ -121,40 +122,3 @@ class Settings(BaseSettings):
         if self.kafka_ssl_certfile:
             context.load_cert_chain(self.kafka_ssl_certfile, self.kafka_ssl_keyfile)
         return context
-
-
-class _RedactSecrets(logging.Filter):
-    """Replaces known secret values in log records (see :func:`_redact_in_aiokafka_logs`)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.secrets: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:  # a malformed record: logging reports it as usual, later
-            return True
-        if any(secret in message for secret in self.secrets):
-            for secret in sorted(self.secrets, key=len, reverse=True):
-                message = message.replace(secret, "**********")
-            record.msg, record.args = message, None
-        return True
-
-
-_REDACTOR = _RedactSecrets()
-
-
-def _redact_in_aiokafka_logs(password: str) -> None:
-    """aiokafka logs every request at DEBUG, the SASL/PLAIN token (with the password) too.
-
-    The CLI keeps aiokafka at WARNING, but a program that uses genseg as a library may
-    turn DEBUG on: the password must not reach its logs either.
-    """
-    if not password:
-        return
-    # as written, and as it appears inside the repr() of the bytes token
-    _REDACTOR.secrets |= {password, repr(password.encode("utf-8"))[2:-1]}
-    conn = logging.getLogger("aiokafka.conn")
-    if _REDACTOR not in conn.filters:
-        conn.addFilter(_REDACTOR)

@@ -18,43 +18,44 @@ from datetime import timedelta
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
+from plumbing.errors import PermanentError, StageError, TransientError
 from schemas import BlobRef
 
 log = logging.getLogger(__name__)
 
 
-class BlobError(Exception):
-    """Base of blob store errors."""
+class BlobError(StageError):
+    """Base of blob store errors; each is permanent or transient (:mod:`plumbing.errors`)."""
 
     #: ``error.type`` of the dead-letter event a failure of this kind ends in.
     error_type = "blob_error"
 
 
-class ForeignBlobRef(BlobError):
+class ForeignBlobRef(BlobError, PermanentError):
     """A reference that points outside the configured store (traversal, other bucket or scheme)."""
 
     error_type = "foreign_blob_ref"
 
 
-class BlobNotFound(BlobError):
+class BlobNotFound(BlobError, PermanentError):
     """The referenced blob does not exist."""
 
     error_type = "blob_not_found"
 
 
-class BlobIntegrityError(BlobError):
+class BlobIntegrityError(BlobError, PermanentError):
     """The blob's bytes do not match the reference's sha256 or size."""
 
     error_type = "blob_integrity"
 
 
-class BlobTooLarge(BlobError):
+class BlobTooLarge(BlobError, PermanentError):
     """The blob is larger than the reader allows."""
 
     error_type = "blob_too_large"
 
 
-class BlobUnavailable(BlobError):
+class BlobUnavailable(BlobError, TransientError):
     """The store could not be reached; worth retrying."""
 
     error_type = "blob_unavailable"

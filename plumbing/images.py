@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from consumers.stage import PermanentError
+from plumbing.errors import PermanentError
 
 PNG = "image/png"
 HEATMAP_MEDIA_TYPE = "image/png"
