@@ -10,10 +10,10 @@ from __future__ import annotations
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 from plumbing.errors import PermanentError, StageError, TransientError
 from schemas import Event, Topics
@@ -33,17 +33,24 @@ __all__ = [
     "Stage",
     "StageContext",
     "StageError",
+    "TopicLog",
     "TransientError",
 ]
 
 
 @dataclass
 class Output:
-    """One record to publish: ``event`` to the full topic name ``topic``, keyed by its id."""
+    """One record to publish: ``event`` to the full topic name ``topic``, keyed by its id.
+
+    ``terminal``: the record's terminal outcome (an asset-ready event). The runtime
+    sends it only after the broker acknowledged the record's other outputs, so one
+    image never ends in both an asset-ready event and a dead letter.
+    """
 
     topic: str
     event: Event
     key: str | None = None
+    terminal: bool = False
 
     @property
     def record_key(self) -> str:
@@ -66,13 +73,32 @@ class Phase:
     parent: int | None = None  # index of the enclosing phase in StageContext.phases
 
 
+class TopicLog(Protocol):
+    """Read access to a topic, for a stage that must know what it already published.
+
+    Provided by the runtime (``StageContext.topic_log``); blocking, called from the
+    handler's thread. Raises :class:`TransientError` when the broker cannot answer.
+    """
+
+    def end_offsets(self, topic: str) -> dict[int, int]:
+        """Partition -> offset of the next record to be written to ``topic``."""
+        ...
+
+    def find(self, topic: str, key: str, since: Mapping[int, int]) -> tuple[int, int] | None:
+        """(partition, offset) of the first record keyed ``key`` at or after ``since``
+        (partitions missing from ``since`` are read from their start), or None."""
+        ...
+
+
 class StageContext:
     """Services a handler may use while it works on one batch (in a worker thread).
 
     - ``blob``: the blob store for inputs and outputs;
     - ``emit(output, item=i)``: publish a side record now (progress), fire-and-forget;
     - ``phase(name, item=None)``: time a phase; it becomes a span under the record(s)
-      it served and an entry of :meth:`timings_ms`.
+      it served and an entry of :meth:`timings_ms`;
+    - ``topic_log``: read what is on a topic (:class:`TopicLog`), when the runtime
+      provides it.
     """
 
     def __init__(
@@ -83,11 +109,13 @@ class StageContext:
         settings: Settings | None = None,
         emit: Callable[[Output, int | None], None] | None = None,
         attempt: int = 1,
+        topic_log: TopicLog | None = None,
     ) -> None:
         self.blob = blob
         self.topics = topics
         self.settings = settings
         self.attempt = attempt
+        self.topic_log = topic_log
         self.phases: list[Phase] = []
         self._emit = emit
         self._stack = threading.local()
@@ -133,6 +161,17 @@ class Stage(ABC, Generic[In]):
     name: str = "stage"
     #: Short name of the topic consumed (see :class:`schemas.Topics`).
     input_topic: str = "prompts"
+    #: One record at a time: batches of one, one handler call at a time, and a record's
+    #: outputs acknowledged before the next record's handler starts. The runtime
+    #: enforces it (a configuration that asks for more is refused).
+    sequential: ClassVar[bool] = False
+    #: Each input event is one image of its request (it has ``image_index``): a record
+    #: that fails to parse is dead-lettered with the ``image_index`` of its JSON, so that
+    #: only that image ends, not every image of the request.
+    per_image: ClassVar[bool] = False
+    #: This stage's own defaults for :class:`consumers.config.RuntimeConfig` fields
+    #: (e.g. a batch size its models like), under any explicit setting.
+    runtime_defaults: ClassVar[dict[str, Any]] = {}
 
     def setup(self) -> None:
         """Load models; called once in the worker thread before consuming."""

@@ -136,6 +136,8 @@ class GenStage(Stage[GenEvent]):
 
     name = "gen"
     input_topic = "prompts"
+    #: Four compatible requests per batch: the article's four views on one card.
+    runtime_defaults = {"max_batch": 4}  # noqa: RUF012 - read-only, like the other class settings
 
     def __init__(
         self,

@@ -346,10 +346,10 @@ def worker(
 
         stage = SegStage(settings)
     else:
-        from seg_worker.scenes import SceneStage
+        from scene_worker import SceneStage
 
         stage = SceneStage(settings)
-        concurrency = 1  # one record at a time: see seg_worker/scenes.py
+        concurrency = 1  # one record at a time: see scene_worker/stage.py
     config = RuntimeConfig(
         max_batch=max_batch or (4 if kind is WorkerKind.gen else 1),
         max_wait_ms=max_wait_ms,
@@ -366,7 +366,7 @@ def worker(
     provider = setup_tracing(f"genseg-{kind.value}")
     runtimes = [StageRuntime(stage, settings, config, tracer_provider=provider)]
     if kind is WorkerKind.seg and scenes:
-        from seg_worker.scenes import SceneStage
+        from scene_worker import SceneStage
 
         scene_config = RuntimeConfig(
             instance_id=f"{instance_id}-scene" if instance_id else None,

@@ -364,8 +364,8 @@ async def _run_scene(
     tracer_provider: trace.TracerProvider | None,
 ) -> SceneDemoResult:
     from gen_worker.handler import GenStage
+    from scene_worker import SceneStage
     from seg_worker.handler import SegStage
-    from seg_worker.scenes import SceneStage
 
     await ensure_topics(settings, partitions=1)
     # The views arrive together and share their parameters: one generator batch.

@@ -33,6 +33,7 @@ from schemas.events import (
     SegmentationOptions,
     SourceInfo,
 )
+from schemas.internal import SCHEMA_SCENE_VIEW, SceneViewRecord
 from schemas.parse import InvalidEvent, parse_by_schema, parse_event, parse_prompts_record
 from schemas.topics import TOPIC_NAMES, Topics
 
@@ -46,6 +47,7 @@ __all__ = [
     "SCHEMA_PROGRESS",
     "SCHEMA_PROMPT",
     "SCHEMA_SCENE",
+    "SCHEMA_SCENE_VIEW",
     "TOPIC_NAMES",
     "AssetItem",
     "AssetOptions",
@@ -68,6 +70,7 @@ __all__ = [
     "SceneOptions",
     "SceneReadyEvent",
     "SceneView",
+    "SceneViewRecord",
     "SegmentationOptions",
     "SourceInfo",
     "Topics",

@@ -21,7 +21,7 @@ Scene views (``event.scene`` set): after the masks, when ``scene.outputs`` asks,
 depth model runs (``depth``: a 16-bit depth PNG and each object's ``depth_median``;
 see :mod:`seg_worker.depth`) and the view is exported as one textured ``.glb``
 (``mesh``; see :mod:`seg_worker.mesh`). Every scene view also gets a "view done"
-record on ``{prefix}.scene-views`` for the scene manifest (:mod:`seg_worker.scenes`).
+record on ``{prefix}.scene-views`` for the scene stage (:mod:`scene_worker`).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from schemas import (
     ImageReadyEvent,
     MaskObject,
     MasksReadyEvent,
+    SceneViewRecord,
     parse_event,
 )
 from seg_worker.config import SegConfig
@@ -61,7 +62,6 @@ from seg_worker.finishing import SegObject, encode_rle, mask_png, rgba_png
 from seg_worker.mesh import GLB_MEDIA_TYPE, MeshPart, view_glb
 from seg_worker.predictor import CachedPredictor
 from seg_worker.profiles import load_sam, profile_arch
-from seg_worker.scenes import view_record
 from seg_worker.segment import Plan, Segmenter
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,7 @@ class SegStage(Stage[ImageReadyEvent]):
 
     name = "seg"
     input_topic = "images"
+    per_image = True
 
     def __init__(self, settings: Settings, config: SegConfig | None = None) -> None:
         self.settings = settings
@@ -303,13 +304,12 @@ class SegStage(Stage[ImageReadyEvent]):
         )
         if not assets:
             log.info("%s/%d: no object passed the filters", event.id, event.image_index)
-        outputs = [
-            Output(ctx.topics.masks, masks_event),
-            Output(ctx.topics.assets, asset_event),
-        ]
+        outputs = [Output(ctx.topics.masks, masks_event)]
         if event.scene is not None:  # keyed by scene: one partition, one owner per scene
-            record = view_record(asset_event, num_images=event.params.num_images)
+            record = SceneViewRecord.of(asset_event, num_images=event.params.num_images)
             outputs.append(Output(ctx.topics.scene_views, record, key=event.scene.scene_id))
+        # Last, and sent once the others are acknowledged: the image's terminal outcome.
+        outputs.append(Output(ctx.topics.assets, asset_event, terminal=True))
         return outputs
 
     def _scene_depth(

@@ -29,6 +29,7 @@ from schemas import (
     MasksReadyEvent,
     ResolvedParams,
     SceneOptions,
+    SceneViewRecord,
     Topics,
 )
 from seg_worker import SegStage
@@ -45,7 +46,6 @@ from seg_worker.depth import (
     median_depth,
 )
 from seg_worker.mesh import GLB_MEDIA_TYPE, MeshOptions, MeshPart, load_glb, view_glb
-from seg_worker.scenes import SceneViewRecord
 
 torch.set_num_threads(2)
 
@@ -286,7 +286,7 @@ def test_scene_view_gets_depth_mesh_medians_and_a_view_record(scene_env: SceneEn
     scene = SceneOptions(
         scene_id="room", view="0", views_total=4, angle=0, outputs=["depth", "mesh"]
     )
-    masks_out, assets_out, view_out = scene_env.outputs(scene_env.event(scene))
+    masks_out, view_out, assets_out = scene_env.outputs(scene_env.event(scene))
     masks, assets = masks_out.event, assets_out.event
     assert isinstance(masks, MasksReadyEvent) and isinstance(assets, AssetReadyEvent)
     assert sorted(a.label for a in assets.assets) == ["coffee table", "sofa"]
@@ -330,18 +330,18 @@ def test_scene_view_gets_depth_mesh_medians_and_a_view_record(scene_env: SceneEn
 
 def test_only_what_the_scene_asks_for(scene_env: SceneEnv) -> None:
     depth_only = SceneOptions(scene_id="r2", view="45", views_total=2, outputs=["depth"])
-    _, assets, record = (o.event for o in scene_env.outputs(scene_env.event(depth_only, "r2.a")))
+    _, record, assets = (o.event for o in scene_env.outputs(scene_env.event(depth_only, "r2.a")))
     assert assets.depth is not None and assets.mesh is None and record.view.mesh is None
     assert all(a.depth_median is not None for a in assets.assets)
 
     mesh_only = SceneOptions(scene_id="r2", view="90", views_total=2, outputs=["mesh"])
-    _, assets, _ = (o.event for o in scene_env.outputs(scene_env.event(mesh_only, "r2.b")))
+    _, _, assets = (o.event for o in scene_env.outputs(scene_env.event(mesh_only, "r2.b")))
     assert assets.depth is None and assets.mesh is not None and assets.depth_units == "relative"
     assert all(a.depth_median is not None for a in assets.assets)
 
     plain_view = SceneOptions(scene_id="r3", view="0", views_total=1)
     outputs = scene_env.outputs(scene_env.event(plain_view, "r3.a"))
-    _, assets, record = (o.event for o in outputs)
+    _, record, assets = (o.event for o in outputs)
     assert assets.depth is None and assets.mesh is None and assets.depth_units is None
     assert all(a.depth_median is None for a in assets.assets)
     assert record.scene_id == "r3", "every scene view is reported for the manifest"

@@ -17,12 +17,14 @@ from aiokafka import TopicPartition
 
 from consumers.runtime import RuntimeConfig, StageRuntime
 from consumers.stage import Output, StageContext
+from consumers.topic_log import KafkaTopicLog
 from plumbing.blobstore import BlobStore, scene_key
 from plumbing.kafka import ensure_topics
 from plumbing.settings import Settings
 from producers.publisher import Publisher
-from schemas import BlobRef, SceneReadyEvent, SceneView
-from seg_worker.scenes import SceneStage, SceneViewRecord, is_complete, manifest
+from scene_worker import SceneStage
+from scene_worker.manifest import is_complete, manifest
+from schemas import BlobRef, SceneReadyEvent, SceneView, SceneViewRecord
 from tests.kafka_utils import TopicReader, committed_offsets
 
 FAST = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 500, "commit_interval_ms": 50}
@@ -51,7 +53,10 @@ def record(scene: str, view: str, *, image_index: int = 0, num_images: int = 1) 
 
 def context(settings: Settings) -> StageContext:
     return StageContext(
-        blob=BlobStore.from_url(settings.blob_url), topics=settings.topics, settings=settings
+        blob=BlobStore.from_url(settings.blob_url),
+        topics=settings.topics,
+        settings=settings,
+        topic_log=KafkaTopicLog(settings),  # what the runtime gives its handlers
     )
 
 
@@ -101,7 +106,7 @@ def test_the_last_view_publishes_and_a_redelivery_after_a_crash_publishes_once(
     assert again.event == event, "nothing on the topic yet: publish"
     [(partition, offset)] = asyncio.run(publish(settings, [again]))
     # It "dies" again after the publish, before its commit: redelivered once more.
-    caplog.set_level(logging.INFO, logger="seg_worker.scenes")
+    caplog.set_level(logging.INFO, logger="scene_worker.stage")
     assert handle(SceneStage(settings), settings, last) == [], "found on the topic: not again"
     assert "found at" in caplog.text
     marker = json.loads(blob.get_key(scene_key("room", "published.json"), max_bytes=1000))

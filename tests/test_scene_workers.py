@@ -29,9 +29,8 @@ from plumbing.images import encode_png
 from plumbing.kafka import ensure_topics
 from plumbing.settings import Settings
 from producers.publisher import Publisher
-from schemas import ImageReadyEvent, ResolvedParams, SceneOptions, SceneReadyEvent
+from schemas import ImageReadyEvent, ResolvedParams, SceneOptions, SceneReadyEvent, SceneViewRecord
 from seg_worker.mesh import load_glb
-from seg_worker.scenes import SceneViewRecord
 from tests.kafka_utils import TopicReader, committed_offsets, eventually
 
 ANGLES = (0, 45, 90, 135)

@@ -301,7 +301,9 @@ def test_tenant_and_scene_are_carried_to_the_terminal_event(env: Env) -> None:
     scene = SceneOptions(scene_id="room", view="0", views_total=4, angle=0.0)
     event = env.event(["cup"]).model_copy(update={"tenant": "acme", "scene": scene})
     (result,) = env.handle(event)
-    masks, assets, view_done = (out.event for out in result)  # + the scene's "view done"
+    masks, view_done, assets = (out.event for out in result)  # + the scene's "view done"
     assert masks.tenant == assets.tenant == view_done.tenant == "acme"
     assert assets.scene == scene
-    assert result[2].topic == "t.scene-views" and result[2].record_key == "room"
+    assert result[1].topic == "t.scene-views" and result[1].record_key == "room"
+    # the terminal outcome comes last, marked so the runtime sends it after the others
+    assert [out.terminal for out in result] == [False, False, True]

@@ -1,0 +1,155 @@
+"""Fetching with back-pressure: records from the broker into the ready queue.
+
+At most ``max_in_flight`` records are held at once (waiting, running or being
+acknowledged); then the fetch loop pauses its partitions and waits until records
+finish. It resumes with hysteresis (once ``min(max_batch, max_in_flight / 4)``
+slots are free), woken by the records themselves rather than a timer, and keeps
+polling while paused (bounded waits) so the member stays alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
+from aiokafka.errors import KafkaError
+
+from consumers.batching import Job, ReadyQueue
+from consumers.metrics import StageMetrics
+from consumers.offsets import Offsets, PartitionState
+from consumers.stage import Stage
+from consumers.tracing import RecordTracing
+from plumbing.telemetry import w3c_propagation
+
+log = logging.getLogger(__name__)
+
+
+class InFlight:
+    """Records accepted and not yet settled: back-pressure for the fetcher, the drain
+    for stop. ``room`` is set when fetching may resume, ``idle`` when nothing is held."""
+
+    def __init__(self, limit: int, max_batch: int) -> None:
+        self.limit = limit
+        # A paused fetch loop resumes once this few records are in flight (hysteresis).
+        self.resume_at = limit - max(1, min(max_batch, limit // 4))
+        self.count = 0
+        self.room = asyncio.Event()
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def add(self, count: int) -> None:
+        self.count += count
+        if count:
+            self.idle.clear()
+
+    def settle(self, job: Job, *, completed: bool) -> None:
+        """``job`` leaves the runtime; when ``completed`` its offset may be committed
+        (otherwise it stays pending, and the partition's next owner redoes it)."""
+        if completed:
+            job.partition.done(job.record.offset)
+        job.span.end()
+        self.count -= 1
+        if self.count <= self.resume_at:
+            self.room.set()
+            if self.count == 0:
+                self.idle.set()
+
+
+class Fetcher:
+    """The fetch loop of one runtime (see the module docstring).
+
+    Each fetched record is parsed at once: a valid one joins the ready queue, an
+    invalid one goes to ``on_invalid`` (which dead-letters it).
+    """
+
+    def __init__(
+        self,
+        consumer: AIOKafkaConsumer,
+        stage: Stage[object],
+        offsets: Offsets,
+        queue: ReadyQueue,
+        in_flight: InFlight,
+        tracing: RecordTracing,
+        metrics: StageMetrics,
+        on_invalid: Callable[[Job, Exception], None],
+    ) -> None:
+        self.consumer = consumer
+        self.stage = stage
+        self.offsets = offsets
+        self.queue = queue
+        self.in_flight = in_flight
+        self.tracing = tracing
+        self.metrics = metrics
+        self.on_invalid = on_invalid
+        self.stopping = False
+
+    async def run(self) -> None:
+        consumer, in_flight = self.consumer, self.in_flight
+        paused = False
+        while not self.stopping:
+            room = in_flight.limit - in_flight.count
+            timeout_ms = 100
+            if room <= 0 or (paused and in_flight.count > in_flight.resume_at):
+                # Also pauses partitions assigned since the last round.
+                consumer.pause(*consumer.assignment())
+                paused = True
+                # Wake up when records finish, not when a paused fetch times out; the
+                # wait is bounded so that polling goes on (it keeps the member alive).
+                in_flight.room.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(in_flight.room.wait(), 0.1)
+                if in_flight.count <= in_flight.resume_at:
+                    continue
+                timeout_ms = 0
+            elif paused:
+                consumer.resume(*consumer.assignment())
+                paused = False
+            try:
+                batches = await consumer.getmany(timeout_ms=timeout_ms, max_records=max(room, 1))
+            except KafkaError as exc:
+                log.warning("fetch failed, retrying: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
+            if batches:
+                await self._accept_all(batches)
+
+    async def _accept_all(self, batches: dict[object, list[ConsumerRecord[bytes, bytes]]]) -> None:
+        # Once per fetch, not per record: the clock, the tracing mode, the counters.
+        now = time.monotonic()
+        recording = self.tracing.recording()
+        w3c = w3c_propagation()
+        accepted = 0
+        for tp, records in batches.items():
+            part = self.offsets.get(tp)  # type: ignore[arg-type]
+            if part is None or part.revoked:
+                continue
+            for record in records:
+                self._accept(record, part, now, recording, w3c)
+            accepted += len(records)
+        if accepted:
+            self.in_flight.add(accepted)
+            self.metrics.received.inc(accepted)
+            await self.queue.notify()  # one wake-up per fetch, not one task per record
+
+    def _accept(
+        self,
+        record: ConsumerRecord[bytes, bytes],
+        part: PartitionState,
+        now: float,
+        recording: bool,
+        w3c: bool,
+    ) -> None:
+        part.accept(record.offset)
+        span, headers = self.tracing.start(record, recording, w3c)
+        job = Job(record, part, span, now, headers=headers)
+        try:
+            job.event = self.stage.parse(record.value or b"")
+            job.batch_key = self.stage.batch_key(job.event)
+        except Exception as exc:  # invalid input never crashes the stage
+            self.on_invalid(job, exc)
+            return
+        self.queue.append(job)
