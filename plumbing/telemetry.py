@@ -13,20 +13,22 @@ import logging
 import os
 import random
 import re
+import threading
 from collections.abc import Sequence
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.context import Context
 from opentelemetry.propagate import extract, get_global_textmap, inject
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+from opentelemetry.sdk.trace.sampling import Sampler
 from opentelemetry.trace import (
     NonRecordingSpan,
+    NoOpTracer,
     NoOpTracerProvider,
     ProxyTracerProvider,
     SpanContext,
@@ -41,12 +43,41 @@ TRACER_NAME = "genseg"
 KafkaHeaders = Sequence[tuple[str, bytes]]
 
 
+class GensegTracerProvider(TracerProvider):
+    """The SDK provider that :func:`setup_tracing` installs. It counts the span processors
+    added to it, so :func:`spans_recorded` knows from public API whether its spans reach
+    anything (none added: an unexported span is only ids, made far more cheaply)."""
+
+    def __init__(self, resource: Resource | None = None, sampler: Sampler | None = None) -> None:
+        super().__init__(sampler=sampler, resource=resource)
+        self._processors = 0
+        self._count_lock = threading.Lock()
+        # OTEL_SDK_DISABLED=true, read by the SDK when built: its tracers are then no-ops.
+        self._enabled = not isinstance(self.get_tracer(TRACER_NAME), NoOpTracer)
+
+    def add_span_processor(self, span_processor: SpanProcessor) -> None:
+        """Register ``span_processor`` (see the SDK), and count it."""
+        super().add_span_processor(span_processor)
+        with self._count_lock:
+            self._processors += 1
+
+    @property
+    def span_processors(self) -> int:
+        """How many span processors were added."""
+        return self._processors
+
+    @property
+    def recording(self) -> bool:
+        """Whether a span started now reaches a span processor."""
+        return self._enabled and self._processors > 0
+
+
 def setup_tracing(service_name: str) -> trace.TracerProvider:
     """Install and return the process's tracer provider, configured from ``OTEL_*``."""
     if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
         return trace.get_tracer_provider()
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
-    provider = TracerProvider(resource=resource)
+    provider = GensegTracerProvider(resource=resource)
     # A comma-separated list by the specification ("otlp,console"; "none" for none).
     exporters = {
         name.strip()
@@ -134,28 +165,37 @@ _TRACEPARENT = re.compile(
 )
 _TRACEPARENT_MAX = 512
 _TRACESTATE_MAX = 8192
-_W3C_PARTS = (TraceContextTextMapPropagator, W3CBaggagePropagator)
-_w3c_cache: tuple[TextMapPropagator | None, bool] = (None, False)
+#: The headers of W3C trace context and baggage: all a propagator may touch for the helpers
+#: below to stand in for it. Baggage may be among them as the runtime never carries it on:
+#: its outputs' context is a span's alone, so the default ``inject`` writes none either.
+_W3C_FIELDS = frozenset({"traceparent", "tracestate", "baggage"})
 
 
-def w3c_propagation() -> bool:
-    """True when the global propagator is W3C trace context (with or without baggage),
-    the default: then :func:`span_context_from_headers` and :func:`traceparent_headers`
-    stand in for ``extract`` and ``inject``."""
-    global _w3c_cache
-    propagator = get_global_textmap()
-    if _w3c_cache[0] is propagator:
-        return _w3c_cache[1]
-    parts = getattr(propagator, "_propagators", None)
-    if isinstance(propagator, CompositePropagator) and isinstance(parts, list | tuple):
-        found = list(parts)
-    else:
-        found = [propagator]
-    ok = any(isinstance(p, TraceContextTextMapPropagator) for p in found) and all(
-        type(p) in _W3C_PARTS for p in found
-    )
-    _w3c_cache = (propagator, ok)
-    return ok
+def w3c_propagation(propagator: TextMapPropagator | None = None) -> bool:
+    """True when ``propagator`` (None: the global one) is W3C trace context, with or without
+    baggage, the default: then :func:`span_context_from_headers` and
+    :func:`traceparent_headers` stand in for ``extract`` and ``inject``.
+
+    Judged by public API only: the API's own ``TraceContextTextMapPropagator``, or the
+    API's ``CompositePropagator`` whose ``fields`` include ``traceparent`` and nothing but
+    W3C headers (``OTEL_PROPAGATORS=tracecontext[,baggage]``, the default). Exact types, as
+    a subclass may parse differently. A composite's members are known only by their
+    fields, so a member that declares W3C headers alone counts as W3C: the header names
+    have one meaning. Anything else (B3, Jaeger, a custom propagator, ``none``) takes the
+    general ``extract``/``inject`` path: slower, never wrong.
+
+    Not cached (called once per fetch, and per output of a record with a span): about
+    0.5 µs with the default composite, 0.07 µs with a bare trace-context propagator (timeit).
+    """
+    if propagator is None:
+        propagator = get_global_textmap()
+    kind = type(propagator)
+    if kind is TraceContextTextMapPropagator:
+        return True
+    if kind is not CompositePropagator:
+        return False
+    fields = propagator.fields
+    return "traceparent" in fields and fields <= _W3C_FIELDS
 
 
 def _w3c_values(headers: KafkaHeaders | None) -> tuple[str | None, str | None]:
@@ -267,19 +307,22 @@ def child_span_context(parent: SpanContext | None) -> SpanContext:
 def spans_recorded(provider: trace.TracerProvider | None = None) -> bool:
     """Whether a span started from ``provider`` (None: the global one) reaches anything.
 
-    False for the API's no-op provider, a disabled SDK and an SDK provider without span
-    processors (``setup_tracing`` without an exporter): spans from those are never seen,
-    so the caller may make :func:`child_span_context` ids instead. Checked per use, as
-    processors may be added later; a provider of unknown kind counts as recording.
+    False for the API's no-op and proxy providers, for a disabled SDK and for a
+    :class:`GensegTracerProvider` without span processors (``setup_tracing`` without an
+    exporter): spans from those are never seen, so the caller may make
+    :func:`child_span_context` ids instead. Checked per use (once per fetch), as
+    processors may be added later. Any other provider counts as recording: its spans are
+    made and offered to whatever it holds (correct, only slower).
     """
     if provider is None:
         provider = trace.get_tracer_provider()
+    if isinstance(provider, GensegTracerProvider):
+        return provider.recording
     if isinstance(provider, NoOpTracerProvider | ProxyTracerProvider):
         return False
     if isinstance(provider, TracerProvider):
-        if getattr(provider, "_disabled", False):
-            return False
-        active = getattr(provider, "_active_span_processor", None)
-        processors = getattr(active, "_span_processors", None)
-        return processors is None or len(processors) > 0
+        # A disabled SDK (OTEL_SDK_DISABLED) hands out the API's no-op tracer, whose spans
+        # carry no ids: only the fast path gives the records their traceparent then.
+        # About 6 µs, once per fetch, and only for an SDK provider that genseg did not make.
+        return not isinstance(provider.get_tracer(TRACER_NAME), NoOpTracer)
     return True

@@ -13,28 +13,16 @@ from pathlib import Path
 
 import pytest
 from aiokafka import TopicPartition
-from hypothesis import given
-from hypothesis import strategies as st
-from opentelemetry import trace
-from opentelemetry.context import Context
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import NonRecordingSpan, NoOpTracerProvider, SpanContext, TraceFlags
+from opentelemetry.trace import NoOpTracerProvider
 
 from consumers.runtime import RuntimeConfig, StageRuntime
 from consumers.stage import ItemResult, Output, StageContext
 from plumbing.kafka import ensure_topics
 from plumbing.settings import Settings
-from plumbing.telemetry import (
-    child_trace_headers,
-    context_from_headers,
-    headers_from_context,
-    span_context_from_headers,
-    spans_recorded,
-    traceparent_headers,
-    w3c_propagation,
-)
+from plumbing.telemetry import GensegTracerProvider, spans_recorded
 from producers.publisher import Publisher
 from schemas import PromptEvent, parse_prompts_record
 from tests.kafka_utils import TopicReader, committed_offsets, eventually
@@ -71,7 +59,7 @@ async def test_thousand_records_with_transient_failures_lose_nothing(settings: S
     )
     async with StageRuntime(stage, settings, config) as rt:
         await publish_all(settings, [Ping(id=i, fail_p=fail_p, group="g") for i in ids])
-        async with TopicReader(settings, "images", "dlq") as reader:
+        async with TopicReader(settings, "images", "dlq", unchecked=["images"]) as reader:
             await reader.until(
                 lambda: len(set(reader.keys("images")) | set(reader.keys("dlq"))) == 1000,
                 timeout=120,
@@ -121,7 +109,7 @@ async def test_poison_records_are_dead_lettered_and_the_partition_flows(
             ]
             metadata = await asyncio.gather(*futures)
         assert len({m.partition for m in metadata}) == 1
-        async with TopicReader(settings, "images", "dlq") as reader:
+        async with TopicReader(settings, "images", "dlq", unchecked=["images"]) as reader:
             await reader.until(lambda: len(reader.keys("images")) + len(reader.keys("dlq")) == 7)
         tp = TopicPartition(settings.topics.prompts, metadata[0].partition)
         group = rt.group_id
@@ -152,7 +140,7 @@ async def test_slow_record_holds_the_commit(settings: Settings) -> None:
             offsets = await publish_all(settings, [*before, slow, *after], key="one")
             partition, k = offsets["slow"]
             tp = TopicPartition(settings.topics.prompts, partition)
-            async with TopicReader(settings, "images") as reader:
+            async with TopicReader(settings, "images", unchecked=["images"]) as reader:
                 await reader.until(
                     lambda: {f"b{i}" for i in range(20)} <= set(reader.keys("images"))
                 )
@@ -179,7 +167,7 @@ async def test_handler_spans_join_the_publishers_trace(settings: Settings) -> No
         async with Publisher(settings, tracer_provider=provider) as pub:
             with tracer.start_as_current_span("upstream") as upstream:
                 await pub.publish(settings.topics.prompts, Ping(id="traced"))
-        async with TopicReader(settings, "images") as reader:
+        async with TopicReader(settings, "images", unchecked=["images"]) as reader:
             await reader.until(lambda: "traced" in reader.keys("images"))
     trace_id = upstream.get_span_context().trace_id
     record = reader.records[settings.topics.images][0]
@@ -205,7 +193,7 @@ async def test_batches_form_and_their_span_links_every_record(settings: Settings
     stage = ToyStage()
     config = RuntimeConfig(max_batch=4, max_wait_ms=500, **FAST)
     async with StageRuntime(stage, settings, config, tracer_provider=provider) as rt:
-        async with TopicReader(settings, "images") as reader:
+        async with TopicReader(settings, "images", unchecked=["images"]) as reader:
             await reader.until(lambda: len(reader.keys("images")) == 8)
         assert rt.metrics.batch_size._sum.get() == 8
     assert max(len(call) for call in stage.calls) == 4
@@ -225,7 +213,7 @@ async def test_records_without_a_span_processor_keep_the_upstream_trace(
     """No exporter (or no SDK): the process span is only ids, and they still propagate."""
     upstream_trace, upstream_span = 0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331
     header = f"00-{upstream_trace:032x}-{upstream_span:016x}-01".encode()
-    for provider in (TracerProvider(), NoOpTracerProvider()):
+    for provider in (GensegTracerProvider(), NoOpTracerProvider()):
         assert not spans_recorded(provider)
         async with StageRuntime(
             ToyStage(), settings, RuntimeConfig(**FAST), tracer_provider=provider
@@ -241,7 +229,7 @@ async def test_records_without_a_span_processor_keep_the_upstream_trace(
                             headers=headers,
                         )
                     )
-            async with TopicReader(settings, "images") as reader:
+            async with TopicReader(settings, "images", unchecked=["images"]) as reader:
                 names = {f"{type(provider).__name__}-{i}" for i in range(2)}
                 await reader.until(lambda names=names: names <= set(reader.keys("images")))
         by_key = {r.key.decode(): dict(r.headers) for r in reader.records[settings.topics.images]}
@@ -285,7 +273,7 @@ async def test_in_flight_is_bounded_and_fetching_resumes(
             in_flight = rt.metrics.registry.get_sample_value("genseg_in_flight", {"stage": "toy"})
             assert in_flight == bound
             gate.set()
-            async with TopicReader(settings, "images") as reader:
+            async with TopicReader(settings, "images", unchecked=["images"]) as reader:
                 await reader.until(lambda: len(set(reader.keys("images"))) == len(events))
             await eventually(lambda: rt.in_flight == 0)
             assert rt.metrics.registry.get_sample_value("genseg_in_flight", {"stage": "toy"}) == 0
@@ -295,75 +283,6 @@ async def test_in_flight_is_bounded_and_fetching_resumes(
             assert received == len(events)
     finally:
         gate.set()
-
-
-_HEX = st.text(alphabet="0123456789abcdefABCDEF", min_size=0, max_size=34)
-_TRACEPARENTS = st.one_of(
-    st.builds(
-        lambda v, t, s, f, tail: f"{v}-{t}-{s}-{f}{tail}",
-        st.sampled_from(["00", "01", "ff", "0", "zz"]),
-        st.one_of(_HEX, st.just("0" * 32), st.just("4bf92f3577b34da6a3ce929d0e0e4736")),
-        st.one_of(_HEX, st.just("0" * 16), st.just("00f067aa0ba902b7")),
-        st.sampled_from(["00", "01", "ff", "1", "0g"]),
-        st.sampled_from(["", "-x", " ", "\t", "\n", "-", "--a"]),
-    ),
-    st.text(max_size=40),
-)
-_HEADER_VALUES = st.one_of(
-    _TRACEPARENTS.map(lambda v: v.encode("utf-8")),
-    st.sampled_from([b"", b"\xff\xfe", b"vendor=value", b"a=1,b=2", b"bad state", None]),
-    st.binary(max_size=20),
-)
-
-
-@given(
-    st.lists(
-        st.tuples(st.sampled_from(["traceparent", "tracestate", "baggage", "x"]), _HEADER_VALUES),
-        max_size=4,
-    )
-)
-def test_fast_trace_header_parsing_agrees_with_the_w3c_propagator(
-    headers: list[tuple[str, bytes | None]],
-) -> None:
-    """The runtime's per-record helpers give what extract and inject give (default W3C)."""
-    assert w3c_propagation()
-    fast = span_context_from_headers(headers)  # type: ignore[arg-type]
-    slow = trace.get_current_span(context_from_headers(headers)).get_span_context()  # type: ignore[arg-type]
-    child_headers = child_trace_headers(headers)  # type: ignore[arg-type]
-    if child_headers is None:  # only for a record with a tracestate: the general path
-        assert any(k == "tracestate" and isinstance(v, bytes) and v.isascii() for k, v in headers)
-    else:
-        ((name, value),) = child_headers
-        version, trace_hex, span_hex, flags = value.decode().split("-")
-        assert name == "traceparent" and version == "00" and len(span_hex) == 16
-        assert int(span_hex, 16) and int(trace_hex, 16)
-        if slow.is_valid:
-            assert (trace_hex, flags) == (f"{slow.trace_id:032x}", f"{slow.trace_flags:02x}")
-            assert int(span_hex, 16) != slow.span_id or slow.span_id == 0
-        else:
-            assert flags == "01" and len(trace_hex) == 32
-    if fast is None:
-        assert not slow.is_valid
-        return
-    assert fast == slow
-    assert fast.trace_state == slow.trace_state
-    child = SpanContext(
-        fast.trace_id,
-        0x1234,
-        is_remote=False,
-        trace_flags=TraceFlags(fast.trace_flags),
-        trace_state=fast.trace_state,
-    )
-    expected = headers_from_context(trace.set_span_in_context(NonRecordingSpan(child), Context()))
-    assert traceparent_headers(child) == expected
-
-
-def test_spans_recorded_only_where_a_processor_sees_them() -> None:
-    provider = TracerProvider()
-    assert not spans_recorded(provider)
-    provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
-    assert spans_recorded(provider)
-    assert not spans_recorded(NoOpTracerProvider())
 
 
 # --- worker processes -------------------------------------------------------------------
@@ -404,7 +323,7 @@ async def test_sigkilled_worker_restarts_without_loss(settings: Settings, tmp_pa
     offsets = await publish_all(settings, [Ping(id=i, work_ms=10) for i in ids])
     first, _ = start_worker(settings, "first", tmp_path)
     try:
-        async with TopicReader(settings, "images") as reader:
+        async with TopicReader(settings, "images", unchecked=["images"]) as reader:
             await reader.until(lambda: len(reader.keys("images")) >= 60, timeout=90)
             first.send_signal(signal.SIGKILL)
             first.wait()
@@ -444,7 +363,7 @@ async def test_two_workers_share_and_one_takes_over_after_sigterm(
         await eventually(lambda: logged(b, b_log, "stage toy assigned ["), 60)
         ids = [f"s{i:03d}" for i in range(400)]
         await publish_all(settings, [Ping(id=i, work_ms=15) for i in ids])
-        async with TopicReader(settings, "images") as reader:
+        async with TopicReader(settings, "images", unchecked=["images"]) as reader:
             await reader.until(
                 lambda: {"a", "b"} <= {p["worker"] for p in reader.values("images")}, timeout=60
             )
@@ -470,7 +389,7 @@ async def test_lag_after_a_restart_counts_from_the_groups_committed_offset(
     await publish_all(settings, [Ping(id=f"l{i}") for i in range(10)])
     config = RuntimeConfig(lag_interval_s=0.05, **FAST)
     async with StageRuntime(ToyStage(), settings, config):
-        async with TopicReader(settings, "images") as reader:
+        async with TopicReader(settings, "images", unchecked=["images"]) as reader:
             await reader.until(lambda: len(reader.keys("images")) == 10)
     tp = TopicPartition(settings.topics.prompts, 0)
     async with StageRuntime(ToyStage(), settings, config) as second:
