@@ -36,6 +36,7 @@ class Job:
     alone: bool = False  # retries run alone, so a poison record cannot fail its batch mates
     batch_key: Hashable | None = None
     headers: list[tuple[str, bytes]] | None = None  # trace headers of its outputs, once made
+    w3c: bool = True  # the W3C propagator was in use when it was fetched (asked per fetch)
 
     @property
     def source(self) -> SourceInfo:

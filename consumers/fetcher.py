@@ -145,7 +145,7 @@ class Fetcher:
     ) -> None:
         part.accept(record.offset)
         span, headers = self.tracing.start(record, recording, w3c)
-        job = Job(record, part, span, now, headers=headers)
+        job = Job(record, part, span, now, headers=headers, w3c=w3c)
         try:
             job.event = self.stage.parse(record.value or b"")
             job.batch_key = self.stage.batch_key(job.event)

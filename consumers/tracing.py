@@ -30,7 +30,6 @@ from plumbing.telemetry import (
     span_context_from_headers,
     spans_recorded,
     traceparent_headers,
-    w3c_propagation,
 )
 
 Headers = list[tuple[str, bytes]]
@@ -98,7 +97,7 @@ class RecordTracing:
         if job.headers is None:
             job.headers = (
                 traceparent_headers(job.span.get_span_context())
-                if w3c_propagation()
+                if job.w3c
                 else headers_from_context(trace.set_span_in_context(job.span, Context()))
             )
         return job.headers
