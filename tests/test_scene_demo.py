@@ -18,7 +18,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from genseg.cli import app
-from genseg.demo import run_scene_demo, scene_prompt
+from genseg.scene_demo import run_scene_demo, scene_prompt
 from plumbing.settings import Settings
 from schemas import ImageReadyEvent, SceneOptions, SceneReadyEvent
 from seg_worker.mesh import load_glb

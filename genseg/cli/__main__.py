@@ -1,0 +1,5 @@
+"""``python -m genseg.cli``: the ``genseg`` command."""
+
+from genseg.cli import app
+
+app()

@@ -1,0 +1,170 @@
+"""A worker process's wiring, written once: the runtimes a worker kind runs, their
+configuration, and serving them until SIGTERM.
+
+``genseg worker``, both demos and the benches build their runtimes here. An override
+of None means "not given", so :class:`~consumers.config.RuntimeConfig`, under a
+stage's own ``runtime_defaults`` (the generator's batch of four), is the one source of
+runtime defaults. The runtime and the stages are imported when used: the command line
+imports this module to name the worker kinds, and ``genseg submit`` must start fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator, Sequence
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+from consumers.config import RuntimeConfig
+from consumers.stage import Stage
+from plumbing.settings import Settings
+
+if TYPE_CHECKING:
+    from opentelemetry import trace
+
+    from consumers.runtime import StageRuntime
+
+
+class WorkerKind(StrEnum):
+    gen = "gen"
+    seg = "seg"
+    scene = "scene"
+
+
+class InvalidWorkerOptions(ValueError):
+    """The options make no valid runtime (e.g. a batch asked of a one-at-a-time stage)."""
+
+
+class StageStartError(RuntimeError):
+    """A runtime failed to start for a reason other than the broker: its stage's setup
+    (the models) failed. The cause is chained; ``stage`` and ``settings`` say which
+    models were asked for."""
+
+    def __init__(self, stage: str, settings: Settings) -> None:
+        super().__init__(f"the {stage} stage did not start")
+        self.stage = stage
+        self.settings = settings
+
+
+#: RuntimeConfig fields that belong to one runtime: the scene stage that a seg worker
+#: runs beside it does not inherit them (it takes one record at a time, a metrics port
+#: serves one runtime, a group or instance id names one member).
+_OWN_FIELDS = frozenset(
+    {"max_batch", "max_wait_ms", "concurrency", "max_in_flight", "metrics_port", "group_id",
+     "instance_id"}
+)  # fmt: skip
+
+
+def runtime_config(stage: Stage[Any], **overrides: Any) -> RuntimeConfig:
+    """RuntimeConfig's defaults, under ``stage.runtime_defaults``, under the overrides
+    given (None: not given)."""
+    given = {name: value for name, value in overrides.items() if value is not None}
+    try:
+        return RuntimeConfig(**{**stage.runtime_defaults, **given})
+    except ValueError as exc:
+        raise InvalidWorkerOptions(f"{stage.name} worker: {exc}") from exc
+
+
+def make_stage(kind: WorkerKind | str, settings: Settings) -> Stage[Any]:
+    """The stage of ``kind``. Its models load when its runtime starts; the stage
+    modules (and torch) are imported only here."""
+    kind = WorkerKind(kind)
+    if kind is WorkerKind.gen:
+        from gen_worker.handler import GenStage
+
+        return GenStage(settings)
+    if kind is WorkerKind.seg:
+        from seg_worker.handler import SegStage
+
+        return SegStage(settings)
+    from scene_worker import SceneStage
+
+    return SceneStage(settings)
+
+
+def build_runtimes(
+    kind: WorkerKind | str,
+    settings: Settings,
+    *,
+    scenes: bool = True,
+    tracer_provider: trace.TracerProvider | None = None,
+    **overrides: Any,
+) -> list[StageRuntime]:
+    """The runtimes of one worker process of ``kind``: its stage's, and for ``seg`` the
+    scene stage's too unless ``scenes`` is False (each its own consumer group).
+
+    ``overrides`` are RuntimeConfig fields; None means not given. The scene stage
+    beside a seg stage shares the process-wide ones (topics, timeouts, group timing),
+    not the batching, the metrics port or the member ids (its instance id gets
+    ``-scene`` appended).
+    """
+    kind = WorkerKind(kind)
+    runtimes = [_runtime(make_stage(kind, settings), settings, overrides, tracer_provider)]
+    if kind is WorkerKind.seg and scenes:
+        shared = {k: v for k, v in overrides.items() if k not in _OWN_FIELDS}
+        if instance_id := overrides.get("instance_id"):
+            shared["instance_id"] = f"{instance_id}-scene"
+        scene = make_stage(WorkerKind.scene, settings)
+        runtimes.append(_runtime(scene, settings, shared, tracer_provider))
+    return runtimes
+
+
+def _runtime(
+    stage: Stage[Any],
+    settings: Settings,
+    overrides: dict[str, Any],
+    tracer_provider: trace.TracerProvider | None,
+) -> StageRuntime:
+    from consumers.runtime import StageRuntime
+
+    config = runtime_config(stage, **overrides)
+    try:
+        return StageRuntime(stage, settings, config, tracer_provider=tracer_provider)
+    except ValueError as exc:  # the runtime refuses a batch for a sequential stage
+        raise InvalidWorkerOptions(f"{stage.name} worker: {exc}") from exc
+
+
+@contextlib.asynccontextmanager
+async def running(
+    runtimes: Sequence[StageRuntime],
+    *,
+    while_starting: contextlib.AbstractContextManager[Any] | None = None,
+) -> AsyncIterator[None]:
+    """Start ``runtimes`` in order (inside ``while_starting``, e.g. a spinner), and stop
+    those started however the block is left: one that fails to start must not leave
+    the others running. A failure other than the broker's is a :class:`StageStartError`.
+    """
+    from aiokafka.errors import KafkaError
+
+    started: list[StageRuntime] = []
+    try:
+        with while_starting or contextlib.nullcontext():
+            for runtime in runtimes:
+                try:
+                    await runtime.start()
+                except KafkaError:
+                    raise
+                except Exception as exc:
+                    raise StageStartError(runtime.stage.name, runtime.settings) from exc
+                started.append(runtime)
+        yield
+    finally:
+        await asyncio.gather(*(runtime.stop() for runtime in reversed(started)))
+
+
+async def serve(runtimes: Sequence[StageRuntime]) -> None:
+    """Start ``runtimes``, run until SIGTERM or SIGINT, then stop them all (each drains
+    its work in flight, commits and leaves its group)."""
+    async with running(runtimes):
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        # Installed once started: a signal while the models load ends the process at once.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
