@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CUDA build of torch on this machine's disk; pip caps it at these versions.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install system-deps test lint format demo bench clean
+.PHONY: install system-deps asyncapi-deps test lint format demo bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,7 +22,16 @@ install: $(VENV)/.installed
 system-deps:
 	bash scripts/ci-system-deps.sh
 
-test: install system-deps
+# The official AsyncAPI parser (tests/test_asyncapi.py), pinned in tests/asyncapi/package-lock.json;
+# reinstalled only when node_modules is missing or the lock changed. Install scripts are off.
+ASYNCAPI_DIR := tests/asyncapi
+$(ASYNCAPI_DIR)/node_modules/.installed: $(ASYNCAPI_DIR)/package.json $(ASYNCAPI_DIR)/package-lock.json | system-deps
+	npm ci --prefix $(ASYNCAPI_DIR) --ignore-scripts --no-audit --no-fund
+	touch $@
+
+asyncapi-deps: $(ASYNCAPI_DIR)/node_modules/.installed
+
+test: install system-deps asyncapi-deps
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 lint: install

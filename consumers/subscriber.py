@@ -21,40 +21,16 @@ from plumbing.kafka import make_consumer
 from plumbing.lifecycle import AsyncService
 from plumbing.settings import Settings
 from schemas import (
-    SCHEMA_ASSET,
-    SCHEMA_DEAD_LETTER,
-    SCHEMA_IMAGE,
-    SCHEMA_MASKS,
-    SCHEMA_PROGRESS,
-    SCHEMA_SCENE,
     AssetReadyEvent,
     DeadLetterEvent,
     Event,
-    ImageReadyEvent,
     InvalidEvent,
-    MasksReadyEvent,
-    ProgressEvent,
-    SceneReadyEvent,
-    parse_by_schema,
+    decode_record,
 )
 
 log = logging.getLogger(__name__)
 
-DOWNSTREAM_MODELS: dict[str, type[Event]] = {
-    SCHEMA_IMAGE: ImageReadyEvent,
-    SCHEMA_MASKS: MasksReadyEvent,
-    SCHEMA_ASSET: AssetReadyEvent,
-    SCHEMA_PROGRESS: ProgressEvent,
-    SCHEMA_DEAD_LETTER: DeadLetterEvent,
-    SCHEMA_SCENE: SceneReadyEvent,
-}
-
 Terminal = AssetReadyEvent | DeadLetterEvent
-
-
-def decode_downstream(raw: bytes) -> Event:
-    """Decode a downstream record by its ``schema`` field."""
-    return parse_by_schema(raw, DOWNSTREAM_MODELS, where=" downstream")
 
 
 def partition_for_key(key: str, partitions: int) -> int:
@@ -81,7 +57,9 @@ class Subscriber(AsyncService):
         only_key: str | None = None,
     ) -> None:
         self.settings = settings
-        self.topic_names = [settings.topics.name(t) for t in topics]
+        #: full topic name -> short name: each record is decoded as an event of its topic.
+        self._short_names = {settings.topics.name(t): t for t in topics}
+        self.topic_names = list(self._short_names)
         self.start_at = start
         self.only_key = only_key
         self._consumer: AIOKafkaConsumer = None  # type: ignore[assignment]  # made in start()
@@ -132,7 +110,8 @@ class Subscriber(AsyncService):
                 if self.only_key is not None and record.key != self.only_key.encode():
                     continue
                 try:
-                    out.append((tp.topic, decode_downstream(record.value or b"")))
+                    event = decode_record(self._short_names[tp.topic], record.value or b"")
+                    out.append((tp.topic, event))
                 except InvalidEvent as exc:
                     log.warning("skipping undecodable record %s@%d: %s", tp, record.offset, exc)
         return out
@@ -193,4 +172,4 @@ async def wait_for(
         return await sub.wait_for(request_id, num_images=num_images, timeout=timeout)
 
 
-__all__ = ["Subscriber", "decode_downstream", "partition_for_key", "subscribe", "wait_for"]
+__all__ = ["Subscriber", "partition_for_key", "subscribe", "wait_for"]

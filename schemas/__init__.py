@@ -35,20 +35,38 @@ from schemas.events import (
 )
 from schemas.internal import SCHEMA_SCENE_VIEW, SceneViewRecord
 from schemas.parse import InvalidEvent, parse_by_schema, parse_event, parse_prompts_record
+from schemas.registry import (
+    CONTRACT_MODELS,
+    CONTRACT_TOPICS,
+    DEFAULT_SCHEMAS,
+    INTERNAL_MODELS,
+    INTERNAL_TOPICS,
+    SCHEMA_MODELS,
+    TOPIC_SCHEMAS,
+    decode_record,
+    topic_models,
+)
 from schemas.topics import TOPIC_NAMES, Topics
 
 __all__ = [
+    "CONTRACT_MODELS",
+    "CONTRACT_TOPICS",
+    "DEFAULT_SCHEMAS",
+    "INTERNAL_MODELS",
+    "INTERNAL_TOPICS",
     "RLE",
     "SCHEMA_ASSET",
     "SCHEMA_DEAD_LETTER",
     "SCHEMA_IMAGE",
     "SCHEMA_INPAINT",
     "SCHEMA_MASKS",
+    "SCHEMA_MODELS",
     "SCHEMA_PROGRESS",
     "SCHEMA_PROMPT",
     "SCHEMA_SCENE",
     "SCHEMA_SCENE_VIEW",
     "TOPIC_NAMES",
+    "TOPIC_SCHEMAS",
     "AssetItem",
     "AssetOptions",
     "AssetReadyEvent",
@@ -74,7 +92,9 @@ __all__ = [
     "SegmentationOptions",
     "SourceInfo",
     "Topics",
+    "decode_record",
     "parse_by_schema",
     "parse_event",
     "parse_prompts_record",
+    "topic_models",
 ]

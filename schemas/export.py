@@ -4,47 +4,28 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel
-
-from schemas.events import (
-    AssetReadyEvent,
-    DeadLetterEvent,
-    ImageReadyEvent,
-    InpaintEvent,
-    MasksReadyEvent,
-    ProgressEvent,
-    PromptEvent,
-    SceneReadyEvent,
-)
+from schemas.events import SCHEMA_DEAD_LETTER, SCHEMA_SCENE
+from schemas.registry import CONTRACT_MODELS, CONTRACT_TOPICS
 from schemas.topics import Topics
 
-#: schema name -> model, in contract order.
-CONTRACT_MODELS: dict[str, type[BaseModel]] = {
-    "genseg.prompt/v1": PromptEvent,
-    "genseg.inpaint/v1": InpaintEvent,
-    "genseg.image/v1": ImageReadyEvent,
-    "genseg.masks/v1": MasksReadyEvent,
-    "genseg.asset/v1": AssetReadyEvent,
-    "genseg.progress/v1": ProgressEvent,
-    "genseg.dead_letter/v1": DeadLetterEvent,
-    "genseg.scene/v1": SceneReadyEvent,
-}
+__all__ = ["CONTRACT_MODELS", "KAFKA_BINDING_VERSION", "asyncapi_document", "json_schemas"]
 
-#: short topic name -> the schemas its records carry.
-TOPIC_MESSAGES: dict[str, list[str]] = {
-    "prompts": ["genseg.prompt/v1", "genseg.inpaint/v1"],
-    "images": ["genseg.image/v1"],
-    "masks": ["genseg.masks/v1"],
-    "assets": ["genseg.asset/v1"],
-    "progress": ["genseg.progress/v1"],
-    "dlq": ["genseg.dead_letter/v1"],
-    "scenes": ["genseg.scene/v1"],
-}
+#: Version of the AsyncAPI Kafka bindings the document follows.
+KAFKA_BINDING_VERSION = "0.5.0"
 
 
 def json_schemas() -> dict[str, dict[str, Any]]:
     """One JSON Schema (validation mode) per contract schema name."""
     return {name: model.model_json_schema(by_alias=True) for name, model in CONTRACT_MODELS.items()}
+
+
+def _key_description(schema: str) -> str:
+    """What a record's key holds: the scene id for scene-ready events, else the request id."""
+    if schema == SCHEMA_SCENE:
+        return "the scene id (scene_id), UTF-8"
+    if schema == SCHEMA_DEAD_LETTER:
+        return "the request id (id), UTF-8; empty when the failed record's id could not be read"
+    return "the request id (id), UTF-8"
 
 
 def _message_name(schema: str) -> str:
@@ -74,6 +55,13 @@ def asyncapi_document(topics: Topics | None = None) -> dict[str, Any]:
                 "properties": {"traceparent": {"type": "string"}, "tracestate": {"type": "string"}},
             },
             "payload": {"$ref": f"#/components/schemas/{_message_name(name)}"},
+            # The key is a property of the message in the Kafka bindings, not of the channel.
+            "bindings": {
+                "kafka": {
+                    "key": {"type": "string", "description": _key_description(name)},
+                    "bindingVersion": KAFKA_BINDING_VERSION,
+                }
+            },
         }
         for name in CONTRACT_MODELS
     }
@@ -84,9 +72,8 @@ def asyncapi_document(topics: Topics | None = None) -> dict[str, Any]:
                 _message_name(s): {"$ref": f"#/components/messages/{_message_name(s)}"}
                 for s in schema_names
             },
-            "bindings": {"kafka": {"key": {"type": "string", "description": "request id"}}},
         }
-        for short, schema_names in TOPIC_MESSAGES.items()
+        for short, schema_names in CONTRACT_TOPICS.items()
     }
     return {
         "asyncapi": "3.0.0",

@@ -10,11 +10,15 @@
 #                   No Docker engine is needed for `config`.
 #   stunnel4        TLS terminator in front of the embedded broker (tansu 0.6.0 cannot
 #                   serve TLS), used by tests/test_rel_security.py.
+#   nodejs, npm     Node.js 18+ (Debian 12's) and npm: `make test` installs the official
+#                   AsyncAPI parser into tests/asyncapi (`npm ci`) for tests/test_asyncapi.py.
 set -eu
 
 missing=""
 command -v docker-compose >/dev/null 2>&1 || missing="$missing docker-compose"
 command -v stunnel4 >/dev/null 2>&1 || command -v stunnel >/dev/null 2>&1 || missing="$missing stunnel4"
+command -v node >/dev/null 2>&1 || missing="$missing nodejs"
+command -v npm >/dev/null 2>&1 || missing="$missing npm"
 
 if [ -z "$missing" ]; then
     exit 0

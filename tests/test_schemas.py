@@ -11,16 +11,25 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import schemas
+from plumbing.kafka import ensure_topics, make_producer
+from plumbing.settings import Settings
 from schemas import (
+    CONTRACT_MODELS,
+    CONTRACT_TOPICS,
+    INTERNAL_MODELS,
+    INTERNAL_TOPICS,
     SCHEMA_ASSET,
     SCHEMA_DEAD_LETTER,
     SCHEMA_IMAGE,
     SCHEMA_INPAINT,
     SCHEMA_MASKS,
+    SCHEMA_MODELS,
     SCHEMA_PROGRESS,
     SCHEMA_PROMPT,
     SCHEMA_SCENE,
+    SCHEMA_SCENE_VIEW,
     TOPIC_NAMES,
+    TOPIC_SCHEMAS,
     AssetItem,
     AssetReadyEvent,
     BlobRef,
@@ -36,13 +45,17 @@ from schemas import (
     ResolvedParams,
     SceneReadyEvent,
     SceneView,
+    SceneViewRecord,
     SourceInfo,
     Topics,
+    decode_record,
     parse_event,
     parse_prompts_record,
 )
 from schemas.events import DEAD_LETTER_VALUE_LIMIT, ID_PATTERN, RLE
-from schemas.export import CONTRACT_MODELS, TOPIC_MESSAGES, asyncapi_document, json_schemas
+from schemas.export import KAFKA_BINDING_VERSION, asyncapi_document, json_schemas
+from schemas.topics import INTERNAL_TOPIC_NAMES
+from tests.kafka_utils import TopicReader
 
 SHA = "ab" * 32
 
@@ -468,13 +481,103 @@ def test_topic_names_with_a_prefix() -> None:
         topics.name("prompt")
 
 
+# --- the topic -> schema registry ----------------------------------------------------------
+
+
+def scene_view_record() -> SceneViewRecord:
+    """A valid internal event of the scene-views topic."""
+    asset = example_events()[SCHEMA_ASSET]
+    assert isinstance(asset, AssetReadyEvent)
+    scene = schemas.SceneOptions(scene_id="room-1", view="0", views_total=4, angle=0.0)
+    return SceneViewRecord.of(asset.model_copy(update={"scene": scene}))
+
+
+def every_event() -> dict[str, Event]:
+    """One valid event per schema the registry knows, contract and internal."""
+    return {**example_events(), SCHEMA_SCENE_VIEW: scene_view_record()}
+
+
+def test_registry_covers_every_topic_and_schema_once() -> None:
+    assert tuple(CONTRACT_TOPICS) == TOPIC_NAMES
+    assert tuple(INTERNAL_TOPICS) == INTERNAL_TOPIC_NAMES
+    assert dict(TOPIC_SCHEMAS) == {**CONTRACT_TOPICS, **INTERNAL_TOPICS}
+    # Every schema is carried by exactly one topic; contract schemas by contract topics.
+    carried = [name for names in TOPIC_SCHEMAS.values() for name in names]
+    assert sorted(carried) == sorted(SCHEMA_MODELS)
+    assert {n for names in CONTRACT_TOPICS.values() for n in names} == set(CONTRACT_MODELS)
+    assert CONTRACT_TOPICS["prompts"] == (SCHEMA_PROMPT, SCHEMA_INPAINT)
+    assert INTERNAL_TOPICS["scene-views"] == (SCHEMA_SCENE_VIEW,)
+
+
+@pytest.mark.parametrize("topic", list(TOPIC_SCHEMAS))
+def test_decode_record_accepts_its_topics_events_only(topic: str) -> None:
+    for name, event in every_event().items():
+        value = event.to_json_bytes()
+        if name in TOPIC_SCHEMAS[topic]:
+            decoded = decode_record(topic, value)
+            assert type(decoded) is SCHEMA_MODELS[name]
+            assert decoded == event
+        else:
+            with pytest.raises(InvalidEvent, match=f"unknown schema .* on the {topic} topic"):
+                decode_record(topic, value)
+
+
+def test_decode_record_reads_a_prompts_record_without_schema_as_a_prompt() -> None:
+    assert decode_record("prompts", raw(VALID)) == parse_prompts_record(raw(VALID))
+    assert type(decode_record("prompts", raw(VALID))) is PromptEvent
+    # Only the prompts topic has a default: elsewhere a record must name its schema.
+    image = json.loads(example_events()[SCHEMA_IMAGE].to_json_bytes())
+    del image["schema"]
+    with pytest.raises(InvalidEvent, match="unknown schema"):
+        decode_record("images", raw(image))
+
+
+def test_decode_record_refuses_invalid_events_and_unknown_topics() -> None:
+    masks = json.loads(example_events()[SCHEMA_MASKS].to_json_bytes())
+    with pytest.raises(InvalidEvent, match="objects") as caught:
+        decode_record("masks", raw({**masks, "objects": [{"label": "fox"}]}))
+    assert caught.value.request_id == "req-1"
+    with pytest.raises(InvalidEvent, match="not JSON"):
+        decode_record("assets", b"{")
+    with pytest.raises(KeyError, match="unknown topic"):
+        decode_record("prompt", raw(VALID))
+
+
+async def test_topic_reader_fails_on_a_record_its_topic_does_not_carry(settings: Settings) -> None:
+    # The tests' reader checks every record against the registry; this shows it can fail.
+    await ensure_topics(settings, partitions=1)
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        good = example_events()[SCHEMA_IMAGE].to_json_bytes()
+        prompt = example_events()[SCHEMA_PROMPT].to_json_bytes()  # valid, but not an image
+        for value in (good, prompt):
+            await producer.send_and_wait(settings.topics.images, value, key=b"req-1")
+        await producer.send_and_wait(settings.topics.prompts, raw(VALID), key=b"req-1")
+    finally:
+        await producer.stop()
+    async with TopicReader(settings, "prompts") as reader:
+        await reader.until(lambda: len(reader.values("prompts")) == 1)
+    with pytest.raises(AssertionError, match=r"partition 0 offset 1: .*'images'.*unknown schema"):
+        async with TopicReader(settings, "images") as reader:
+            await reader.until(lambda: len(reader.values("images")) == 2, timeout=30)
+    async with TopicReader(settings, "images", unchecked=["images"]) as reader:
+        await reader.until(lambda: len(reader.values("images")) == 2)
+
+
 # --- exported documents --------------------------------------------------------------------
 
 
 def test_contract_models_cover_every_event() -> None:
-    constants = {value for name, value in vars(schemas).items() if name.startswith("SCHEMA_")}
-    assert set(CONTRACT_MODELS) == constants == set(example_events())
-    for name, model in CONTRACT_MODELS.items():
+    constants = {
+        value
+        for name, value in vars(schemas).items()
+        if name.startswith("SCHEMA_") and isinstance(value, str)
+    }
+    assert set(SCHEMA_MODELS) == constants
+    assert set(CONTRACT_MODELS) == constants - {SCHEMA_SCENE_VIEW} == set(example_events())
+    assert set(INTERNAL_MODELS) == {SCHEMA_SCENE_VIEW}
+    for name, model in SCHEMA_MODELS.items():
         assert model.model_fields["schema_"].default == name
 
 
@@ -548,8 +651,7 @@ def test_asyncapi_document() -> None:
     assert document["asyncapi"] == "3.0.0"
     assert document["info"]["title"] and document["info"]["version"]
     channels = document["channels"]
-    assert set(channels) == set(TOPIC_MESSAGES)
-    assert set(TOPIC_MESSAGES) <= set(TOPIC_NAMES)
+    assert set(channels) == set(CONTRACT_TOPICS) == set(TOPIC_NAMES)
     for short, channel in channels.items():
         assert channel["address"] == Topics().name(short)
         assert channel["messages"], short
@@ -569,6 +671,19 @@ def test_asyncapi_document() -> None:
         assert "traceparent" in message["headers"]["properties"]
 
 
+def test_asyncapi_kafka_key_is_a_message_binding() -> None:
+    # AsyncAPI Kafka bindings: the key belongs to the message; a channel binding has none.
+    document = asyncapi_document()
+    for short, channel in document["channels"].items():
+        assert "key" not in channel.get("bindings", {}).get("kafka", {}), short
+    for name, message in document["components"]["messages"].items():
+        kafka = message["bindings"]["kafka"]
+        assert kafka["bindingVersion"] == KAFKA_BINDING_VERSION, name
+        assert kafka["key"]["type"] == "string", name
+    messages = {m["name"]: m for m in document["components"]["messages"].values()}
+    assert "scene_id" in messages[SCHEMA_SCENE]["bindings"]["kafka"]["key"]["description"]
+
+
 def test_asyncapi_refs_all_resolve_inside_the_document() -> None:
     document = asyncapi_document()
     refs = _refs(document)
@@ -581,7 +696,7 @@ def test_asyncapi_refs_all_resolve_inside_the_document() -> None:
 def test_asyncapi_addresses_follow_the_prefix() -> None:
     document = asyncapi_document(Topics("acme"))
     assert {c["address"] for c in document["channels"].values()} == {
-        f"acme.{short}" for short in TOPIC_MESSAGES
+        f"acme.{short}" for short in CONTRACT_TOPICS
     }
 
 
@@ -601,7 +716,8 @@ def test_asyncapi_payloads_validate_events(name: str) -> None:
 
 PARSERS = [
     parse_prompts_record,
-    *(lambda value, model=model: parse_event(value, model) for model in CONTRACT_MODELS.values()),
+    *(lambda value, model=model: parse_event(value, model) for model in SCHEMA_MODELS.values()),
+    *(lambda value, topic=topic: decode_record(topic, value) for topic in TOPIC_SCHEMAS),
 ]
 
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=50)
@@ -616,7 +732,7 @@ json_values = st.recursive(
 
 def _field_names() -> list[str]:
     names: set[str] = set()
-    for model in (*CONTRACT_MODELS.values(), schemas.SegmentationOptions, BlobRef):
+    for model in (*SCHEMA_MODELS.values(), schemas.SegmentationOptions, BlobRef):
         for field_name, info in model.model_fields.items():
             names.add(info.alias or field_name)
     return sorted(names)
