@@ -2,8 +2,9 @@
 
 A :class:`CrossAttentionRecorder` processor replaces the default processor on the
 UNet's cross-attention (``attn2``) layers only; self-attention keeps SDPA/xFormers.
-Its output is computed exactly like diffusers' ``AttnProcessor2_0`` whether or not it
-records, so recording never changes an image. While a :class:`HeatmapAccumulator` is
+Its output is computed exactly like diffusers' ``AttnProcessor2_0`` (its ``__call__`` is
+copied from diffusers 0.42.1, marked in the code) whether or not it records, so
+recording never changes an image. While a :class:`HeatmapAccumulator` is
 active it also computes the attention probabilities of the conditional half of the
 batch, averages them over heads, resizes each layer's map ``[77, h, w]`` to the
 latent resolution and adds it to a per-sample sum. See docs/gen_worker.md.
@@ -109,7 +110,10 @@ class CrossAttentionRecorder:
         *args: Any,
         **kwargs: Any,
     ) -> torch.Tensor:
-        # Mirrors diffusers' AttnProcessor2_0, so outputs match the default processor.
+        # Copied from diffusers.models.attention_processor.AttnProcessor2_0.__call__
+        # (diffusers 0.42.1), so outputs match the default processor. Changes: the
+        # deprecated ``scale`` argument check is dropped, local names are shorter, and the
+        # recording hook (``_record``, marked below) is added. Re-check on a diffusers upgrade.
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -142,6 +146,7 @@ class CrossAttentionRecorder:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
+        # Not in diffusers: record the cross-attention probabilities (output unchanged).
         if is_cross and self.accumulator.active:
             self._record(attn, query, key, attention_mask)
 

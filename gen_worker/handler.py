@@ -6,6 +6,10 @@ resolves seeds, reads inpaint inputs from the blob store, generates through
 image and heat-map PNGs to deterministic blob keys and returns one list of outputs
 (or one error) per event, in order.
 
+A profile that draws one size only (:attr:`GenModels.native_size`, e.g. ``toy``'s
+64x64) refuses an event of another size with a dead letter (``unsupported_size``)
+rather than spend minutes on an image its models never learnt to draw.
+
 With a request policy (``GENSEG_POLICY``, :mod:`gen_worker.policy`), each event is
 checked before any work: a refused one ends in a dead letter (``policy`` or
 ``rate_limited``) and is never generated. The policy's image check
@@ -247,6 +251,7 @@ class GenStage(Stage[GenEvent]):
         groups: dict[BatchSpec, list[_Job]] = {}
         for i, event in enumerate(events):
             try:
+                self._check_size(event)  # first: a refused size spends no rate-limit token
                 if policy is not None:
                     self._admit(policy, event, i, ctx)
                 jobs = self._jobs(i, event, ctx)
@@ -268,6 +273,17 @@ class GenStage(Stage[GenEvent]):
                 except Exception as exc:  # a failed blob write fails this item only
                     results[item] = exc
         return [r if r is not None else RuntimeError("no result") for r in results]
+
+    def _check_size(self, event: GenEvent) -> None:
+        """Raise :class:`PermanentError` when the profile draws another size only."""
+        native = self.models.native_size
+        if native is not None and (event.width, event.height) != native:
+            width, height = native
+            raise PermanentError(
+                f"the {self.models.profile} profile draws {width}x{height} images only (its "
+                f"models were trained at that size): send width={width} height={height}",
+                error_type="unsupported_size",
+            )
 
     def _admit(self, policy: Policy, event: GenEvent, item: int, ctx: StageContext) -> None:
         """Raise :class:`PermanentError` when the policy refuses ``event``."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from seg_worker.profiles import seg_profile
 from seg_worker.prompts import HEAT_THRESHOLD
 
 
@@ -27,24 +28,16 @@ class SegConfig:
     auto_points_per_batch: int = 64
     #: SamAutomaticMaskGenerator's stability filter (0 disables it).
     auto_stability_thresh: float = 0.92
-    #: SAM architecture; None: Settings.sam_model (the tiny and toy profiles force their own).
+    #: SAM architecture; None: Settings.sam_model (a profile with its own ignores it).
     arch: str | None = None
     #: Seed of random initialisation (tiny and random profiles).
     seed: int = 0
 
     @classmethod
     def for_profile(cls, profile: str, **overrides: Any) -> SegConfig:
-        """Defaults for a model profile, then ``overrides``.
+        """Defaults, then what the model profile sets (``SegProfile.config``: the ``tiny``
+        profile's small grid, a plug-in's own), then ``overrides``.
 
-        ``tiny``: a 4x4 automatic grid (speed), and no stability filter: with random
-        weights the stability score says nothing, so only ``min_confidence`` filters.
-        ``toy``: 64 px images: a 16x16 grid puts a point every 4 px (a dozen or more
-        inside the smallest toy object), and the stability filter stays: the trained
-        model's logits are sharp, so its masks are stable.
+        Raises ValueError for an unknown profile (see :func:`seg_worker.profiles.seg_profile`).
         """
-        base = cls()
-        if profile == "tiny":
-            base = replace(base, auto_points_per_side=4, auto_stability_thresh=0.0)
-        elif profile == "toy":
-            base = replace(base, auto_points_per_side=16, auto_stability_thresh=0.92)
-        return replace(base, **overrides)
+        return replace(cls(), **{**seg_profile(profile).config, **overrides})

@@ -1,7 +1,9 @@
 """Monocular depth for scene views: model profiles, estimation, the 16-bit depth PNG.
 
 Models are the transformers depth-estimation classes (``DepthAnythingForDepthEstimation``,
-``DPTForDepthEstimation``) with a ``DPTImageProcessor`` in front, per profile:
+``DPTForDepthEstimation``) with a ``DPTImageProcessor`` in front. The model profile's
+``SegProfile.depth_arch`` chooses (a plug-in profile names one of :data:`ARCHS`, or None
+for ``DEPTH_MODEL``); the built-in profiles:
 
 - ``tiny``: a Depth Anything with a 4-layer DINOv2 backbone of width 32 and a 112 px
   input, built in code with seeded random weights (~0.1 M parameters, milliseconds on
@@ -46,7 +48,7 @@ from transformers import (
 )
 
 from plumbing.images import decode_image
-from seg_worker.profiles import Profile, resolve_device
+from seg_worker.profiles import resolve_device, seg_profile
 
 log = logging.getLogger(__name__)
 
@@ -195,20 +197,22 @@ class DepthEstimator:
 
 
 def load_depth(
-    profile: Profile, model_id: str, *, device: str = "cpu", seed: int = 0
+    profile: str, model_id: str, *, device: str = "cpu", seed: int = 0
 ) -> DepthEstimator:
     """The depth estimator of ``profile`` on ``device``.
 
-    ``pretrained`` loads ``model_id`` (a Hugging Face id or a local directory) with
+    A profile with a ``depth_arch`` builds that architecture with seeded random weights
+    (``tiny``: the tiny one, ``random``: Depth-Anything-V2-Small's). Otherwise
+    (``pretrained``) ``model_id`` is loaded (a Hugging Face id or a local directory) with
     ``AutoModelForDepthEstimation`` and its ``AutoImageProcessor``; a directory without a
     preprocessor config gets Depth Anything's 518 px preprocessing.
     """
-    if profile in ("tiny", "toy", "random"):
-        # No depth model is trained for the toy world: it runs the tiny random one.
-        arch = ARCHS["small" if profile == "random" else "tiny"]
+    depth_arch = seg_profile(profile).depth_arch
+    if depth_arch is not None:
+        arch = ARCHS[depth_arch]
         model: PreTrainedModel = build_depth_model(arch, seed=seed)
         processor = build_processor(arch.input_size)
-    elif profile == "pretrained":
+    else:
         model = AutoModelForDepthEstimation.from_pretrained(model_id)
         model.eval()
         model.requires_grad_(False)
@@ -218,8 +222,6 @@ def load_depth(
             log.warning("%s has no preprocessor config: using Depth Anything's", model_id)
             processor = build_processor(ARCHS["small"].input_size)
         log.info("loaded depth model %s (%s)", model_id, type(model).__name__)
-    else:
-        raise ValueError(f"unknown model profile {profile!r}")
     return DepthEstimator(model.to(resolve_device(device)), processor)
 
 

@@ -1,33 +1,38 @@
-"""Segment Anything models per profile: ``tiny``, ``toy``, ``random`` and ``pretrained``.
+"""Segment Anything models per profile, and the profiles themselves.
 
 Every profile builds the real segment-anything classes (:class:`Sam`,
 :class:`ImageEncoderViT`, :class:`PromptEncoder`, :class:`MaskDecoder`,
-:class:`TwoWayTransformer`) from one :class:`SamArch`:
+:class:`TwoWayTransformer`) from one :class:`SamArch`. A :class:`SegProfile` says
+which architecture, where the weights come from, how it tunes the segmenter
+(:meth:`seg_worker.config.SegConfig.for_profile`) and which depth model scene views
+run (:func:`seg_worker.depth.load_depth`). Built-in (:data:`BUILTIN_PROFILES`):
 
 - ``tiny``: a few-layer configuration with a 256 px encoder input (the classes
   derive every size from ``img_size``: the predictor's resize, the padding, the
   prompt encoder's frame and the mask post-processing, so a smaller input is
   consistent end to end). Random weights, seeded: every process builds the same
   model. Milliseconds per image on a CPU.
-- ``toy``: the ``toy`` architecture (64 px input) with the weights trained on the
-  toy world (``toy/train_sam.py``), shipped as ``toy/weights/sam.safetensors`` and
-  loaded exactly like ``pretrained`` (:func:`read_checkpoint`, strict
-  ``load_state_dict``); ``SAM_CHECKPOINT`` overrides the file.
 - ``random``: ViT-B/L/H (``SAM_MODEL``) at the real 1024 px input with seeded
   random weights: the compute cost of the real model without a download.
 - ``pretrained``: the ``SAM_MODEL`` architecture with weights from
   ``SAM_CHECKPOINT`` (a path, or an http(s) URL fetched through torch.hub), read
   with ``torch.load(weights_only=True)`` so a checkpoint cannot run code, or
   with safetensors for a ``.safetensors`` file (tensors only by design).
+
+Other profiles plug in from installed packages: the entry-point group
+:data:`ENTRY_POINT_GROUP`, each entry a :class:`SegProfile` named like the profile
+(``mine = "my_package.profiles:SEG_PROFILE"``). This worker knows none of them by name.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from functools import partial
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import torch
@@ -42,7 +47,8 @@ from segment_anything.modeling import (
 
 log = logging.getLogger(__name__)
 
-Profile = Literal["tiny", "toy", "random", "pretrained"]
+#: The entry-point group of segmenter profile plug-ins.
+ENTRY_POINT_GROUP = "genseg.seg_profiles"
 
 #: Seed of the random initialisation; the same in every process.
 DEFAULT_SEED = 0
@@ -74,7 +80,8 @@ class SamArch:
         return self.img_size // self.patch_size
 
 
-#: The official architectures (segment_anything.build_sam) plus ``tiny``.
+#: The official architectures (segment_anything.build_sam) plus ``tiny``. ``SAM_MODEL``
+#: names one of the official ones; a plug-in profile brings its own :class:`SamArch`.
 ARCHS: dict[str, SamArch] = {
     "vit_h": SamArch("vit_h", 1280, 32, 16, (7, 15, 23, 31)),
     "vit_l": SamArch("vit_l", 1024, 24, 16, (5, 11, 17, 23)),
@@ -94,25 +101,6 @@ ARCHS: dict[str, SamArch] = {
         decoder_mlp_dim=64,
         decoder_num_heads=2,
         iou_head_hidden_dim=32,
-    ),
-    # Trained on the toy world (toy/train_sam.py, weights in toy/weights/): 64 px input,
-    # patch 4 -> 16x16 embedding and 64x64 low-res masks (full resolution for the toy
-    # world's 64x64 images). Four encoder blocks of width 64 (windows of 8x8 patches,
-    # global attention in blocks 2 and 4) and the real two-layer two-way transformer.
-    "toy": SamArch(
-        "toy",
-        encoder_embed_dim=64,
-        encoder_depth=4,
-        encoder_num_heads=4,
-        encoder_global_attn_indexes=(1, 3),
-        img_size=64,
-        patch_size=4,
-        window_size=8,
-        prompt_embed_dim=64,
-        mask_in_chans=16,
-        decoder_mlp_dim=256,
-        decoder_num_heads=4,
-        iou_head_hidden_dim=64,
     ),
 }
 
@@ -196,9 +184,103 @@ def read_checkpoint(checkpoint: str) -> dict[str, torch.Tensor]:
     return state
 
 
+# --- profiles ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SegProfile:
+    """A segmenter model profile: the SAM it runs, its segmenter tuning, its depth model."""
+
+    name: str
+    #: The profile's own architecture; None: the configured one (``SegConfig.arch`` or
+    #: ``SAM_MODEL``, an entry of :data:`ARCHS`).
+    arch: SamArch | None = None
+    #: ``random``: seeded initialisation; ``checkpoint``: ``SAM_CHECKPOINT``, else
+    #: :attr:`default_checkpoint`, loaded strictly.
+    weights: Literal["random", "checkpoint"] = "random"
+    default_checkpoint: str | None = None
+    #: :class:`~seg_worker.config.SegConfig` fields this profile sets (field -> value).
+    config: Mapping[str, Any] = field(default_factory=dict)
+    #: Depth model of scene views: a :data:`seg_worker.depth.ARCHS` name, built with
+    #: seeded random weights; None: ``DEPTH_MODEL`` (a pretrained model).
+    depth_arch: str | None = None
+
+
+BUILTIN_PROFILES: dict[str, SegProfile] = {
+    p.name: p
+    for p in (
+        # A 4x4 automatic grid (speed), and no stability filter: with random weights the
+        # stability score says nothing, so only ``min_confidence`` filters.
+        SegProfile(
+            "tiny",
+            arch=ARCHS["tiny"],
+            config={"auto_points_per_side": 4, "auto_stability_thresh": 0.0},
+            depth_arch="tiny",
+        ),
+        SegProfile("random", depth_arch="small"),
+        SegProfile("pretrained", weights="checkpoint"),
+    )
+}
+
+
+def plugin_names() -> list[str]:
+    """Names of the profiles installed packages declare (none is imported)."""
+    return sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+
+
+def known_profiles() -> list[str]:
+    """The built-in profiles, then those installed packages declare."""
+    return [*BUILTIN_PROFILES, *(n for n in plugin_names() if n not in BUILTIN_PROFILES)]
+
+
+def seg_profile(name: str) -> SegProfile:
+    """The profile ``name``: a built-in one (a plug-in cannot replace it), else an
+    installed plug-in, whose module is imported now.
+
+    Entry points are read on every call, not cached: a worker resolves its profile a
+    few times at start-up (milliseconds each), and no module-level state can go stale.
+    Raises ValueError naming every known profile when there is none of that name.
+    """
+    if name in BUILTIN_PROFILES:
+        return BUILTIN_PROFILES[name]
+    found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
+    if not found:
+        raise ValueError(
+            f"unknown model profile {name!r}: expected one of {', '.join(known_profiles())}"
+        )
+    if len(found) > 1:
+        where = ", ".join(ep.value for ep in found)
+        raise ValueError(f"segmenter profile {name!r} is declared more than once: {where}")
+    profile = found[0].load()
+    if not isinstance(profile, SegProfile) or profile.name != name:
+        raise ValueError(
+            f"entry point {name} = {found[0].value} ({ENTRY_POINT_GROUP}) is not a "
+            f"SegProfile named {name!r}"
+        )
+    return profile
+
+
+def resolve_arch(profile: str, arch: str | SamArch) -> SamArch:
+    """The architecture ``profile`` runs: its own, else ``arch`` (``SegConfig.arch`` or
+    ``SAM_MODEL``: an entry of :data:`ARCHS`, or a :class:`SamArch`)."""
+    own = seg_profile(profile).arch
+    if own is not None:
+        return own
+    if isinstance(arch, SamArch):
+        return arch
+    if arch not in ARCHS:
+        raise ValueError(f"unknown SAM architecture {arch!r}; expected one of {sorted(ARCHS)}")
+    return ARCHS[arch]
+
+
+def profile_arch(profile: str, arch: str | SamArch) -> str:
+    """The name of the architecture ``profile`` runs (see :func:`resolve_arch`)."""
+    return resolve_arch(profile, arch).name
+
+
 def load_sam(
-    profile: Profile,
-    arch: str,
+    profile: str,
+    arch: str | SamArch,
     *,
     checkpoint: str | None = None,
     device: str = "cpu",
@@ -206,40 +288,27 @@ def load_sam(
 ) -> Sam:
     """Build the model of ``profile`` on ``device``.
 
-    ``arch`` names an entry of :data:`ARCHS`; the ``tiny`` and ``toy`` profiles always
-    use their own architecture (:func:`profile_arch`). ``pretrained`` loads
-    ``checkpoint`` strictly: a checkpoint of another architecture fails here with the
-    mismatching keys, not later with odd masks. ``toy`` is ``pretrained`` with the
-    shipped toy weights (``toy.weights.SAM_WEIGHTS``) unless ``checkpoint`` is given.
+    ``arch``: see :func:`resolve_arch` (a profile with its own architecture ignores it).
+    A profile with ``weights="checkpoint"`` loads ``checkpoint`` (else its default)
+    strictly: a checkpoint of another architecture fails here with the mismatching
+    keys, not later with odd masks.
     """
-    arch = profile_arch(profile, arch)
-    if arch not in ARCHS:
-        raise ValueError(f"unknown SAM architecture {arch!r}; expected one of {sorted(ARCHS)}")
-    model = build_sam(arch, seed=seed)
-    if profile == "toy" and not checkpoint:
-        from toy.weights import SAM_WEIGHTS
-
-        checkpoint = str(SAM_WEIGHTS)
-    if profile in ("pretrained", "toy"):
+    spec = seg_profile(profile)
+    sam_arch = resolve_arch(profile, arch)
+    model = build_sam(sam_arch, seed=seed)
+    if spec.weights == "checkpoint":
+        checkpoint = checkpoint or spec.default_checkpoint
         if not checkpoint:
-            raise ValueError("the pretrained profile needs SAM_CHECKPOINT (a path or URL)")
+            raise ValueError(f"the {profile} profile needs SAM_CHECKPOINT (a path or URL)")
         state = read_checkpoint(checkpoint)
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise ValueError(
-                f"SAM checkpoint {checkpoint!r} does not fit architecture {arch!r}: {exc}"
+                f"SAM checkpoint {checkpoint!r} does not fit architecture {sam_arch.name!r}: {exc}"
             ) from None
-        log.info("loaded SAM %s weights from %s", arch, checkpoint)
-    elif profile not in ("tiny", "random"):
-        raise ValueError(f"unknown model profile {profile!r}")
+        log.info("loaded SAM %s weights from %s", sam_arch.name, checkpoint)
     return _inference(model).to(resolve_device(device))
-
-
-def profile_arch(profile: str, arch: str) -> str:
-    """The architecture a profile runs: ``tiny`` and ``toy`` have their own, the others
-    take ``arch`` (``SegConfig.arch`` or ``SAM_MODEL``)."""
-    return profile if profile in ("tiny", "toy") else arch
 
 
 def resolve_device(device: str) -> torch.device:

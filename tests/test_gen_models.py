@@ -15,15 +15,11 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from consumers.stage import PermanentError
+from gen_worker.architectures import build_tiny_pipeline, sd15_architecture
 from gen_worker.attention import HeatmapAccumulator, find_token_span
 from gen_worker.generate import BatchSpec, Generator, Sample, draft_size, effective_steps
 from gen_worker.oom import run_with_oom_ladder
-from gen_worker.profiles import (
-    GenModels,
-    RuntimeOptions,
-    build_tiny_pipeline,
-    sd15_architecture,
-)
+from gen_worker.profiles import GenModels, RuntimeOptions
 from gen_worker.tokenizer import local_clip_tokenizer
 from plumbing.images import encode_png
 from plumbing.settings import Settings

@@ -12,18 +12,17 @@ import numpy as np
 import pytest
 import torch
 
+from consumers.stage import Output, PermanentError, StageContext
 from gen_worker.generate import BatchSpec, Generator, Sample
+from gen_worker.handler import GenStage
 from gen_worker.profiles import GenModels, RuntimeOptions
+from plumbing.blobstore import LocalBlobStore
+from plumbing.images import decode_image
 from plumbing.settings import Settings
-from toy.train_gen import (
-    MAX_TOKENS,
-    TOY_WORDS,
-    TrainConfig,
-    attention_loss,
-    build_models,
-    toy_tokenizer,
-    train,
-)
+from schemas import ImageReadyEvent, PromptEvent, Topics
+from toy.gen_losses import attention_loss
+from toy.gen_model import MAX_TOKENS, TOY_WORDS, TrainConfig, build_models, toy_tokenizer
+from toy.train_gen import train
 from toy.weights import SD_DIR
 from toy.world import find_object, make_scene
 
@@ -113,6 +112,38 @@ def test_the_shipped_generator_draws_the_asked_objects(shipped: Generator) -> No
         colours = [w for w in prompt.split() if w in ("red", "green", "blue", "yellow", "purple")]
         found += sum(find_object(image, c) is not None for c in colours)
     assert found >= 5, f"only {found} of 6 asked colours drawn"
+
+
+def test_the_toy_stage_refuses_sizes_its_models_never_saw(
+    shipped: Generator, tmp_path: Path
+) -> None:
+    """128x128 ends in a dead letter (``unsupported_size``) before any generation; the
+    batch's 64x64 request is drawn as usual."""
+    settings = Settings(models="toy", blob_url=str(tmp_path / "blobs"))
+    stage = GenStage(settings, generator=shipped)
+    progress: list[int | None] = []
+    ctx = StageContext(
+        blob=LocalBlobStore(tmp_path / "blobs"),
+        topics=Topics("t"),
+        settings=settings,
+        emit=lambda _output, item: progress.append(item),
+    )
+    base = {"prompt": "a red circle", "steps": 2, "seed": 5}
+    events = [
+        PromptEvent(id="big", width=128, height=128, **base),
+        PromptEvent(id="native", width=64, height=64, **base),
+    ]
+    refused, drawn = stage.handle(events, ctx)
+    assert isinstance(refused, PermanentError)
+    assert refused.error_type == "unsupported_size"
+    assert str(refused) == (
+        "the toy profile draws 64x64 images only (its models were trained at that size): "
+        "send width=64 height=64"
+    )
+    assert isinstance(drawn, list) and progress and 0 not in progress  # never generated
+    [ready] = [o.event for o in drawn if isinstance(o, Output)]
+    assert isinstance(ready, ImageReadyEvent) and ready.id == "native"
+    assert decode_image(ctx.blob.get(ready.image), max_pixels=64 * 64).size == (64, 64)
 
 
 def test_training_is_reproducible(tmp_path: Path, restore_threads) -> None:

@@ -20,9 +20,12 @@ from schemas import SegmentationOptions
 from seg_worker import SegStage
 from seg_worker.config import SegConfig
 from seg_worker.predictor import CachedPredictor
-from seg_worker.profiles import ARCHS, build_sam, load_sam, read_checkpoint
+from seg_worker.profiles import build_sam, load_sam, read_checkpoint
 from seg_worker.segment import Segmenter
-from toy.train_sam import Recipe, ToyData, evaluate_sam, save_sam, train_sam
+from toy.profiles import TOY_SAM_ARCH
+from toy.sam_data import ToyData
+from toy.sam_eval import evaluate_sam
+from toy.train_sam import Recipe, save_sam, train_sam
 from toy.weights import SAM_WEIGHTS
 from toy.world import EVAL_SEED_BASE, iou, make_scene
 
@@ -39,16 +42,16 @@ def test_shipped_weights_load_through_the_pretrained_path(toy_sam) -> None:
     ``pretrained``; SAM_CHECKPOINT (``checkpoint``) overrides the file."""
     assert SAM_WEIGHTS.is_file() and SAM_WEIGHTS.stat().st_size < 8 * 2**20
     state = read_checkpoint(str(SAM_WEIGHTS))
-    assert toy_sam.image_encoder.img_size == ARCHS["toy"].img_size == 64
+    assert toy_sam.image_encoder.img_size == TOY_SAM_ARCH.img_size == 64
     assert set(state) == set(toy_sam.state_dict())
     for name, value in toy_sam.state_dict().items():
         assert torch.equal(value, state[name].to(value.dtype)), name
-    same = load_sam("pretrained", "toy", checkpoint=str(SAM_WEIGHTS))
+    same = load_sam("pretrained", TOY_SAM_ARCH, checkpoint=str(SAM_WEIGHTS))
     for (name, a), b in zip(toy_sam.state_dict().items(), same.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     # The shipped weights are trained, not the seeded initialisation.
     assert not torch.equal(
-        build_sam("toy").mask_decoder.iou_token.weight, toy_sam.mask_decoder.iou_token.weight
+        build_sam(TOY_SAM_ARCH).mask_decoder.iou_token.weight, toy_sam.mask_decoder.iou_token.weight
     )
     with pytest.raises(ValueError, match="does not fit architecture"):
         load_sam("pretrained", "tiny", checkpoint=str(SAM_WEIGHTS))
@@ -77,7 +80,7 @@ def test_training_loop_smoke(tmp_path) -> None:
         recipe, data=data, log_every=2, on_step=lambda _s, st: losses.append(st["loss"])
     )
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
-    init = build_sam("toy", seed=recipe.seed)
+    init = build_sam(TOY_SAM_ARCH, seed=recipe.seed)
     changed = [
         name
         for (name, a), b in zip(init.state_dict().items(), model.state_dict().values(), strict=True)

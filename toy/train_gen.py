@@ -1,9 +1,9 @@
 """Train the ``toy`` Stable Diffusion pipeline on the synthetic world, on the CPU.
 
-The same classes as Stable Diffusion, small: a CLIP text encoder over a word-level
-vocabulary (:func:`toy_tokenizer`), an :class:`AutoencoderKL` with factor 4 (64x64
-RGB <-> 16x16x4 latents) and a :class:`UNet2DConditionModel` with cross-attention
-at 16x16, 8x8 and 4x4. Three phases, all seeded:
+The same classes as Stable Diffusion, small (:mod:`toy.gen_model`): a CLIP text
+encoder over a word-level vocabulary (:func:`~toy.gen_model.toy_tokenizer`), an
+:class:`AutoencoderKL` with factor 4 (64x64 RGB <-> 16x16x4 latents) and a
+:class:`UNet2DConditionModel` with cross-attention at 16x16, 8x8 and 4x4. Three phases, all seeded:
 
 1. the world: ``scenes`` training scenes (seeds ``0..scenes-1``);
 2. the VAE: L1 + MSE reconstruction and a tiny KL term; then every scene is encoded
@@ -16,7 +16,9 @@ at 16x16, 8x8 and 4x4. Three phases, all seeded:
    are trained to find the object, not left to emerge (as in TokenCompose).
 
 The result is saved with ``save_pretrained`` as a diffusers directory (fp16
-weights), and loads through the ``pretrained`` code path (``SD_MODEL``).
+weights), and loads through the ``pretrained`` code path (``SD_MODEL``). This module
+holds the phases and the CLI; the data is built in :mod:`toy.gen_data`, the attention
+loss, loss weights and EMA are in :mod:`toy.gen_losses`.
 
     python -m toy.train_gen --out toy/weights/sd           # the shipped weights
     python -m toy.train_gen --out /tmp/sd --vae-steps 5 --unet-steps 5 --scenes 64
@@ -31,19 +33,14 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
-import copy
 import json
 import logging
 import math
-import multiprocessing
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
-from functools import partial
+from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import (
@@ -52,179 +49,14 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers.models.attention_processor import AttnProcessor2_0
+from transformers import CLIPTextModel
 
-from gen_worker.attention import find_token_span
-from gen_worker.profiles import SD15_SCHEDULER_CONFIG
-from gen_worker.tokenizer import local_clip_tokenizer
-from toy.world import PALETTE, SHAPES, WorldConfig, make_scene
+from toy.gen_data import WorldData, load_or_build_data
+from toy.gen_losses import EMA, AttentionCapture, attention_loss, min_snr_weights
+from toy.gen_model import TOY_SCHEDULER_CONFIG, TrainConfig, build_models, toy_tokenizer
 
 log = logging.getLogger(__name__)
-
-#: Words of the toy captions: each one token.
-TOY_WORDS: tuple[str, ...] = ("a", "an", "and", "next", "to", *PALETTE, *SHAPES)
-#: Token budget of a caption (BOS + words + EOS); the longest world caption needs 13.
-MAX_TOKENS = 20
-#: Noise schedule: SD 1.5's, predicting v.
-TOY_SCHEDULER_CONFIG: dict[str, Any] = {**SD15_SCHEDULER_CONFIG, "prediction_type": "v_prediction"}
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Recipe of the shipped weights (``python -m toy.train_gen`` defaults)."""
-
-    scenes: int = 20_000
-    seed: int = 0
-    threads: int = 2
-    #: ``cpu`` (the shipped weights; deterministic) or ``cuda`` (recipe exploration).
-    device: str = "cpu"
-    #: A file to keep the built world in (torch.save): later runs load it instead.
-    world_cache: str = ""
-    vae_channels: str = "16,32,32"
-    unet_channels: str = "32,64,64"
-    # VAE
-    vae_steps: int = 1200
-    vae_batch: int = 32
-    vae_lr: float = 1e-3
-    kl_weight: float = 1e-6
-    # text encoder + UNet
-    unet_steps: int = 3000
-    batch: int = 32
-    lr: float = 5e-4
-    warmup: int = 100
-    cfg_dropout: float = 0.1
-    min_snr_gamma: float = 5.0
-    attn_weight: float = 0.5
-    ema_decay: float = 0.999
-    log_every: int = 50
-
-
-def toy_tokenizer() -> CLIPTokenizer:
-    """CLIP's byte-level BPE with one token per toy word, ``MAX_TOKENS`` long."""
-    return local_clip_tokenizer(max_length=MAX_TOKENS, words=TOY_WORDS, whole_words=True)
-
-
-def _channels(text: str) -> tuple[int, ...]:
-    return tuple(int(c) for c in text.split(","))
-
-
-def build_models(
-    tokenizer: CLIPTokenizer, cfg: TrainConfig
-) -> tuple[AutoencoderKL, CLIPTextModel, UNet2DConditionModel]:
-    """Freshly initialised VAE, text encoder and UNet (fp32), seeded."""
-    torch.manual_seed(cfg.seed)
-    vae_channels = _channels(cfg.vae_channels)
-    unet_channels = _channels(cfg.unet_channels)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=vae_channels,
-        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
-        layers_per_block=1,
-        norm_num_groups=min(16, vae_channels[0]),
-        sample_size=64,
-        mid_block_add_attention=False,  # flat shapes need no global context; costs time
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=MAX_TOKENS,
-            projection_dim=64,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=unet_channels,
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=64,
-        attention_head_dim=4,  # diffusers' name for the number of heads
-        norm_num_groups=min(32, unet_channels[0]),
-    )
-    return vae, text_encoder, unet
-
-
-# --- data -------------------------------------------------------------------------------
-
-
-@dataclass
-class WorldData:
-    """The training scenes as tensors.
-
-    ``images``: ``[N, 3, 64, 64]`` float32 in -1..1; ``ids``: ``[N, L]`` caption token
-    ids; ``token_object``: ``[N, L]`` int64, which object (0..2) a token names, -1 for
-    none; ``masks``: ``[N, 3, 16, 16]`` float32, each object's coverage of every
-    latent cell (the resolution of the largest cross-attention layer).
-    """
-
-    images: torch.Tensor
-    ids: torch.Tensor
-    token_object: torch.Tensor
-    masks: torch.Tensor
-    empty_ids: torch.Tensor  # [L]: the empty caption (unconditional)
-
-
-def build_data(
-    count: int, tokenizer: CLIPTokenizer, world: WorldConfig | None = None, processes: int = 1
-) -> WorldData:
-    world = world or WorldConfig()
-    if processes > 1:
-        with multiprocessing.Pool(processes) as pool:
-            scenes = pool.map(partial(make_scene, config=world), range(count), chunksize=256)
-    else:
-        scenes = [make_scene(i, world) for i in range(count)]
-    images = np.empty((count, world.size, world.size, 3), np.uint8)
-    ids = np.empty((count, MAX_TOKENS), np.int64)
-    token_object = np.full((count, MAX_TOKENS), -1, np.int64)
-    # Masks are pooled to the 16x16 cells one object at a time: full-size masks of
-    # 20,000 scenes would take 1 GB. Coverage is a multiple of 1/factor^2, exact in float32.
-    factor = world.size // 16
-    cells = np.zeros((count, world.max_objects, 16, 16), np.float32)
-    for i, scene in enumerate(scenes):
-        images[i] = scene.image
-        row = tokenizer(
-            scene.caption, padding="max_length", max_length=MAX_TOKENS, truncation=True
-        ).input_ids
-        ids[i] = row
-        for k, obj in enumerate(scene.objects):
-            cells[i, k] = obj.mask.reshape(16, factor, 16, factor).mean(axis=(1, 3))
-            token_object[i, find_token_span(tokenizer, row, obj.name)] = k
-    empty = tokenizer("", padding="max_length", max_length=MAX_TOKENS).input_ids
-    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return WorldData(
-        pixels,
-        torch.from_numpy(ids),
-        torch.from_numpy(token_object),
-        torch.from_numpy(cells),
-        torch.tensor(empty),
-    )
-
-
-def load_or_build_data(cfg: TrainConfig, tokenizer: CLIPTokenizer) -> WorldData:
-    """The world of ``cfg``, from ``cfg.world_cache`` when it holds the same number of scenes."""
-    cache = Path(cfg.world_cache) if cfg.world_cache else None
-    if cache is not None and cache.is_file():
-        data = WorldData(**torch.load(cache, weights_only=True))
-        if len(data.images) == cfg.scenes:
-            log.info("world loaded from %s", cache)
-            return data
-    data = build_data(cfg.scenes, tokenizer, processes=cfg.threads)
-    if cache is not None:
-        torch.save(vars(data), cache)
-    return data
 
 
 # --- phase 2: VAE -----------------------------------------------------------------------
@@ -289,93 +121,6 @@ def encode_latents(vae: AutoencoderKL, images: torch.Tensor, batch: int = 256) -
 # --- phase 3: text encoder + UNet ---------------------------------------------------------
 
 
-class AttentionCapture:
-    """Cross-attention processor (``attn2``) that keeps its probabilities for the loss.
-
-    Computes the same output as SDPA, from explicit ``softmax(QK^T * scale)``, and
-    appends the head-averaged probabilities ``[B, Q, T]`` to :attr:`maps`.
-    """
-
-    def __init__(self) -> None:
-        self.maps: list[torch.Tensor] = []
-
-    def __call__(
-        self,
-        attn: Attention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        *args: Any,
-        **kwargs: Any,
-    ) -> torch.Tensor:
-        assert encoder_hidden_states is not None, "only for cross-attention layers"
-        batch = hidden_states.shape[0]
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        q = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        k = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        v = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(dim=-1)  # [B, heads, Q, T]
-        self.maps.append(probs.mean(dim=1))
-        out = (probs @ v).transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
-        out = attn.to_out[1](attn.to_out[0](out))
-        return out / attn.rescale_output_factor
-
-
-def attention_loss(
-    maps: Sequence[torch.Tensor], token_object: torch.Tensor, masks: torch.Tensor
-) -> torch.Tensor:
-    """Mean over layers and object tokens of ``1 - share inside`` + ``(map - mask)^2``.
-
-    ``maps``: per layer ``[B, Q, T]``; ``token_object`` ``[B, T]`` (-1: no object);
-    ``masks`` ``[B, K, 16, 16]``. ``share inside``: the fraction of a token's spatial
-    attention that falls on its object; the squared term on the map scaled to peak 1
-    asks the token to cover the whole object, not just a point of it.
-    """
-    valid = token_object >= 0  # [B, T]
-    if not bool(valid.any()):
-        return torch.zeros((), device=masks.device)
-    b_idx, t_idx = valid.nonzero(as_tuple=True)
-    total = torch.zeros((), device=masks.device)
-    for layer in maps:
-        side = math.isqrt(layer.shape[1])
-        cells = masks if side == masks.shape[-1] else F.adaptive_avg_pool2d(masks, side)
-        target = cells[b_idx, token_object[b_idx, t_idx]].flatten(1)  # [n, Q]
-        attn = layer[b_idx, :, t_idx]  # [n, Q]
-        inside = (attn * target).sum(dim=1) / attn.sum(dim=1).clamp_min(1e-8)
-        peaked = attn / attn.amax(dim=1, keepdim=True).clamp_min(1e-8)
-        total = total + (1.0 - inside).mean() + ((peaked - target) ** 2).mean()
-    return total / len(maps)
-
-
-def _min_snr_weights(
-    timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float
-) -> torch.Tensor:
-    """Min-SNR-gamma loss weights for v-prediction: ``min(snr, gamma) / (snr + 1)``."""
-    a = alphas_cumprod[timesteps]
-    snr = a / (1.0 - a)
-    return snr.clamp(max=gamma) / (snr + 1.0)
-
-
-class EMA:
-    """Exponential moving average of a module's parameters (with warm-up)."""
-
-    def __init__(self, module: torch.nn.Module, decay: float) -> None:
-        self.shadow = copy.deepcopy(module).eval().requires_grad_(False)
-        self.decay = decay
-        self.updates = 0
-
-    @torch.no_grad()
-    def update(self, module: torch.nn.Module) -> None:
-        self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for s, p in zip(self.shadow.parameters(), module.parameters(), strict=True):
-            s.lerp_(p.detach(), 1.0 - d)
-
-
 def train_denoiser(
     unet: UNet2DConditionModel,
     text_encoder: CLIPTextModel,
@@ -416,7 +161,7 @@ def train_denoiser(
         t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch,), generator=rng)
         zt = scheduler.add_noise(z0, noise, t).to(device)
         target = scheduler.get_velocity(z0, noise, t).to(device)
-        weights = _min_snr_weights(t, alphas_cumprod, cfg.min_snr_gamma).to(device)
+        weights = min_snr_weights(t, alphas_cumprod, cfg.min_snr_gamma).to(device)
 
         capture.maps.clear()
         embeds = text_encoder(ids.to(device))[0]

@@ -86,12 +86,6 @@ class Scene:
     objects: tuple[WorldObject, ...]
     caption: str
 
-    def object_named(self, name: str) -> WorldObject:
-        for obj in self.objects:
-            if obj.name == name:
-                return obj
-        raise KeyError(f"no {name!r} in scene {self.seed} ({self.caption!r})")
-
 
 def mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
     """Bounding box ``x0, y0, x1, y1`` (exclusive ends) of a non-empty bool mask."""

@@ -1,0 +1,110 @@
+"""What the toy generator is: its vocabulary and tokenizer, its networks, its noise
+schedule, and the recipe that trains them (:class:`TrainConfig`, see :mod:`toy.train_gen`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from gen_worker.architectures import SD15_SCHEDULER_CONFIG
+from gen_worker.tokenizer import local_clip_tokenizer
+from toy.world import PALETTE, SHAPES
+
+#: Words of the toy captions: each one token.
+TOY_WORDS: tuple[str, ...] = ("a", "an", "and", "next", "to", *PALETTE, *SHAPES)
+#: Token budget of a caption (BOS + words + EOS); the longest world caption needs 13.
+MAX_TOKENS = 20
+#: Noise schedule: SD 1.5's, predicting v.
+TOY_SCHEDULER_CONFIG: dict[str, Any] = {**SD15_SCHEDULER_CONFIG, "prediction_type": "v_prediction"}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Recipe of the shipped weights (``python -m toy.train_gen`` defaults)."""
+
+    scenes: int = 20_000
+    seed: int = 0
+    threads: int = 2
+    #: ``cpu`` (the shipped weights; deterministic) or ``cuda`` (recipe exploration).
+    device: str = "cpu"
+    #: A file to keep the built world in (torch.save): later runs load it instead.
+    world_cache: str = ""
+    vae_channels: str = "16,32,32"
+    unet_channels: str = "32,64,64"
+    # VAE
+    vae_steps: int = 1200
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6
+    # text encoder + UNet
+    unet_steps: int = 3000
+    batch: int = 32
+    lr: float = 5e-4
+    warmup: int = 100
+    cfg_dropout: float = 0.1
+    min_snr_gamma: float = 5.0
+    attn_weight: float = 0.5
+    ema_decay: float = 0.999
+    log_every: int = 50
+
+
+def toy_tokenizer() -> CLIPTokenizer:
+    """CLIP's byte-level BPE with one token per toy word, ``MAX_TOKENS`` long."""
+    return local_clip_tokenizer(max_length=MAX_TOKENS, words=TOY_WORDS, whole_words=True)
+
+
+def _channels(text: str) -> tuple[int, ...]:
+    return tuple(int(c) for c in text.split(","))
+
+
+def build_models(
+    tokenizer: CLIPTokenizer, cfg: TrainConfig
+) -> tuple[AutoencoderKL, CLIPTextModel, UNet2DConditionModel]:
+    """Freshly initialised VAE, text encoder and UNet (fp32), seeded."""
+    torch.manual_seed(cfg.seed)
+    vae_channels = _channels(cfg.vae_channels)
+    unet_channels = _channels(cfg.unet_channels)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
+        layers_per_block=1,
+        norm_num_groups=min(16, vae_channels[0]),
+        sample_size=64,
+        mid_block_add_attention=False,  # flat shapes need no global context; costs time
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=MAX_TOKENS,
+            projection_dim=64,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=unet_channels,
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=4,  # diffusers' name for the number of heads
+        norm_num_groups=min(32, unet_channels[0]),
+    )
+    return vae, text_encoder, unet
