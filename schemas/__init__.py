@@ -34,7 +34,7 @@ from schemas.events import (
     SourceInfo,
 )
 from schemas.internal import SCHEMA_SCENE_VIEW, SceneViewRecord
-from schemas.parse import InvalidEvent, parse_by_schema, parse_event, parse_prompts_record
+from schemas.parse import InvalidEvent, parse_by_schema, parse_event
 from schemas.registry import (
     CONTRACT_MODELS,
     CONTRACT_TOPICS,
@@ -44,6 +44,7 @@ from schemas.registry import (
     SCHEMA_MODELS,
     TOPIC_SCHEMAS,
     decode_record,
+    parse_prompts_record,
     topic_models,
 )
 from schemas.topics import TOPIC_NAMES, Topics

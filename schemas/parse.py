@@ -8,8 +8,6 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from schemas.events import SCHEMA_INPAINT, SCHEMA_PROMPT, InpaintEvent, PromptEvent
-
 T = TypeVar("T", bound=BaseModel)
 
 
@@ -90,19 +88,3 @@ def parse_by_schema(
             f"unknown schema {shown!r}{where}; expected {expected}", _request_id(data)
         )
     return _validate(data, model)
-
-
-_PROMPTS_TOPIC_MODELS: dict[str, type[PromptEvent] | type[InpaintEvent]] = {
-    SCHEMA_PROMPT: PromptEvent,
-    SCHEMA_INPAINT: InpaintEvent,
-}
-
-
-def parse_prompts_record(raw: bytes) -> PromptEvent | InpaintEvent:
-    """Decode a record of the prompts topic: ``schema`` tells prompt from inpaint.
-
-    A record without ``schema`` is read as a prompt event.
-    """
-    return parse_by_schema(
-        raw, _PROMPTS_TOPIC_MODELS, default=SCHEMA_PROMPT, where=" on the prompts topic"
-    )

@@ -104,3 +104,13 @@ def decode_record(topic: str, raw: bytes) -> Event:
         default=DEFAULT_SCHEMAS.get(topic),
         where=f" on the {topic} topic",
     )
+
+
+def parse_prompts_record(raw: bytes) -> PromptEvent | InpaintEvent:
+    """Decode a record of the prompts topic: ``schema`` tells prompt from inpaint.
+
+    A record without ``schema`` is read as a prompt event.
+    """
+    event = decode_record("prompts", raw)
+    assert isinstance(event, PromptEvent | InpaintEvent)  # the prompts topic's only models
+    return event
