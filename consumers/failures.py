@@ -95,6 +95,7 @@ class Failures:
         self.queue = queue
         self.in_flight = in_flight
         self.sender = sender
+        self.dead_letters = topics.name(stage.dead_letter_topic)
         self.stopping = False
         self._retries: set[asyncio.Task[None]] = set()
 
@@ -171,7 +172,7 @@ class Failures:
         while True:
             try:
                 await self.sender.publish(
-                    job, [Output(self.topics.dlq, dead, key=request_id or "")]
+                    job, [Output(self.dead_letters, dead, key=request_id or "")]
                 )
                 break
             except Exception as publish_exc:

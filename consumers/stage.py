@@ -165,6 +165,10 @@ class Stage(ABC, Generic[In]):
     #: outputs acknowledged before the next record's handler starts. The runtime
     #: enforces it (a configuration that asks for more is refused).
     sequential: ClassVar[bool] = False
+    #: Short name of the topic this stage's dead letters go to. The contract's ``dlq``
+    #: holds the terminal event of a failed request; a stage whose failures do not end a
+    #: request (the webhook dispatcher's given-up deliveries) sends them elsewhere.
+    dead_letter_topic: ClassVar[str] = "dlq"
     #: Each input event is one image of its request (it has ``image_index``): a record
     #: that fails to parse is dead-lettered with the ``image_index`` of its JSON, so that
     #: only that image ends, not every image of the request.

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
+
+from plumbing import plugins
 
 if TYPE_CHECKING:
     import torch
@@ -64,28 +65,12 @@ class GenProfile:
 
 def plugin_names() -> list[str]:
     """Names of the profiles installed packages declare (none is imported)."""
-    return sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+    return plugins.plugin_names(ENTRY_POINT_GROUP)
 
 
 def load_plugin(name: str) -> GenProfile | None:
-    """The plug-in profile ``name`` (its module imported now), or None if none is declared.
-
-    Entry points are read on every call, not cached: a worker resolves its profile once
-    at start-up (milliseconds), and no module-level state can go stale.
-    """
-    found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
-    if not found:
-        return None
-    if len(found) > 1:
-        where = ", ".join(ep.value for ep in found)
-        raise ValueError(f"generator profile {name!r} is declared more than once: {where}")
-    profile = found[0].load()
-    if not isinstance(profile, GenProfile) or profile.name != name:
-        raise ValueError(
-            f"entry point {name} = {found[0].value} ({ENTRY_POINT_GROUP}) is not a "
-            f"GenProfile named {name!r}"
-        )
-    return profile
+    """The plug-in profile ``name`` (its module imported now), or None if none is declared."""
+    return plugins.load_plugin(ENTRY_POINT_GROUP, name, GenProfile, "generator profile")
 
 
 __all__ = [

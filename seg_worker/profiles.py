@@ -30,7 +30,6 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -44,6 +43,8 @@ from segment_anything.modeling import (
     Sam,
     TwoWayTransformer,
 )
+
+from plumbing import plugins
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +226,7 @@ BUILTIN_PROFILES: dict[str, SegProfile] = {
 
 def plugin_names() -> list[str]:
     """Names of the profiles installed packages declare (none is imported)."""
-    return sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+    return plugins.plugin_names(ENTRY_POINT_GROUP)
 
 
 def known_profiles() -> list[str]:
@@ -243,19 +244,10 @@ def seg_profile(name: str) -> SegProfile:
     """
     if name in BUILTIN_PROFILES:
         return BUILTIN_PROFILES[name]
-    found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
-    if not found:
+    profile = plugins.load_plugin(ENTRY_POINT_GROUP, name, SegProfile, "segmenter profile")
+    if profile is None:
         raise ValueError(
             f"unknown model profile {name!r}: expected one of {', '.join(known_profiles())}"
-        )
-    if len(found) > 1:
-        where = ", ".join(ep.value for ep in found)
-        raise ValueError(f"segmenter profile {name!r} is declared more than once: {where}")
-    profile = found[0].load()
-    if not isinstance(profile, SegProfile) or profile.name != name:
-        raise ValueError(
-            f"entry point {name} = {found[0].value} ({ENTRY_POINT_GROUP}) is not a "
-            f"SegProfile named {name!r}"
         )
     return profile
 
