@@ -466,6 +466,7 @@ class GenStage(Stage[GenEvent]):
                 asset=event.asset,
                 timings_ms=timings,
                 tenant=event.tenant,
+                callback_url=event.callback_url,
                 scene=event.scene,
                 flags=flags[k] if flags is not None else None,
             )

@@ -33,7 +33,7 @@ from schemas.events import (
     SegmentationOptions,
     SourceInfo,
 )
-from schemas.internal import SCHEMA_SCENE_VIEW, SceneViewRecord
+from schemas.internal import SCHEMA_SCENE_VIEW, SCHEMA_WEBHOOK, SceneViewRecord, WebhookDelivery
 from schemas.parse import InvalidEvent, parse_by_schema, parse_event
 from schemas.registry import (
     CONTRACT_MODELS,
@@ -66,6 +66,7 @@ __all__ = [
     "SCHEMA_PROMPT",
     "SCHEMA_SCENE",
     "SCHEMA_SCENE_VIEW",
+    "SCHEMA_WEBHOOK",
     "TOPIC_NAMES",
     "TOPIC_SCHEMAS",
     "AssetItem",
@@ -93,6 +94,7 @@ __all__ = [
     "SegmentationOptions",
     "SourceInfo",
     "Topics",
+    "WebhookDelivery",
     "decode_record",
     "parse_by_schema",
     "parse_event",

@@ -42,6 +42,12 @@ ViewName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._:-]{1,64}$")]
 PromptPart = Annotated[
     str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_PROMPT_CHARS)
 ]
+#: *Addition.* Where the webhook dispatcher POSTs each image's terminal outcome. Only the
+#: scheme is checked here; which hosts are allowed is the deployment's policy (SSRF
+#: rules, checked by the gateway at submit time and by the dispatcher at delivery).
+CallbackUrl = Annotated[
+    str, StringConstraints(max_length=2048, pattern=r"^[Hh][Tt][Tt][Pp][Ss]?://[^\s]+$")
+]
 Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 TargetName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
 Sampler = Literal["dpmpp_2m", "dpmpp_2m_karras", "euler_a", "ddim", "unipc"]
@@ -172,6 +178,8 @@ class GenerationOptions(Event):
     #: *Addition.* Who asked; carried through every event and used as a metrics label.
     tenant: TenantId | None = None
     scene: SceneOptions | None = None
+    #: *Addition.* A webhook for each image's terminal outcome (docs/contract.md).
+    callback_url: CallbackUrl | None = None
     targets: list[TargetName] = Field(default_factory=list, max_length=MAX_TARGETS)
     width: Dimension = 512
     height: Dimension = 512
@@ -262,6 +270,7 @@ class ImageReadyEvent(Event):
     timings_ms: dict[str, float] = Field(default_factory=dict)
     tenant: TenantId | None = None  # addition: passed on
     scene: SceneOptions | None = None  # addition: passed on
+    callback_url: CallbackUrl | None = None  # addition: passed on
     #: *Addition.* What the image check found (``["nsfw"]``); ``[]`` checked and clean;
     #: absent when no check ran (see docs/policy.md).
     flags: list[str] | None = None
@@ -316,6 +325,7 @@ class AssetReadyEvent(Event):
     timings_ms: dict[str, float] = Field(default_factory=dict)
     tenant: TenantId | None = None  # addition
     scene: SceneOptions | None = None  # addition
+    callback_url: CallbackUrl | None = None  # addition: passed on, for the webhook dispatcher
     depth: BlobRef | None = None  # addition: 16-bit depth PNG, when the scene asks for it
     mesh: BlobRef | None = None  # addition: textured .glb, when the scene asks for it
     #: *Addition.* Units of ``depth`` and ``assets[].depth_median``: ``relative`` (0 = nearest,

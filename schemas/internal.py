@@ -14,6 +14,7 @@ from pydantic import Field
 from schemas.events import AssetReadyEvent, Event, RequestId, SceneView, TenantId
 
 SCHEMA_SCENE_VIEW = "genseg.scene_view/v1"
+SCHEMA_WEBHOOK = "genseg.webhook/v1"
 
 
 class SceneViewRecord(Event):
@@ -54,3 +55,25 @@ class SceneViewRecord(Event):
                 objects=[item.label for item in event.assets],
             ),
         )
+
+
+class WebhookDelivery(Event):
+    """One terminal outcome delivered to its ``callback_url`` (or refused by the webhook
+    policy), on ``{prefix}.webhooks``, keyed by request id. A delivery the dispatcher
+    gave up on after its retries is a dead-letter event (``stage`` ``webhook``) on the
+    same topic. The gateway shows both in a request's status."""
+
+    schema_: Literal["genseg.webhook/v1"] = Field(default=SCHEMA_WEBHOOK, alias="schema")
+    id: str | None = None
+    image_index: int | None = None
+    #: The ``X-Genseg-Delivery`` header: the same for every attempt of one outcome.
+    delivery: str
+    #: Which terminal event was delivered.
+    outcome: Literal["asset", "dead_letter"]
+    status: Literal["delivered", "refused"]
+    http_status: int | None = None
+    attempts: int = Field(ge=1)
+    #: Host of the callback URL (not the URL: its path or query may hold a token).
+    host: str
+    reason: str | None = None
+    tenant: TenantId | None = None

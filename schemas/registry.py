@@ -29,7 +29,7 @@ from schemas.events import (
     PromptEvent,
     SceneReadyEvent,
 )
-from schemas.internal import SCHEMA_SCENE_VIEW, SceneViewRecord
+from schemas.internal import SCHEMA_SCENE_VIEW, SCHEMA_WEBHOOK, SceneViewRecord, WebhookDelivery
 from schemas.parse import parse_by_schema
 
 #: Schema name -> model of every contract event, in contract order.
@@ -47,7 +47,9 @@ CONTRACT_MODELS: Mapping[str, type[Event]] = MappingProxyType(
 )
 
 #: Schema name -> model of the events genseg passes between its own stages.
-INTERNAL_MODELS: Mapping[str, type[Event]] = MappingProxyType({SCHEMA_SCENE_VIEW: SceneViewRecord})
+INTERNAL_MODELS: Mapping[str, type[Event]] = MappingProxyType(
+    {SCHEMA_SCENE_VIEW: SceneViewRecord, SCHEMA_WEBHOOK: WebhookDelivery}
+)
 
 #: Schema name -> model of every event, contract and internal.
 SCHEMA_MODELS: Mapping[str, type[Event]] = MappingProxyType({**CONTRACT_MODELS, **INTERNAL_MODELS})
@@ -67,7 +69,7 @@ CONTRACT_TOPICS: Mapping[str, tuple[str, ...]] = MappingProxyType(
 
 #: Internal topic (short name) -> the schema names its records carry.
 INTERNAL_TOPICS: Mapping[str, tuple[str, ...]] = MappingProxyType(
-    {"scene-views": (SCHEMA_SCENE_VIEW,)}
+    {"scene-views": (SCHEMA_SCENE_VIEW,), "webhooks": (SCHEMA_WEBHOOK, SCHEMA_DEAD_LETTER)}
 )
 
 #: Every topic (short name) -> the schema names its records carry.

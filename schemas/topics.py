@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 TOPIC_NAMES = ("prompts", "images", "masks", "assets", "progress", "dlq", "scenes")
 #: Topics genseg uses between its own stages: not part of the contract, created alongside.
-INTERNAL_TOPIC_NAMES = ("scene-views",)
+INTERNAL_TOPIC_NAMES = ("scene-views", "webhooks")
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,11 @@ class Topics:
     def scene_views(self) -> str:
         """Internal: one "view done" record per finished view, keyed by scene id."""
         return self.name("scene-views")
+
+    @property
+    def webhooks(self) -> str:
+        """Internal: webhook deliveries, and the dispatcher's given-up ones (dead letters)."""
+        return self.name("webhooks")
 
     def all(self) -> list[str]:
         return [self.name(short) for short in TOPIC_NAMES]

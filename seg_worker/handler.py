@@ -298,6 +298,7 @@ class SegStage(Stage[ImageReadyEvent]):
             timings_ms={**gen_timings, **seg_timings},
             tenant=event.tenant,
             scene=event.scene,
+            callback_url=event.callback_url,
             depth=scene.depth if scene else None,
             mesh=scene.mesh if scene else None,
             depth_units=scene.units if scene else None,

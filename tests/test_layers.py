@@ -24,10 +24,11 @@ LAYERS: dict[str, float] = {
     "gen_worker": 3,
     "seg_worker": 3,
     "scene_worker": 3,
+    "webhook_worker": 3,
     "toy": 3.5,  # a model-profile plug-in: may use the stages' code, which never imports it
     "genseg": 4,
 }
-STAGES = {"gen_worker", "seg_worker", "scene_worker"}
+STAGES = {"gen_worker", "seg_worker", "scene_worker", "webhook_worker"}
 
 
 def imported_packages(path: Path) -> set[tuple[str, int]]:

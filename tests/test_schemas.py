@@ -28,6 +28,7 @@ from schemas import (
     SCHEMA_PROMPT,
     SCHEMA_SCENE,
     SCHEMA_SCENE_VIEW,
+    SCHEMA_WEBHOOK,
     TOPIC_NAMES,
     TOPIC_SCHEMAS,
     AssetItem,
@@ -48,6 +49,7 @@ from schemas import (
     SceneViewRecord,
     SourceInfo,
     Topics,
+    WebhookDelivery,
     decode_record,
     parse_event,
     parse_prompts_record,
@@ -494,16 +496,23 @@ def scene_view_record() -> SceneViewRecord:
 
 def every_event() -> dict[str, Event]:
     """One valid event per schema the registry knows, contract and internal."""
-    return {**example_events(), SCHEMA_SCENE_VIEW: scene_view_record()}
+    webhook = WebhookDelivery(
+        id="req-1", image_index=0, delivery="d" * 32, outcome="asset", status="delivered",
+        http_status=204, attempts=1, host="127.0.0.1",
+    )  # fmt: skip
+    return {**example_events(), SCHEMA_SCENE_VIEW: scene_view_record(), SCHEMA_WEBHOOK: webhook}
 
 
 def test_registry_covers_every_topic_and_schema_once() -> None:
     assert tuple(CONTRACT_TOPICS) == TOPIC_NAMES
     assert tuple(INTERNAL_TOPICS) == INTERNAL_TOPIC_NAMES
     assert dict(TOPIC_SCHEMAS) == {**CONTRACT_TOPICS, **INTERNAL_TOPICS}
-    # Every schema is carried by exactly one topic; contract schemas by contract topics.
+    # Every schema is carried by exactly one topic, contract schemas by contract topics;
+    # the one exception: the webhook dispatcher's given-up deliveries are dead letters on
+    # the internal webhooks topic (they end no request, so they are not on the dlq).
     carried = [name for names in TOPIC_SCHEMAS.values() for name in names]
-    assert sorted(carried) == sorted(SCHEMA_MODELS)
+    assert sorted(carried) == sorted([*SCHEMA_MODELS, SCHEMA_DEAD_LETTER])
+    assert INTERNAL_TOPICS["webhooks"] == (SCHEMA_WEBHOOK, SCHEMA_DEAD_LETTER)
     assert {n for names in CONTRACT_TOPICS.values() for n in names} == set(CONTRACT_MODELS)
     assert CONTRACT_TOPICS["prompts"] == (SCHEMA_PROMPT, SCHEMA_INPAINT)
     assert INTERNAL_TOPICS["scene-views"] == (SCHEMA_SCENE_VIEW,)
@@ -575,8 +584,9 @@ def test_contract_models_cover_every_event() -> None:
         if name.startswith("SCHEMA_") and isinstance(value, str)
     }
     assert set(SCHEMA_MODELS) == constants
-    assert set(CONTRACT_MODELS) == constants - {SCHEMA_SCENE_VIEW} == set(example_events())
-    assert set(INTERNAL_MODELS) == {SCHEMA_SCENE_VIEW}
+    internal = {SCHEMA_SCENE_VIEW, SCHEMA_WEBHOOK}
+    assert set(CONTRACT_MODELS) == constants - internal == set(example_events())
+    assert set(INTERNAL_MODELS) == internal
     for name, model in SCHEMA_MODELS.items():
         assert model.model_fields["schema_"].default == name
 
