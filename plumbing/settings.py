@@ -93,6 +93,16 @@ class Settings(BaseSettings):
     #: for the policy's image check; pretrained profile only (docs/policy.md).
     safety_checker: str | None = Field(default=None, validation_alias="GENSEG_SAFETY_CHECKER")
 
+    #: HMAC-SHA256 key of the webhook signatures (``X-Genseg-Signature``); without it the
+    #: dispatcher refuses to start (an unsigned webhook cannot be trusted by its receiver).
+    webhook_secret: SecretStr | None = Field(default=None, validation_alias="GENSEG_WEBHOOK_SECRET")
+    #: Webhook destinations allowed although internal (loopback, private...): hosts or
+    #: CIDRs, comma-separated (webhook_worker.targets).
+    webhook_allow: str | None = Field(default=None, validation_alias="GENSEG_WEBHOOK_ALLOW")
+    #: The gateway's API keys: a file mapping keys to tenants (docs/gateway.md); unset:
+    #: the gateway is open.
+    api_keys: str | None = Field(default=None, validation_alias="GENSEG_API_KEYS")
+
     @property
     def topics(self) -> Topics:
         return Topics(self.topic_prefix)
