@@ -39,10 +39,10 @@ async def replay_dead_letters(
     report = ReplayReport()
     dlq = settings.topics.dlq
     consumer = make_consumer(settings, enable_auto_commit=False)
-    await consumer.start()
     publisher = Publisher(settings)
-    await publisher.start()
-    try:
+    try:  # one that failed to start is stopped too: aiokafka warns of unclosed clients
+        await consumer.start()
+        await publisher.start()
         numbers = sorted(consumer.partitions_for_topic(dlq) or [])
         partitions = [TopicPartition(dlq, p) for p in numbers]
         if not partitions:
@@ -90,7 +90,8 @@ async def _replay_one(
     if request_id is not None and dead.id != request_id:
         return
     source = (dead.source.topic, dead.source.partition, dead.source.offset)
-    label = f"{dead.id} ({dead.stage}: {dead.error.type}) from {source[0]}@{source[2]}"
+    topic, partition, offset = source
+    label = f"{dead.id} ({dead.stage}: {dead.error.type}) from {topic}[{partition}]@{offset}"
     if source in sent:
         return  # the same source record dead-lettered twice: replay it once
     if dead.error.type == "validation" and not include_invalid:

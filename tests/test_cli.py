@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
+from consumers.config import RuntimeConfig
 from genseg.cli import app
+from genseg.demo import QUICK_JOIN
+from genseg.workers import InvalidWorkerOptions, build_runtimes, running
 from plumbing.broker import free_port, kafka_api_versions_ok
 from plumbing.settings import Settings
 from schemas.export import CONTRACT_MODELS
@@ -141,3 +148,131 @@ def test_broker_command_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
 def test_broker_command_refuses_a_bad_address(listen: str) -> None:
     result = runner.invoke(app, ["broker", "--listen", listen])
     assert result.exit_code == 2
+
+
+def test_submit_without_target_says_nothing_will_be_cut_out(settings: Settings) -> None:
+    env = env_for(settings)
+    assert runner.invoke(app, ["topics", "create"], env=env).exit_code == 0
+    result = runner.invoke(app, ["submit", "a red cup", "--id", "warn-1"], env=env)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "warn-1", "published all the same"
+    [warning] = result.stderr.strip().splitlines()
+    assert "nothing will be cut out" in warning and "--target NAME" in warning
+    assert "--mode auto" in warning
+    auto = runner.invoke(app, ["submit", "a red cup", "--mode", "auto"], env=env)
+    assert auto.exit_code == 0 and auto.stderr == "", "auto mode cuts out every object"
+
+
+def test_submit_warns_of_a_target_the_prompt_does_not_name(settings: Settings) -> None:
+    env = env_for(settings)
+    assert runner.invoke(app, ["topics", "create"], env=env).exit_code == 0
+    args = ["submit", "a red teacup", "--target", "cup", "--target", "red", "--id", "warn-2"]
+    result = runner.invoke(app, args, env=env)
+    assert result.exit_code == 0, result.output
+    [warning] = result.stderr.strip().splitlines()
+    assert "'cup' not in the prompt" in warning and "'red'" not in warning
+
+
+@pytest.mark.parametrize(("models", "side"), [("toy", 64), ("tiny", 512)])
+def test_submit_takes_the_profiles_size(settings: Settings, models: str, side: int) -> None:
+    env = {**env_for(settings), "GENSEG_MODELS": models}
+    assert runner.invoke(app, ["topics", "create"], env=env).exit_code == 0
+    result = runner.invoke(app, ["submit", "a red circle", "-t", "red circle"], env=env)
+    assert result.exit_code == 0, result.output
+    event = asyncio.run(read_topic(settings, "prompts", 1)).values("prompts")[0]
+    assert (event["width"], event["height"]) == (side, side)
+
+
+def test_dlq_replay_names_topic_partition_and_offset(settings: Settings) -> None:
+    from producers.publisher import Publisher
+    from schemas import DeadLetterEvent, ErrorInfo, SourceInfo
+
+    env = env_for(settings)
+    assert runner.invoke(app, ["topics", "create"], env=env).exit_code == 0
+    dead = DeadLetterEvent(
+        id="dead-1", stage="gen", error=ErrorInfo(type="transient", message="store down"),
+        attempts=3, source=SourceInfo(topic=settings.topics.prompts, partition=2, offset=17),
+        value='{"id": "dead-1", "prompt": "a cup"}',
+    )  # fmt: skip
+
+    async def publish() -> None:
+        async with Publisher(settings) as publisher:
+            await publisher.publish(settings.topics.dlq, dead)
+
+    asyncio.run(publish())
+    result = runner.invoke(app, ["dlq", "replay", "--dry-run"], env=env)
+    assert result.exit_code == 0, result.output
+    assert f"from {settings.topics.prompts}[2]@17" in result.stdout
+
+
+def test_worker_flags_default_to_not_given() -> None:
+    """Every ``genseg worker`` tuning flag is None unless given: RuntimeConfig decides."""
+    command = typer.main.get_command(app).commands["worker"]  # type: ignore[attr-defined]
+    tuning = {
+        p.name: p.default for p in command.params if p.name in RuntimeConfig.__dataclass_fields__
+    }
+    assert {"concurrency", "max_batch", "max_wait_ms", "max_in_flight", "partitions"} <= set(tuning)
+    assert set(tuning.values()) == {None}, tuning
+    others = {p.name: p.default for p in command.params}
+    assert others["drain_timeout"] is others["job_timeout"] is others["create_topics"] is None
+
+
+def test_a_worker_built_without_overrides_has_runtimeconfigs_defaults(settings: Settings) -> None:
+    [gen] = build_runtimes("gen", settings, max_batch=None, concurrency=None)
+    assert gen.config == RuntimeConfig(max_batch=4), "the generator's own batch of four"
+    seg, scene = build_runtimes("seg", settings, instance_id="seg-a", metrics_port=None)
+    assert (seg.stage.name, scene.stage.name) == ("seg", "scene")
+    assert seg.config == RuntimeConfig(instance_id="seg-a")
+    assert scene.config == RuntimeConfig(instance_id="seg-a-scene")
+    [alone] = build_runtimes("seg", settings, scenes=False, max_batch=2, partitions=8)
+    assert (alone.config.max_batch, alone.config.partitions) == (2, 8)
+    with pytest.raises(InvalidWorkerOptions, match="one record at a time"):
+        build_runtimes("scene", settings, concurrency=2)
+
+
+@contextlib.contextmanager
+def pipeline_in_a_thread(settings: Settings) -> Iterator[None]:
+    """A generator and a segmenter runtime (tiny models) served by a thread of this process,
+    wired as ``genseg demo`` wires them."""
+    started, stop = threading.Event(), threading.Event()
+    failed: list[BaseException] = []
+
+    async def serve() -> None:
+        runtimes = [
+            *build_runtimes("gen", settings, **QUICK_JOIN),
+            *build_runtimes("seg", settings, scenes=False, **QUICK_JOIN),
+        ]
+        async with running(runtimes):
+            started.set()
+            await asyncio.to_thread(stop.wait)
+
+    def main() -> None:
+        try:
+            asyncio.run(serve())
+        except BaseException as exc:
+            failed.append(exc)
+            started.set()
+
+    thread = threading.Thread(target=main, name="pipeline")
+    thread.start()
+    try:
+        assert started.wait(300) and not failed, failed
+        yield
+    finally:
+        stop.set()
+        thread.join(120)
+
+
+def test_submit_wait_says_which_targets_the_tokenizer_did_not_find(settings: Settings) -> None:
+    env = env_for(settings)
+    assert runner.invoke(app, ["topics", "create", "--partitions", "1"], env=env).exit_code == 0
+    # The tiny profile's tokenizer reads 77 tokens; an unknown word costs one per letter.
+    prompt = "a red cup next to " + "xylophone " * 10 + "and a green apple"
+    args = ["submit", prompt, "-t", "cup", "-t", "apple", "--wait", "--steps", "2",
+            "--width", "64", "--height", "64", "--timeout", "300"]  # fmt: skip
+    with pipeline_in_a_thread(settings):
+        result = runner.invoke(app, args, env=env)
+    assert result.exit_code == 0, result.output
+    assert "image 0:" in result.stdout
+    [note] = result.stderr.strip().splitlines()
+    assert "did not find 'apple'" in note and "'cup'" not in note

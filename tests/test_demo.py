@@ -10,6 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from genseg.cli import app
+from plumbing.broker import free_port
 
 
 def test_demo_writes_every_output(tmp_path: Path) -> None:
@@ -34,3 +35,29 @@ def test_demo_writes_every_output(tmp_path: Path) -> None:
     assert (out / "heatmap-coffee-cup.png").is_file()
     sheet = Image.open(out / "contact_sheet.png")
     assert sheet.width > 4 * 64 and sheet.height >= 256
+
+
+def test_demo_without_target_warns_and_names_a_missing_broker() -> None:
+    env = {"KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}"}  # nothing listens there
+    result = CliRunner().invoke(app, ["demo", "a coffee cup on a table"], env=env)
+    assert result.exit_code == 1
+    warning, failure, todo = result.stderr.strip().splitlines()
+    assert "no --target: nothing will be cut out" in warning
+    assert failure == f"no broker at {env['KAFKA_BOOTSTRAP_SERVERS']}"
+    assert "genseg broker" in todo
+
+
+def test_demo_says_which_targets_it_cannot_place(tmp_path: Path) -> None:
+    # The tiny profile's tokenizer reads 77 tokens; an unknown word costs one per letter.
+    prompt = "a red cup next to " + "xylophone " * 10 + "and a green apple"
+    env = {k: "" for k in ("KAFKA_BOOTSTRAP_SERVERS", "GENSEG_BLOB_URL") if k in os.environ}
+    result = CliRunner().invoke(
+        app,
+        ["demo", prompt, "-t", "cup", "-t", "apple", "-t", "zebra", "--out", str(tmp_path),
+         "--size", "64", "--steps", "2"],
+        env=env,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    before, after = result.stderr.strip().splitlines()
+    assert before.startswith("'zebra' not in the prompt")
+    assert "did not find 'apple', 'zebra'" in after and "'cup'" not in after

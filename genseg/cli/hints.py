@@ -1,6 +1,11 @@
 """What the command line tells a user about a request's targets, in words: before it is
 submitted (nothing to cut out, a target the prompt does not name) and after the
-generator reported targets its tokenizer could not find."""
+generator reported targets its tokenizer could not find.
+
+In attention mode the generator's heat maps say where a target is; a target without one
+falls back to the segmenter's automatic mode (seg_worker/segment.py), so its cut-outs are
+whatever that finds, labelled with the target's name.
+"""
 
 from __future__ import annotations
 
@@ -34,19 +39,28 @@ def target_warnings(
     absent = [target for target in targets if not in_prompt(target, prompt)]
     if not absent:
         return []
-    names = ", ".join(repr(target) for target in absent)
     return [
-        f"{names} not in the prompt: attention mode finds a target by its words in the "
-        "prompt, so nothing will be cut out for " + ("it" if len(absent) == 1 else "them")
+        f"{_names(absent)} not in the prompt: attention mode finds a target by its words in "
+        f"the prompt, so {_fallback(absent)}"
     ]
 
 
 def missing_targets_note(missing: Sequence[str], image_index: int | None = None) -> str:
     """The note for targets the generator reported missing (``missing_targets``)."""
-    names = ", ".join(repr(target) for target in missing)
     which = f"image {image_index}: " if image_index is not None else ""
     return (
-        f"{which}the generator did not find {names} in the prompt as its tokenizer reads it "
-        "(a word it does not know, or cut off by its length limit): nothing cut out for "
-        + ("it" if len(missing) == 1 else "them")
+        f"{which}the generator did not find {_names(missing)} in the prompt as its tokenizer "
+        f"reads it (a word it does not know, or cut off by its length limit), so "
+        f"{_fallback(missing)}"
     )
+
+
+def _names(targets: Sequence[str]) -> str:
+    return ", ".join(repr(target) for target in targets)
+
+
+def _fallback(targets: Sequence[str]) -> str:
+    """What the segmenter does for a target without a heat map (seg_worker.segment)."""
+    if len(targets) == 1:
+        return "its cut-outs come from automatic mode (any object), not from where it is"
+    return "their cut-outs come from automatic mode (any object), not from where they are"

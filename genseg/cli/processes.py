@@ -86,6 +86,8 @@ def demo(
     if prompt is not None or not target:
         for line in target_warnings(prompt or "", target, mode_flag=False):
             err_console.print(line, style="yellow", soft_wrap=True, markup=False)
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):  # else the demo starts its own broker
+        asyncio.run(reach_broker(demo_settings))
     options = {
         "settings": demo_settings, "out_dir": out, "size": size, "steps": steps, "seed": seed,
         "min_confidence": min_confidence, "timeout_s": timeout, "console": console,
