@@ -51,7 +51,12 @@ CallbackUrl = Annotated[
 Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 TargetName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
 Sampler = Literal["dpmpp_2m", "dpmpp_2m_karras", "euler_a", "ddim", "unipc"]
-SegmentationMode = Literal["attention", "boxes", "points", "auto"]
+#: ``concept`` and ``attention+concept`` are *additions* (text-concept instance masks,
+#: served by a segmenter running SAM 3; see docs/contract.md).
+SegmentationMode = Literal["attention", "boxes", "points", "auto", "concept", "attention+concept"]
+#: A LoRA adapter's name: one file or directory in the worker's ``GENSEG_LORA_DIR``.
+LoraName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]
+MAX_LORAS = 10
 
 
 class Event(BaseModel):
@@ -159,6 +164,14 @@ class SceneOptions(Event):
     outputs: list[Literal["depth", "mesh"]] = Field(default_factory=list, max_length=2)
 
 
+class LoraSpec(Event):
+    """*Addition.* One LoRA adapter applied to this request's generation."""
+
+    name: LoraName
+    #: Adapter weight: 1.0 as trained, 0 off, negative pushes away from its style.
+    scale: float = Field(default=1.0, ge=-2.0, le=2.0)
+
+
 class GenerationOptions(Event):
     """Options shared by prompt and inpaint events.
 
@@ -191,6 +204,17 @@ class GenerationOptions(Event):
     segmentation: SegmentationOptions = Field(default_factory=SegmentationOptions)
     asset: AssetOptions = Field(default_factory=AssetOptions)
     progressive: ProgressiveOptions | None = None
+    #: *Addition.* LoRA adapters from the generator's ``GENSEG_LORA_DIR`` (distinct names;
+    #: a worker may accept fewer than this limit: its dead letter says so).
+    loras: list[LoraSpec] = Field(default_factory=list, max_length=MAX_LORAS)
+
+    @field_validator("loras")
+    @classmethod
+    def _distinct_loras(cls, loras: list[LoraSpec]) -> list[LoraSpec]:
+        names = [lora.name for lora in loras]
+        if len(set(names)) != len(names):
+            raise ValueError("each LoRA adapter may be named once")
+        return loras
 
     @model_validator(mode="after")
     def _one_prompt_form(self) -> GenerationOptions:
@@ -250,6 +274,7 @@ class ResolvedParams(Event):
     mode: Literal["txt2img", "inpaint"] = "txt2img"
     progressive: ProgressiveOptions | None = None
     strength: float | None = None  # addition: inpaint strength
+    loras: list[LoraSpec] | None = None  # addition: the adapters applied, when any
 
 
 class ImageReadyEvent(Event):
@@ -302,6 +327,9 @@ class MasksReadyEvent(Event):
     objects: list[MaskObject] = Field(default_factory=list)
     timings_ms: dict[str, float] = Field(default_factory=dict)  # addition
     tenant: TenantId | None = None  # addition
+    #: *Addition.* Which segmenter made the masks: backend (``sam``, ``sam2``, ``sam3``)
+    #: and checkpoint, e.g. ``sam:vit_h:sam_vit_h_4b8939.pth``.
+    segmenter: str | None = None
 
 
 class AssetItem(Event):
@@ -331,6 +359,7 @@ class AssetReadyEvent(Event):
     #: *Addition.* Units of ``depth`` and ``assets[].depth_median``: ``relative`` (0 = nearest,
     #: 1 = farthest in this image) or ``metres``; set when depth was estimated.
     depth_units: Literal["relative", "metres"] | None = None
+    segmenter: str | None = None  # addition: as in mask-ready
 
 
 class ProgressEvent(Event):
