@@ -93,6 +93,21 @@ class Settings(BaseSettings):
     #: for the policy's image check; pretrained profile only (docs/policy.md).
     safety_checker: str | None = Field(default=None, validation_alias="GENSEG_SAFETY_CHECKER")
 
+    #: The generator's architecture for the ``tiny`` and ``random`` profiles (``pretrained``
+    #: recognises an SDXL checkpoint by itself).
+    sd_arch: Literal["sd15", "sdxl"] = Field(default="sd15", validation_alias="GENSEG_SD_ARCH")
+    #: LoRA adapters a request may name: one ``{name}.safetensors`` or ``{name}/`` each.
+    lora_dir: str | None = Field(default=None, validation_alias="GENSEG_LORA_DIR")
+    #: Most adapters one request may apply on this worker.
+    max_loras: int = Field(default=4, ge=1, le=10, validation_alias="GENSEG_MAX_LORAS")
+    #: The segmenter's backend: segment-anything (``sam``), SAM 2.1 (``sam2``) or SAM 3.
+    segmenter: Literal["sam", "sam2", "sam3"] = Field(
+        default="sam", validation_alias="GENSEG_SEGMENTER"
+    )
+    #: SAM 2.1 and SAM 3 checkpoints of the ``pretrained`` profile: a hub id or a directory.
+    sam2_model: str = Field(default="facebook/sam2.1-hiera-large", validation_alias="SAM2_MODEL")
+    sam3_model: str = Field(default="facebook/sam3", validation_alias="SAM3_MODEL")
+
     #: HMAC-SHA256 key of the webhook signatures (``X-Genseg-Signature``); without it the
     #: dispatcher refuses to start (an unsigned webhook cannot be trusted by its receiver).
     webhook_secret: SecretStr | None = Field(default=None, validation_alias="GENSEG_WEBHOOK_SECRET")
