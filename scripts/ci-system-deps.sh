@@ -12,6 +12,8 @@
 #                   serve TLS), used by tests/test_rel_security.py.
 #   nodejs, npm     Node.js 18+ (Debian 12's) and npm: `make test` installs the official
 #                   AsyncAPI parser into tests/asyncapi (`npm ci`) for tests/test_asyncapi.py.
+#   chromium        Debian's headless browser, driven by Playwright in tests/test_gallery.py
+#                   (Playwright's own browser download is not used).
 set -eu
 
 missing=""
@@ -19,6 +21,7 @@ command -v docker-compose >/dev/null 2>&1 || missing="$missing docker-compose"
 command -v stunnel4 >/dev/null 2>&1 || command -v stunnel >/dev/null 2>&1 || missing="$missing stunnel4"
 command -v node >/dev/null 2>&1 || missing="$missing nodejs"
 command -v npm >/dev/null 2>&1 || missing="$missing npm"
+command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
 
 if [ -z "$missing" ]; then
     exit 0
