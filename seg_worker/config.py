@@ -28,7 +28,12 @@ class SegConfig:
     auto_points_per_batch: int = 64
     #: SamAutomaticMaskGenerator's stability filter (0 disables it).
     auto_stability_thresh: float = 0.92
-    #: SAM architecture; None: Settings.sam_model (a profile with its own ignores it).
+    #: attention+concept: instances holding less of the target's heat are dropped (0..1).
+    concept_min_heat: float = 0.1
+    #: attention+concept: SAM 3 instances looked at per target before re-ranking.
+    concept_candidates: int = 20
+    #: SAM architecture of the segment-anything backend; None: Settings.sam_model (a profile
+    #: with its own ignores it).
     arch: str | None = None
     #: Seed of random initialisation (tiny and random profiles).
     seed: int = 0

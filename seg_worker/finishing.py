@@ -26,11 +26,18 @@ from plumbing.images import encode_png
 
 @dataclass(eq=False)
 class Candidate:
-    """A mask SAM proposed for ``label``: the best of its multimask outputs."""
+    """A mask SAM proposed for ``label``: the best of its multimask outputs, or an
+    instance of a text concept."""
 
     label: str
-    score: float  # SAM predicted IoU (mean over pyramid scales)
+    score: float  # SAM predicted IoU (mean over pyramid scales); SAM 3 confidence
     mask: np.ndarray  # [H, W] bool, full image size
+    #: Order key when it is not ``score`` (attention+concept: the heat share held).
+    rank: float | None = None
+
+    @property
+    def order(self) -> float:
+        return self.score if self.rank is None else self.rank
 
 
 @dataclass(eq=False)
@@ -91,10 +98,11 @@ def select_objects(
     max_objects: int,
     smooth_px: float,
 ) -> list[SegObject]:
-    """Objects from ``candidates``: score >= ``min_confidence``, highest score first
-    (ties keep candidate order), smoothed, empty ones dropped, at most ``max_objects``."""
+    """Objects from ``candidates``: score >= ``min_confidence``, highest score (or
+    ``rank`` when set) first, ties keep candidate order, smoothed, empty ones dropped,
+    at most ``max_objects``."""
     kept = [c for c in candidates if c.score >= min_confidence]
-    kept.sort(key=lambda c: -c.score)
+    kept.sort(key=lambda c: -c.order)
     objects: list[SegObject] = []
     for cand in kept:
         if len(objects) >= max_objects:

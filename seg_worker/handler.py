@@ -17,6 +17,11 @@ images stack into one encoder pass; on a GPU that raises encoder throughput, and
 the per-image steps after it are independent. The embedding cache sits in front,
 so repeated images are not encoded at all.
 
+Backends (``GENSEG_SEGMENTER``, :mod:`seg_worker.backends`): segment-anything (``sam``),
+SAM 2.1 (``sam2``) or SAM 3 (``sam3``); a mode the worker's backend does not serve is
+a dead letter (``unsupported_mode``) naming the setting to change. Both events name
+the backend and checkpoint in ``segmenter``.
+
 Scene views (``event.scene`` set): after the masks, when ``scene.outputs`` asks, the
 depth model runs (``depth``: a 16-bit depth PNG and each object's ``depth_median``;
 see :mod:`seg_worker.depth`) and the view is exported as one textured ``.glb``
@@ -49,6 +54,8 @@ from schemas import (
     SceneViewRecord,
     parse_event,
 )
+from seg_worker.backend import SegBackend
+from seg_worker.backends import backend_name, check_profile, load_backend
 from seg_worker.config import SegConfig
 from seg_worker.depth import (
     DEPTH_MEDIA_TYPE,
@@ -60,8 +67,6 @@ from seg_worker.depth import (
 from seg_worker.depth import median_depth as object_depth
 from seg_worker.finishing import SegObject, encode_rle, mask_png, rgba_png
 from seg_worker.mesh import GLB_MEDIA_TYPE, MeshPart, view_glb
-from seg_worker.predictor import CachedPredictor
-from seg_worker.profiles import load_sam, profile_arch
 from seg_worker.segment import Plan, Segmenter
 
 log = logging.getLogger(__name__)
@@ -90,12 +95,14 @@ class _SceneWork:
 
 
 class SegStage(Stage[ImageReadyEvent]):
-    """Segment Anything on every image-ready event.
+    """Segment Anything (1, 2.1 or 3) on every image-ready event.
 
-    Construct from settings: ``SegStage(Settings())``: the model profile is
-    ``Settings.models`` (``SAM_MODEL``, ``SAM_CHECKPOINT``, ``GENSEG_DEVICE``);
-    ``config`` tunes the worker (cache size, automatic grid...). The model is
-    built in :meth:`setup` (or on the first :meth:`handle`).
+    Construct from settings: ``SegStage(Settings())``: the backend is
+    ``GENSEG_SEGMENTER``, the model profile ``Settings.models`` (``SAM_MODEL``,
+    ``SAM_CHECKPOINT``, ``SAM2_MODEL``, ``SAM3_MODEL``, ``GENSEG_DEVICE``); ``config``
+    tunes the worker (cache size, automatic grid...). The model is built in
+    :meth:`setup` (or on the first :meth:`handle`); an unknown backend, or one the
+    profile cannot run, fails there with a one-line ValueError (the worker's start).
     """
 
     name = "seg"
@@ -106,32 +113,30 @@ class SegStage(Stage[ImageReadyEvent]):
         self.settings = settings
         self.config = config or SegConfig.for_profile(settings.models)
         self._segmenter: Segmenter | None = None
+        #: Backend and checkpoint, as the events' ``segmenter`` field says (after setup).
+        self.segmenter_id: str | None = None
         self._depth: DepthEstimator | None = None
         self._setup_lock = threading.Lock()
 
     # --- Stage interface -----------------------------------------------------------
 
     def setup(self) -> None:
-        """Build or load SAM for ``Settings.models`` and wrap it in a cached predictor."""
+        """Build or load the backend for ``GENSEG_SEGMENTER`` and ``Settings.models``."""
         with self._setup_lock:
             if self._segmenter is not None:
                 return
-            s = self.settings
-            model = load_sam(
-                s.models,
-                self.config.arch or s.sam_model,
-                checkpoint=s.sam_checkpoint,
-                device=s.device,
-                seed=self.config.seed,
-            )
-            predictor = CachedPredictor(model, cache_bytes=self.config.cache_bytes)
-            self._segmenter = Segmenter(predictor, self.config)
+            check_profile(backend_name(self.settings), self.settings.models)
+            loaded = load_backend(self.settings, self.config)
+            self._segmenter = Segmenter(loaded.backend, self.config)
+            self.segmenter_id = loaded.segmenter
             log.info(
-                "seg worker ready: profile %s, SAM %s, input %d px, device %s",
-                s.models,
-                profile_arch(s.models, self.config.arch or s.sam_model),
-                model.image_encoder.img_size,
-                model.device,
+                "seg worker ready: profile %s, %s, input %d px, device %s, segmenter %s, modes %s",
+                self.settings.models,
+                loaded.model,
+                loaded.input_size,
+                getattr(loaded.backend, "device", "?"),
+                loaded.segmenter,
+                ", ".join(sorted(loaded.backend.modes)),
             )
 
     @property
@@ -143,7 +148,8 @@ class SegStage(Stage[ImageReadyEvent]):
         return self._segmenter
 
     @property
-    def predictor(self) -> CachedPredictor:
+    def predictor(self) -> SegBackend:
+        """The backend (for ``sam``, a :class:`~seg_worker.predictor.CachedPredictor`)."""
         return self.segmenter.predictor
 
     @property
@@ -219,7 +225,7 @@ class SegStage(Stage[ImageReadyEvent]):
         data = ctx.blob.get(event.image, max_bytes=max_bytes)
         item.image = np.asarray(decode_image(data, max_pixels=max_pixels, mode="RGB"))
         heatmaps: dict[str, np.ndarray] = {}
-        if event.segmentation.mode == "attention":
+        if event.segmentation.mode in ("attention", "attention+concept"):
             for target, ref in event.heatmaps.items():
                 raw = ctx.blob.get(ref, max_bytes=max_bytes)
                 heatmaps[target] = decode_heatmap(raw, max_pixels=max_pixels)
@@ -287,6 +293,7 @@ class SegStage(Stage[ImageReadyEvent]):
             objects=mask_objects,
             timings_ms=seg_timings,
             tenant=event.tenant,
+            segmenter=self.segmenter_id,
         )
         asset_event = AssetReadyEvent(
             id=event.id,
@@ -302,6 +309,7 @@ class SegStage(Stage[ImageReadyEvent]):
             depth=scene.depth if scene else None,
             mesh=scene.mesh if scene else None,
             depth_units=scene.units if scene else None,
+            segmenter=self.segmenter_id,
         )
         if not assets:
             log.info("%s/%d: no object passed the filters", event.id, event.image_index)

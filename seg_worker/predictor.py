@@ -1,104 +1,33 @@
-"""SAM predictor with an embedding cache: the image encoder runs once per image view.
+"""segment-anything backend: a SAM predictor with an embedding cache.
 
-The image encoder is almost all of SAM's cost (a ViT-H forward pass against a
-prompt-encoder + mask-decoder pass of a few milliseconds). An image view (one
-image at one pyramid scale, or one crop of it) is identified by an
-:data:`EmbedKey` ``(sha256, scale, crop)``; its features are kept in a
-memory-bounded LRU cache, so every further target, prompt or request on the same
-image reuses them.
-
+The image encoder runs once per image view (see :mod:`seg_worker.embedding`).
 :class:`CachedPredictor` is a :class:`segment_anything.SamPredictor`: it uses the
-predictor's own resize transform, pre-processing and ``predict_torch``, and
-:meth:`CachedPredictor.bound` lets :class:`SamAutomaticMaskGenerator` (which
-calls ``set_image`` itself) use a cached embedding too.
+predictor's own resize transform, pre-processing and prompt encoder and mask decoder,
+and :meth:`CachedPredictor.bound` lets :class:`SamAutomaticMaskGenerator` (which
+calls ``set_image`` itself) use a cached embedding too. It is the ``sam`` backend of
+:class:`seg_worker.backend.SegBackend`.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-from segment_anything import SamPredictor
+from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from segment_anything.modeling import Sam
+
+from seg_worker.backend import MODES, Instance, UnsupportedMode
+from seg_worker.embedding import CachedEncoder, Embedding, EmbeddingCache, EmbedKey
 
 log = logging.getLogger(__name__)
 
-#: ``(image sha256, pyramid scale, crop (x0, y0, x1, y1) in image pixels or None)``.
-EmbedKey = tuple[str, float, tuple[int, int, int, int] | None]
+__all__ = ["CachedPredictor", "EmbedKey", "Embedding", "EmbeddingCache"]
 
 
-@dataclass(frozen=True)
-class Embedding:
-    """Encoder output for one image view."""
-
-    features: torch.Tensor  # [1, C, h, w] on the model's device (C=256, h=w=64 for ViT)
-    input_size: tuple[int, int]  # (h, w) of the resized view inside the padded encoder input
-    original_size: tuple[int, int]  # (h, w) of the view as given, pixels
-
-    @property
-    def nbytes(self) -> int:
-        return self.features.element_size() * self.features.nelement()
-
-
-class EmbeddingCache:
-    """LRU of embeddings bounded by their total size in bytes. Thread-safe."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[EmbedKey, Embedding] = OrderedDict()
-        self._lock = threading.Lock()
-        self.bytes = 0
-        self.hits = 0
-        self.misses = 0
-        self.evictions = 0
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __contains__(self, key: EmbedKey) -> bool:
-        return key in self._items
-
-    def get(self, key: EmbedKey) -> Embedding | None:
-        with self._lock:
-            item = self._items.get(key)
-            if item is None:
-                self.misses += 1
-                return None
-            self._items.move_to_end(key)
-            self.hits += 1
-            return item
-
-    def put(self, key: EmbedKey, item: Embedding) -> None:
-        """Insert ``item``, evicting the least recently used until it fits.
-
-        An item larger than the whole bound is not kept (it would evict everything).
-        """
-        with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self.bytes -= old.nbytes
-            if item.nbytes > self.max_bytes:
-                return
-            while self._items and self.bytes + item.nbytes > self.max_bytes:
-                _, evicted = self._items.popitem(last=False)
-                self.bytes -= evicted.nbytes
-                self.evictions += 1
-            self._items[key] = item
-            self.bytes += item.nbytes
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-            self.bytes = 0
-
-
-class CachedPredictor(SamPredictor):
+class CachedPredictor(CachedEncoder, SamPredictor):
     """A SamPredictor whose image embeddings come from an :class:`EmbeddingCache`.
 
     ``encoder_images`` counts images run through the encoder, ``encoder_batches``
@@ -106,50 +35,19 @@ class CachedPredictor(SamPredictor):
     holds per-image state (``features``), so concurrent callers would race.
     """
 
+    name = "sam"
+    modes = MODES["sam"]
+
     def __init__(self, model: Sam, *, cache_bytes: int = 256 * 2**20) -> None:
-        super().__init__(model)
-        self.cache = EmbeddingCache(cache_bytes)
-        self.encoder_images = 0
-        self.encoder_batches = 0
-        self.lock = threading.RLock()
+        SamPredictor.__init__(self, model)
+        self._init_cache(cache_bytes)
         self._bound: Embedding | None = None
 
+    @property
+    def mask_threshold(self) -> float:
+        return float(self.model.mask_threshold)
+
     # --- embeddings ----------------------------------------------------------------
-
-    def embed(self, key: EmbedKey, view: np.ndarray | Callable[[], np.ndarray]) -> Embedding:
-        """The embedding of ``view`` (``[H, W, 3]`` uint8 RGB, or a callable making it)."""
-        return self.embed_many([(key, view)])[0]
-
-    def embed_many(
-        self,
-        items: Sequence[tuple[EmbedKey, np.ndarray | Callable[[], np.ndarray]]],
-        *,
-        batch_size: int = 1,
-    ) -> list[Embedding]:
-        """Embeddings of several views; cache misses are encoded ``batch_size`` at a time.
-
-        Any views can share a batch: SAM pads every input to the same
-        ``img_size`` square. A view given as a callable is only built on a miss
-        (a resized pyramid level costs a resize even when cached otherwise).
-        """
-        with self.lock:
-            found: dict[EmbedKey, Embedding] = {}
-            missing: list[tuple[EmbedKey, np.ndarray | Callable[[], np.ndarray]]] = []
-            for key, view in items:
-                if key in found or any(key == k for k, _ in missing):
-                    continue
-                hit = self.cache.get(key)
-                if hit is not None:
-                    found[key] = hit
-                else:
-                    missing.append((key, view))
-            for start in range(0, len(missing), max(1, batch_size)):
-                chunk = missing[start : start + max(1, batch_size)]
-                views = [v() if callable(v) else v for _, v in chunk]
-                for (key, _), emb in zip(chunk, self._encode(views), strict=True):
-                    self.cache.put(key, emb)
-                    found[key] = emb
-            return [found[key] for key, _ in items]
 
     @torch.inference_mode()
     def _encode(self, views: list[np.ndarray]) -> list[Embedding]:
@@ -161,8 +59,6 @@ class CachedPredictor(SamPredictor):
             inputs.append(self.model.preprocess(tensor[None])[0])  # normalise + pad
             sizes.append((tuple(resized.shape[:2]), tuple(view.shape[:2])))
         features = self.model.image_encoder(torch.stack(inputs))
-        self.encoder_images += len(views)
-        self.encoder_batches += 1
         # clone: a slice would keep the whole batch's storage alive in the cache
         return [
             Embedding(features[i : i + 1].clone(), input_size, original_size)
@@ -203,7 +99,7 @@ class CachedPredictor(SamPredictor):
                     )
                 self.use(self._bound)
             else:
-                self.use(self._encode([np.ascontiguousarray(image)])[0])
+                self.use(self.encode([np.ascontiguousarray(image)])[0])
 
     # --- prediction ----------------------------------------------------------------
 
@@ -280,3 +176,41 @@ class CachedPredictor(SamPredictor):
             multimask=multimask,
         )
         return self.upsample(emb, low_res, out_size), ious
+
+    # --- modes beyond prompts -------------------------------------------------------
+
+    def automatic(
+        self,
+        emb: Embedding,
+        image: np.ndarray,
+        *,
+        points_per_side: int,
+        points_per_batch: int,
+        pred_iou_thresh: float,
+        stability_thresh: float,
+    ) -> list[tuple[float, np.ndarray]]:
+        """SamAutomaticMaskGenerator on ``image`` with ``emb`` (its cached embedding):
+        (predicted IoU, ``[H, W]`` bool mask) per object found."""
+        generator = SamAutomaticMaskGenerator(
+            self.model,
+            points_per_side=points_per_side,
+            points_per_batch=points_per_batch,
+            pred_iou_thresh=pred_iou_thresh,
+            stability_score_thresh=stability_thresh,
+            output_mode="binary_mask",
+        )
+        generator.predictor = self  # so set_image goes through the cache
+        with self.bound(emb):
+            records = generator.generate(image)
+        return [(float(r["predicted_iou"]), np.asarray(r["segmentation"], bool)) for r in records]
+
+    def concept(
+        self,
+        emb: Embedding,
+        text: str,
+        out_size: tuple[int, int],
+        *,
+        min_score: float,
+        max_instances: int,
+    ) -> list[Instance]:
+        raise UnsupportedMode("concept", self.name)

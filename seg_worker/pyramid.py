@@ -3,7 +3,8 @@
 At each scale ``s`` the image is resized to ``round(s * H) x round(s * W)`` and
 encoded (once, cached by ``(sha256, s)``); the prompt, given in full-image
 pixels, is mapped into that view; SAM's low-res mask logits are brought straight
-back to the full ``H x W`` frame. The predicted IoUs of each multimask output
+back to the full ``H x W`` frame (any :class:`~seg_worker.backend.SegBackend` that serves
+prompts). The predicted IoUs of each multimask output
 are averaged over the scales, the output with the best mean is kept, and its
 logits are averaged over the scales; the caller thresholds them at 0 (SAM's
 ``mask_threshold``).
@@ -23,7 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from seg_worker.predictor import CachedPredictor, Embedding, EmbedKey
+from seg_worker.backend import SegBackend
+from seg_worker.embedding import Embedding, EmbedKey
 from seg_worker.prompts import Prompt
 
 
@@ -64,7 +66,7 @@ class PyramidResult:
 
 @torch.inference_mode()
 def predict_pyramid(
-    predictor: CachedPredictor,
+    predictor: SegBackend,
     embeddings: Sequence[Embedding],
     prompt: Prompt,
     out_size: tuple[int, int],

@@ -3,11 +3,15 @@
 Three steps, so a batch of images can share encoder passes:
 
 1. :meth:`Segmenter.plan` turns the request into prompts per target (heat maps,
-   boxes or points), notes which targets fall back to SAM's automatic mode, and
-   lists the image views to encode (one per pyramid scale);
+   boxes or points) or text concepts, notes which targets fall back to the
+   automatic mode, and lists the image views to encode (one per pyramid scale);
+   a mode the backend does not serve raises :class:`UnsupportedMode`;
 2. :meth:`Segmenter.embed` encodes the views of several plans (cache first);
 3. :meth:`Segmenter.run` predicts, merges the pyramid, retries small objects on
-   a crop, runs the automatic mode, and finishes the objects.
+   a crop, runs the automatic mode and the concept queries, and finishes the objects.
+
+The model work goes through a :class:`~seg_worker.backend.SegBackend` (``predictor``):
+segment-anything, SAM 2.1 or SAM 3.
 
 :meth:`Segmenter.segment` does all three for one image.
 """
@@ -19,12 +23,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from segment_anything import SamAutomaticMaskGenerator
 
 from schemas import SegmentationOptions
+from seg_worker.backend import SegBackend, UnsupportedMode
+from seg_worker.concept import ConceptGroup, concept_candidates
 from seg_worker.config import SegConfig
+from seg_worker.embedding import Embedding, EmbedKey
 from seg_worker.finishing import Candidate, SegObject, passes, select_objects
-from seg_worker.predictor import CachedPredictor, Embedding, EmbedKey
 from seg_worker.prompts import (
     Prompt,
     box_prompts,
@@ -58,9 +63,10 @@ class Plan:
     sha256: str
     options: SegmentationOptions
     groups: list[TargetGroup]
-    auto_label: str | None  # run SamAutomaticMaskGenerator, labelling its masks so
+    auto_label: str | None  # run the automatic mode, labelling its masks so
     views: list[tuple[EmbedKey, Callable[[], np.ndarray]]]
     embeddings: dict[EmbedKey, Embedding] = field(default_factory=dict)
+    concepts: list[ConceptGroup] = field(default_factory=list)  # concept modes
 
     @property
     def size(self) -> tuple[int, int]:
@@ -68,15 +74,19 @@ class Plan:
 
 
 class Segmenter:
-    """SAM segmentation of images with a shared, cached predictor."""
+    """Segmentation of images with a shared backend and its embedding cache."""
 
-    def __init__(self, predictor: CachedPredictor, config: SegConfig | None = None) -> None:
+    def __init__(self, predictor: SegBackend, config: SegConfig | None = None) -> None:
         self.predictor = predictor
         self.config = config or SegConfig()
 
     @property
+    def backend(self) -> SegBackend:
+        return self.predictor
+
+    @property
     def mask_threshold(self) -> float:
-        return float(self.predictor.model.mask_threshold)
+        return float(self.predictor.mask_threshold)
 
     # --- 1. plan -------------------------------------------------------------------
 
@@ -96,13 +106,26 @@ class Segmenter:
         with the image's aspect ratio. In ``attention`` mode a target without a heat
         map (listed in ``missing_targets`` or simply absent) falls back to the
         automatic mode; the automatic pass runs once per image, its masks labelled
-        with that target, or :data:`AUTO_LABEL` when several targets fall back.
+        with that target, or :data:`AUTO_LABEL` when several targets fall back. In the
+        concept modes each target is a phrase (``attention+concept`` re-ranks by its
+        heat map when there is one); they run at scale 1.0 only.
+
+        Raises :class:`UnsupportedMode` when the backend does not serve the mode.
         """
+        if options.mode not in self.predictor.modes:
+            raise UnsupportedMode(options.mode, self.predictor.name)
         height, width = image.shape[:2]
         heatmaps = heatmaps or {}
         groups: list[TargetGroup] = []
         auto_names: list[str] = []
-        if options.mode == "attention":
+        concepts: list[ConceptGroup] = []
+        if options.mode in ("concept", "attention+concept"):
+            for name in dict.fromkeys(targets):
+                heat = None
+                if options.mode == "attention+concept" and name in heatmaps:
+                    heat = resize_heatmap(heatmaps[name], height, width)
+                concepts.append(ConceptGroup(name, heat))
+        elif options.mode == "attention":
             names = list(dict.fromkeys([*targets, *heatmaps]))  # targets first, deduped
             for name in names:
                 if name not in heatmaps:
@@ -133,9 +156,9 @@ class Segmenter:
         views: list[tuple[EmbedKey, Callable[[], np.ndarray]]] = []
         if any(g.prompts or g.heat is not None for g in groups):
             views += view_items(image, sha256, options.scales)
-        if auto_label is not None:
+        if auto_label is not None or concepts:
             views.append(((sha256, 1.0, None), lambda: image))
-        return Plan(image, sha256, options, groups, auto_label, views)
+        return Plan(image, sha256, options, groups, auto_label, views, concepts=concepts)
 
     # --- 2. embed ------------------------------------------------------------------
 
@@ -168,6 +191,8 @@ class Segmenter:
             candidates += got
         if plan.auto_label is not None:
             candidates += self._automatic(plan, plan.auto_label)
+        for concept in plan.concepts:
+            candidates += self._concept(plan, concept)
         return select_objects(
             candidates,
             min_confidence=options.min_confidence,
@@ -250,20 +275,29 @@ class Segmenter:
         return [Candidate(group.name, merged.score, mask)]
 
     def _automatic(self, plan: Plan, label: str) -> list[Candidate]:
-        """SamAutomaticMaskGenerator on the full image (scale 1.0, cached embedding)."""
-        generator = SamAutomaticMaskGenerator(
-            self.predictor.model,
+        """The backend's automatic mode on the full image (scale 1.0, cached embedding)."""
+        emb = self._embedding(plan, (plan.sha256, 1.0, None))
+        found = self.predictor.automatic(
+            emb,
+            plan.image,
             points_per_side=self.config.auto_points_per_side,
             points_per_batch=self.config.auto_points_per_batch,
             pred_iou_thresh=plan.options.min_confidence,
-            stability_score_thresh=self.config.auto_stability_thresh,
-            output_mode="binary_mask",
+            stability_thresh=self.config.auto_stability_thresh,
         )
-        generator.predictor = self.predictor  # so set_image goes through the cache
+        return [Candidate(label, score, mask) for score, mask in found]
+
+    def _concept(self, plan: Plan, group: ConceptGroup) -> list[Candidate]:
+        """SAM 3's instances of one phrase (scale 1.0), re-ranked by heat when given."""
         emb = self._embedding(plan, (plan.sha256, 1.0, None))
-        with self.predictor.bound(emb):
-            records = generator.generate(plan.image)
-        return [
-            Candidate(label, float(r["predicted_iou"]), np.asarray(r["segmentation"], bool))
-            for r in records
-        ]
+        limit = plan.options.max_objects
+        if group.heat is not None:  # re-ranking may promote any instance: look at more
+            limit = max(limit, self.config.concept_candidates)
+        instances = self.predictor.concept(
+            emb,
+            group.name,
+            plan.size,
+            min_score=plan.options.min_confidence,
+            max_instances=limit,
+        )
+        return concept_candidates(group, instances, min_heat=self.config.concept_min_heat)
