@@ -21,6 +21,7 @@ Outcomes, by what retrying can change:
 
 from __future__ import annotations
 
+import functools
 import http.client
 import logging
 import os
@@ -127,7 +128,7 @@ def _post(
         with _deadline(sock, limits.response_timeout_s) as expired:
             try:
                 if dest.scheme == "https":
-                    context = tls or ssl.create_default_context()
+                    context = tls or _system_tls()
                     sock = context.wrap_socket(sock, server_hostname=dest.server_name)
                 conn = http.client.HTTPConnection(dest.host, dest.port)
                 conn.sock = sock  # already connected: http.client must not connect again
@@ -159,6 +160,13 @@ def _post(
                 raise WebhookUnavailable(f"{dest.host}: {_describe(exc)}") from None
     finally:
         sock.close()
+
+
+@functools.cache
+def _system_tls() -> ssl.SSLContext:
+    """The default https context (system CAs, host names checked), built once: loading
+    the CA bundle costs more than a delivery on loopback."""
+    return ssl.create_default_context()
 
 
 def _connect(dest: Destination, timeout_s: float) -> socket.socket:
