@@ -209,6 +209,7 @@ def batch_invariant_unet(
     the same sample alone. Calling the UNet with the same shapes for every sample
     makes an image independent of its batch. Costs batching throughput: used on the
     CPU, where determinism is promised; on CUDA the whole batch runs in one call.
+    Per-row keyword arguments (SDXL's added conditioning) are cut like the sample.
     """
     if not enabled:
         yield
@@ -234,7 +235,7 @@ def batch_invariant_unet(
                     sample[index],
                     t,
                     encoder_hidden_states=encoder_hidden_states[index],
-                    **kw,
+                    **_rows(kw, index, rows),
                 )
                 outs.append(out[0] if isinstance(out, tuple) else out.sample)
         finally:
@@ -252,6 +253,20 @@ def batch_invariant_unet(
         yield
     finally:
         del unet.forward
+
+
+def _rows(kw: dict[str, Any], index: list[int], rows: int) -> dict[str, Any]:
+    """``kw`` with every per-row tensor cut to the rows ``index``: SDXL's
+    ``added_cond_kwargs`` (pooled text ``[rows, P]``, size/crop ids ``[rows, 6]``)."""
+
+    def cut(value: Any) -> Any:
+        if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == rows:
+            return value[index]
+        if isinstance(value, dict):
+            return {k: cut(v) for k, v in value.items()}
+        return value
+
+    return {k: cut(v) for k, v in kw.items()}
 
 
 def word_starts(tokens: Sequence[str]) -> list[bool]:

@@ -10,6 +10,10 @@ sample at a time, and on the CPU the UNet too (see
 :func:`gen_worker.attention.batch_invariant_unet`). So on the CPU an image depends
 only on its request, the model, the thread count and the library versions, never
 on the batch it was generated in.
+
+The architecture's differences (SD 1.5, SDXL) are in :mod:`gen_worker.families`; LoRA
+adapters (:attr:`BatchSpec.loras`) are loaded and activated per batch through
+:mod:`gen_worker.lora`, outside inference mode (peft creates parameters).
 """
 
 from __future__ import annotations
@@ -18,16 +22,16 @@ import contextlib
 import logging
 import math
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from diffusers.models.attention_processor import SlicedAttnProcessor
 from PIL import Image
 
+from gen_worker import families
 from gen_worker.attention import (
     HeatmapAccumulator,
     batch_invariant_unet,
@@ -35,6 +39,8 @@ from gen_worker.attention import (
     install_recorder,
     target_heatmap,
 )
+from gen_worker.lora import DEFAULT_CACHE_SIZE, AdapterCache, AdapterSet, LoraLibrary
+from gen_worker.oom import low_memory_mode
 from gen_worker.profiles import GenModels
 from gen_worker.samplers import make_scheduler
 
@@ -46,9 +52,6 @@ StepCallback = Callable[[int, int], None]
 #: ``phase(name)``: a context manager timing one phase (``StageContext.phase`` fits).
 PhaseFactory = Callable[[str], AbstractContextManager[Any]]
 
-#: Slice size of the attention-slicing fallback (diffusers' "auto" for SD 1.5: heads / 2).
-LOW_MEMORY_SLICE = 4
-
 
 @dataclass(frozen=True)
 class BatchSpec:
@@ -56,6 +59,7 @@ class BatchSpec:
 
     ``strength``: how much of the input an inpaint pass regenerates (1.0 = all).
     ``progressive``: ``(draft_scale, strength)`` of draft-upscale-refine, or None.
+    ``loras``: the LoRA adapters ``(name, scale)`` in name order (:func:`lora.adapter_set`).
     """
 
     mode: Mode
@@ -66,6 +70,7 @@ class BatchSpec:
     sampler: str
     strength: float = 1.0
     progressive: tuple[float, float] | None = None
+    loras: AdapterSet = ()
 
 
 @dataclass(frozen=True)
@@ -123,10 +128,23 @@ class Generator:
     ``batch_invariant``: evaluate the UNet per sample so an image never depends on its
     batch (default: ``models.options.batch_invariant``, else on the CPU only, where
     byte-identical images are promised).
+    ``loras``: where adapter names are found (None: this generator applies none);
+    ``lora_cache_size``: adapters kept loaded per pipeline (at least ``loras``' limit).
     """
 
-    def __init__(self, models: GenModels, *, batch_invariant: bool | None = None) -> None:
+    def __init__(
+        self,
+        models: GenModels,
+        *,
+        batch_invariant: bool | None = None,
+        loras: LoraLibrary | None = None,
+        lora_cache_size: int = DEFAULT_CACHE_SIZE,
+    ) -> None:
         self.models = models
+        self.loras = loras
+        self.lora_cache_size = lora_cache_size
+        #: Loaded adapters per set of networks (keyed by the UNet: pipelines share it).
+        self._adapters: dict[int, AdapterCache] = {}
         if batch_invariant is None:
             batch_invariant = models.options.batch_invariant
         if batch_invariant is None:
@@ -148,8 +166,18 @@ class Generator:
         """Generate one image per sample, in order; raises on failure (OOM included)."""
         if not samples:
             return []
-        with self._lock, torch.inference_mode():
-            return self._generate(spec, list(samples), on_step, phase or _no_phase, low_memory)
+        phase = phase or _no_phase
+        with self._lock:
+            pipe = self._pipeline(spec.mode)
+            with phase("lora") if spec.loras else contextlib.nullcontext():
+                self._apply_loras(pipe, spec.loras)
+            with torch.inference_mode():
+                return self._generate(pipe, spec, list(samples), on_step, phase, low_memory)
+
+    def adapters(self, mode: Mode = "txt2img") -> AdapterCache | None:
+        """The LoRA adapters loaded into the pipeline of ``mode`` (None: none ever)."""
+        pipe = self.models.inpaint if mode == "inpaint" else self.models.txt2img
+        return self._adapters.get(id(pipe.unet))
 
     # --- internals -------------------------------------------------------------------
 
@@ -160,15 +188,30 @@ class Generator:
             self._instrumented.add(id(pipe.unet))
         return pipe
 
+    def _apply_loras(self, pipe: Any, loras: AdapterSet) -> None:
+        """Activate the batch's adapters on ``pipe`` (or disable all of them)."""
+        cache = self._adapters.get(id(pipe.unet))
+        if not loras:
+            if cache is not None:
+                cache.apply(pipe, [])
+            return
+        library = self.loras or LoraLibrary(None)
+        files = [(library.resolve(name), scale) for name, scale in loras]
+        if cache is None:
+            capacity = max(self.lora_cache_size, library.max_per_request)
+            cache = AdapterCache(capacity, families.family_of(pipe))
+            self._adapters[id(pipe.unet)] = cache
+        cache.apply(pipe, files)
+
     def _generate(
         self,
+        pipe: Any,
         spec: BatchSpec,
         samples: list[Sample],
         on_step: StepCallback | None,
         phase: PhaseFactory,
         low_memory: bool,
     ) -> list[SampleResult]:
-        pipe = self._pipeline(spec.mode)
         device = self.models.device
         cfg = spec.guidance_scale > 1.0 and pipe.unet.config.time_cond_proj_dim is None
         factor = pipe.vae_scale_factor
@@ -176,14 +219,22 @@ class Generator:
         generators = [torch.Generator(device="cpu").manual_seed(s.seed) for s in samples]
 
         with phase("text_encode"):
-            embeds, negative = self._encode(pipe, samples, cfg)
-            spans = self._token_spans(pipe.tokenizer, samples)
+            conditioning = families.encode(
+                pipe,
+                [s.prompt for s in samples],
+                [s.negative_prompt for s in samples],
+                cfg,
+                device,
+                per_prompt=self.batch_invariant,
+            )
+            spans = self._token_spans(families.span_tokenizer(pipe), samples)
         record = any(positions for per_sample in spans for positions in per_sample.values())
 
         acc = self.accumulator
         acc.samples = list(range(len(samples)))
         if record:
-            acc.start(len(samples), embeds.shape[1], latent_hw, device)
+            tokens = conditioning["prompt_embeds"].shape[1]  # type: ignore[union-attr]
+            acc.start(len(samples), tokens, latent_hw, device)
         progress = _Progress(on_step, self._total_steps(spec))
         try:
             with (
@@ -192,8 +243,7 @@ class Generator:
                 low_memory_mode(pipe, enabled=low_memory),
             ):
                 common = {
-                    "prompt_embeds": embeds,
-                    "negative_prompt_embeds": negative,
+                    **conditioning,
                     "guidance_scale": spec.guidance_scale,
                     "generator": generators,
                     "output_type": "latent",
@@ -219,7 +269,7 @@ class Generator:
             acc.samples = []
 
         with phase("decode"), low_memory_mode(pipe, enabled=low_memory, unet=False):
-            images = self._decode(pipe, latents)
+            images = families.decode(pipe, latents)
 
         results = []
         for i, (sample, image) in enumerate(zip(samples, images, strict=True)):
@@ -233,23 +283,6 @@ class Generator:
                     missing.append(target)
             results.append(SampleResult(image, sample.seed, heatmaps, missing))
         return results
-
-    def _encode(
-        self, pipe: Any, samples: list[Sample], cfg: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Text embeddings ``[B, 77, D]`` (and the negative ones under guidance)."""
-        prompts = [s.prompt for s in samples]
-        negatives = [s.negative_prompt or "" for s in samples]
-        if not self.batch_invariant:
-            return pipe.encode_prompt(
-                prompts, self.models.device, 1, cfg, negative_prompt=negatives
-            )
-        pos, neg = [], []
-        for p, n in zip(prompts, negatives, strict=True):
-            e, ne = pipe.encode_prompt(p, self.models.device, 1, cfg, negative_prompt=n)
-            pos.append(e)
-            neg.append(ne)
-        return torch.cat(pos), (torch.cat(neg) if cfg else None)
 
     @staticmethod
     def _token_spans(tokenizer: Any, samples: list[Sample]) -> list[dict[str, list[int]]]:
@@ -324,7 +357,7 @@ class Generator:
         )[0]
         upscaled = [
             im.resize((spec.width, spec.height), Image.Resampling.LANCZOS)
-            for im in self._decode(pipe, draft)
+            for im in families.decode(pipe, draft)
         ]
         refine = self.models.img2img
         refine.scheduler = make_scheduler(spec.sampler, self.models.scheduler_config)
@@ -336,17 +369,6 @@ class Generator:
             callback_on_step_end=progress.callback(spec.steps),
             **common,
         )[0]
-
-    @staticmethod
-    def _decode(pipe: Any, latents: torch.Tensor) -> list[Image.Image]:
-        """Latents ``[B, 4, h, w]`` -> PIL images, one sample at a time (memory, determinism)."""
-        images: list[Image.Image] = []
-        for i in range(latents.shape[0]):
-            x = pipe.vae.decode(
-                latents[i : i + 1] / pipe.vae.config.scaling_factor, return_dict=False
-            )[0]
-            images.extend(pipe.image_processor.postprocess(x, output_type="pil"))
-        return images
 
 
 class _Progress:
@@ -366,28 +388,3 @@ class _Progress:
             return kwargs
 
         return step_end
-
-
-@contextmanager
-def low_memory_mode(pipe: Any, *, enabled: bool, unet: bool = True) -> Iterator[None]:
-    """VAE tiling, and attention slicing on the UNet's self-attention, while active.
-
-    diffusers' ``enable_attention_slicing`` would replace every processor, the
-    heat-map recorder included, so only the ``attn1`` processors are swapped here.
-    """
-    if not enabled:
-        yield
-        return
-    saved = dict(pipe.unet.attn_processors) if unet else None
-    if saved is not None:
-        sliced = SlicedAttnProcessor(LOW_MEMORY_SLICE)
-        pipe.unet.set_attn_processor(
-            {name: (p if name.endswith("attn2.processor") else sliced) for name, p in saved.items()}
-        )
-    pipe.vae.enable_tiling()
-    try:
-        yield
-    finally:
-        pipe.vae.disable_tiling()
-        if saved is not None:
-            pipe.unet.set_attn_processor(saved)

@@ -10,6 +10,10 @@ A profile that draws one size only (:attr:`GenModels.native_size`, e.g. ``toy``'
 64x64) refuses an event of another size with a dead letter (``unsupported_size``)
 rather than spend minutes on an image its models never learnt to draw.
 
+LoRA adapters (``loras``) are checked per event before any work (unknown name, too
+many: a dead letter); requests with the same adapter set share batches (the batch key
+holds names and scales); :mod:`gen_worker.lora` loads and applies them.
+
 With a request policy (``GENSEG_POLICY``, :mod:`gen_worker.policy`), each event is
 checked before any work: a refused one ends in a dead letter (``policy`` or
 ``rate_limited``) and is never generated. The policy's image check
@@ -28,6 +32,7 @@ from typing import Any
 
 from consumers.stage import ItemResult, Output, PermanentError, Stage, StageContext
 from gen_worker.generate import BatchSpec, Generator, Sample, SampleResult
+from gen_worker.lora import LoraLibrary, adapter_set
 from gen_worker.oom import run_with_oom_ladder
 from gen_worker.policy import Policy, PolicyError, PolicyStore, RateLimiter
 from gen_worker.profiles import GenModels, RuntimeOptions
@@ -91,6 +96,7 @@ def batch_spec(event: GenEvent) -> BatchSpec:
         sampler=event.sampler,
         strength=float(event.strength) if isinstance(event, InpaintEvent) else 1.0,
         progressive=progressive,
+        loras=adapter_set(event.loras),
     )
 
 
@@ -159,9 +165,13 @@ class GenStage(Stage[GenEvent]):
         self.options = options
         self.progress_interval_s = progress_interval_s
         self.clock = clock
+        #: The adapters of ``GENSEG_LORA_DIR`` requests may name.
+        self.loras = LoraLibrary.from_settings(settings)
         self._generator = generator
         if generator is None and models is not None:
-            self._generator = Generator(models)
+            self._generator = Generator(models, loras=self.loras)
+        elif generator is not None and generator.loras is None:
+            generator.loras = self.loras  # a shared generator applies this stage's adapters
         self._safety = safety
         self._safety_lock = threading.Lock()
         if settings.safety_checker and settings.models != "pretrained" and safety is None:
@@ -226,7 +236,7 @@ class GenStage(Stage[GenEvent]):
         if self._generator is None:
             started = time.perf_counter()
             models = GenModels.from_settings(self.settings, self.options)
-            self._generator = Generator(models)
+            self._generator = Generator(models, loras=self.loras)
             log.info(
                 "gen models %s loaded on %s (%s) in %.1f s",
                 models.name,
@@ -252,6 +262,7 @@ class GenStage(Stage[GenEvent]):
         for i, event in enumerate(events):
             try:
                 self._check_size(event)  # first: a refused size spends no rate-limit token
+                self.loras.check(event.loras)  # so does an unknown adapter
                 if policy is not None:
                     self._admit(policy, event, i, ctx)
                 jobs = self._jobs(i, event, ctx)
@@ -452,6 +463,7 @@ class GenStage(Stage[GenEvent]):
                 mode="inpaint" if inpaint else "txt2img",
                 progressive=None if inpaint else event.progressive,
                 strength=event.strength if isinstance(event, InpaintEvent) else None,
+                loras=list(event.loras) or None,
             )
             ready = ImageReadyEvent(
                 id=event.id,

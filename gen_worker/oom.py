@@ -5,17 +5,20 @@ two halves (recursively, down to single samples); a single sample that still doe
 not fit is retried once in low-memory mode (VAE tiling, attention slicing); a sample
 that fails even then gets a :class:`plumbing.errors.PermanentError` with
 ``error_type="out_of_memory"``. Other exceptions propagate. The runner is injected,
-so the ladder is testable on a CPU.
+so the ladder is testable on a CPU. :func:`low_memory_mode` is the second step's
+switch (the generator enters it when asked).
 """
 
 from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import Callable, Sequence
-from typing import TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import torch
+from diffusers.models.attention_processor import SlicedAttnProcessor
 
 from plumbing.errors import OUT_OF_MEMORY, PermanentError, is_out_of_memory
 
@@ -26,6 +29,9 @@ R = TypeVar("R")
 
 #: ``run(samples, low_memory)`` -> one result per sample, in order.
 Runner = Callable[[Sequence[T], bool], list[R]]
+
+#: Slice size of the attention-slicing fallback (diffusers' "auto" for SD 1.5: heads / 2).
+LOW_MEMORY_SLICE = 4
 
 
 def _free_memory() -> None:
@@ -71,3 +77,28 @@ def run_with_oom_ladder(
             error_type=OUT_OF_MEMORY,
         )
     ]
+
+
+@contextmanager
+def low_memory_mode(pipe: Any, *, enabled: bool, unet: bool = True) -> Iterator[None]:
+    """VAE tiling, and attention slicing on the UNet's self-attention, while active.
+
+    diffusers' ``enable_attention_slicing`` would replace every processor, the
+    heat-map recorder included, so only the ``attn1`` processors are swapped here.
+    """
+    if not enabled:
+        yield
+        return
+    saved = dict(pipe.unet.attn_processors) if unet else None
+    if saved is not None:
+        sliced = SlicedAttnProcessor(LOW_MEMORY_SLICE)
+        pipe.unet.set_attn_processor(
+            {name: (p if name.endswith("attn2.processor") else sliced) for name, p in saved.items()}
+        )
+    pipe.vae.enable_tiling()
+    try:
+        yield
+    finally:
+        pipe.vae.disable_tiling()
+        if saved is not None:
+            pipe.unet.set_attn_processor(saved)

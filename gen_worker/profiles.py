@@ -10,6 +10,11 @@ Built-in profiles (:data:`BUILTIN_PROFILES`):
 - ``pretrained``: ``Settings.sd_model`` / ``sd_inpaint_model``, each a Hugging Face
   id, a local diffusers directory, or one ``.safetensors``/``.ckpt`` file.
 
+``GENSEG_SD_ARCH`` (``sd15``, ``sdxl``) chooses the architecture of ``tiny`` and
+``random``; ``pretrained`` reads it from the checkpoint (:mod:`gen_worker.checkpoints`).
+SDXL models are named ``sdxl:<profile or checkpoint>`` in image-ready events; SD 1.5
+names are unchanged (``tiny``, ``random-sd15``, the ``SD_MODEL`` value).
+
 Other profiles plug in from installed packages through entry points
 (:mod:`gen_worker.registry`); this worker knows none of them by name.
 
@@ -23,15 +28,12 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import (
-    StableDiffusionImg2ImgPipeline,
-    StableDiffusionInpaintPipeline,
-    StableDiffusionPipeline,
-)
+from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
+
+from gen_worker import families
 
 # The architecture names are re-exported: tests and benches import them from here.
 from gen_worker.architectures import (
@@ -39,10 +41,16 @@ from gen_worker.architectures import (
     WEIGHTS_SEED,
     Architecture,
     build_random_components,
+    build_random_pipeline,
     build_tiny_pipeline,
+    pipeline_classes,
     sd15_architecture,
+    sdxl_architecture,
     tiny_architecture,
+    tiny_xl_architecture,
 )
+from gen_worker.checkpoints import SINGLE_FILE_SUFFIXES, detect_family, load_pretrained
+from gen_worker.families import Family, check_family
 from gen_worker.registry import GenPipelines, GenProfile, load_plugin, plugin_names
 
 if TYPE_CHECKING:
@@ -50,7 +58,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+#: ``image-ready.model`` prefix of SDXL models (SD 1.5 names have none, as always).
+SDXL_PREFIX = "sdxl:"
 
 
 @dataclass(frozen=True)
@@ -92,69 +101,71 @@ class RuntimeOptions:
         return torch.float16 if device.type == "cuda" else torch.float32
 
 
-def load_pretrained(
-    source: str,
-    cls: type[StableDiffusionPipeline] | type[StableDiffusionInpaintPipeline],
-    *,
-    dtype: torch.dtype = torch.float32,
-    single_file_config: str | None = None,
-) -> Any:
-    """Load ``cls`` from a Hugging Face id, a local diffusers directory or a single file.
-
-    The safety checker is not loaded: the pipeline's images go to segmentation, and
-    a checker (if wanted) belongs in its own stage.
-    """
-    extra: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
-    if source.lower().endswith(SINGLE_FILE_SUFFIXES) and Path(source).expanduser().is_file():
-        kwargs: dict[str, Any] = {"dtype": dtype, **extra}
-        if single_file_config:
-            kwargs["config"] = single_file_config
-        log.info("loading %s from single file %s", cls.__name__, source)
-        return cls.from_single_file(str(Path(source).expanduser()), **kwargs)
-    log.info("loading %s from %s", cls.__name__, source)
-    return cls.from_pretrained(source, dtype=dtype, **extra)
-
-
 # --- the built-in profiles -----------------------------------------------------------------
 
 
+def sd_arch(settings: Any) -> Family:
+    """``GENSEG_SD_ARCH`` (read defensively: Settings-like objects may lack it)."""
+    return check_family(getattr(settings, "sd_arch", "sd15"))
+
+
 def _load_tiny(settings: Settings, options: RuntimeOptions, dtype: torch.dtype) -> GenPipelines:
+    arch = tiny_xl_architecture() if sd_arch(settings) == "sdxl" else tiny_architecture()
+    name = "tiny" if arch.family == "sd15" else SDXL_PREFIX + "tiny"
     return GenPipelines(
-        name="tiny",
-        txt2img=build_tiny_pipeline(),
-        inpaint_name="tiny-inpaint",
-        inpaint_loader=lambda: build_tiny_pipeline(inpaint=True),
+        name=name,
+        txt2img=build_random_pipeline(arch),
+        inpaint_name=f"{name}-inpaint",
+        inpaint_loader=lambda: build_random_pipeline(arch, inpaint=True),
     )
 
 
 def _load_random(settings: Settings, options: RuntimeOptions, dtype: torch.dtype) -> GenPipelines:
-    arch = sd15_architecture()
+    arch = sdxl_architecture() if sd_arch(settings) == "sdxl" else sd15_architecture()
+    name = "random-sd15" if arch.family == "sd15" else SDXL_PREFIX + "random"
     return GenPipelines(
-        name="random-sd15",
-        txt2img=StableDiffusionPipeline(**build_random_components(arch)),
-        inpaint_name="random-sd15-inpaint",
-        inpaint_loader=lambda: StableDiffusionInpaintPipeline(
-            **build_random_components(arch, inpaint=True)
-        ),
+        name=name,
+        txt2img=build_random_pipeline(arch),
+        inpaint_name=f"{name}-inpaint",
+        inpaint_loader=lambda: build_random_pipeline(arch, inpaint=True),
     )
+
+
+def _default_inpaint_model() -> str:
+    from plumbing.settings import Settings
+
+    return str(Settings.model_fields["sd_inpaint_model"].default)
 
 
 def _load_pretrained(
     settings: Settings, options: RuntimeOptions, dtype: torch.dtype
 ) -> GenPipelines:
+    """``SD_MODEL``, whose architecture is read from it. An SDXL model with
+    ``SD_INPAINT_MODEL`` left at its (SD 1.5) default inpaints with its own components."""
     sd_model, inpaint_model = settings.sd_model, settings.sd_inpaint_model
+    family = detect_family(sd_model)
+    if family != sd_arch(settings):
+        log.info("SD_MODEL %s is %s (GENSEG_SD_ARCH is for tiny and random)", sd_model, family)
+    txt2img_cls, _ = pipeline_classes(family)
+    txt2img = load_pretrained(
+        sd_model, txt2img_cls, dtype=dtype, single_file_config=options.single_file_config
+    )
+    if family == "sdxl" and inpaint_model == _default_inpaint_model():
+        return GenPipelines(
+            name=SDXL_PREFIX + sd_model,
+            txt2img=txt2img,
+            inpaint_name=SDXL_PREFIX + sd_model,
+            inpaint_loader=lambda: families.xl_inpaint_for(txt2img),
+        )
+    # An SD 1.5 worker loads its inpainting model as it always did (no detection, which
+    # may download); an SDXL worker with an inpainting model of its own checks which it is.
+    inpaint_family = detect_family(inpaint_model) if family == "sdxl" else "sd15"
+    _, inpaint_cls = pipeline_classes(inpaint_family)
     return GenPipelines(
-        name=sd_model,
-        txt2img=load_pretrained(
-            sd_model,
-            StableDiffusionPipeline,
-            dtype=dtype,
-            single_file_config=options.single_file_config,
-        ),
-        inpaint_name=inpaint_model,
-        inpaint_loader=lambda: load_pretrained(
-            inpaint_model, StableDiffusionInpaintPipeline, dtype=dtype
-        ),
+        name=(SDXL_PREFIX + sd_model) if family == "sdxl" else sd_model,
+        txt2img=txt2img,
+        inpaint_name=(SDXL_PREFIX + inpaint_model) if inpaint_family == "sdxl" else inpaint_model,
+        inpaint_loader=lambda: load_pretrained(inpaint_model, inpaint_cls, dtype=dtype),
     )
 
 
@@ -213,9 +224,13 @@ class GenModels:
 
     def __post_init__(self) -> None:
         self.txt2img = self._prepare(self.txt2img)
-        components = {**self.txt2img.components, "requires_safety_checker": False}
-        self.img2img = StableDiffusionImg2ImgPipeline(**components)
+        self.img2img = families.img2img_for(self.txt2img)
         self.img2img.set_progress_bar_config(disable=True)
+
+    @property
+    def family(self) -> Family:
+        """``sd15`` or ``sdxl``: the architecture of the text-to-image pipeline."""
+        return families.family_of(self.txt2img)
 
     @property
     def scheduler_config(self) -> Any:
@@ -250,7 +265,9 @@ class GenModels:
 
     @classmethod
     def from_settings(cls, settings: Any, options: RuntimeOptions | None = None) -> GenModels:
-        """Build or load the profile ``settings.models`` (``GENSEG_MODELS``)."""
+        """Build or load the profile ``settings.models`` (``GENSEG_MODELS``) in the
+        architecture ``GENSEG_SD_ARCH`` (ValueError naming the setting if unknown)."""
+        sd_arch(settings)
         profile = gen_profile(settings.models)
         opts = options or RuntimeOptions.from_settings(settings)
         device = opts.torch_device()
@@ -283,6 +300,8 @@ def enable_xformers(pipe: Any) -> bool:
 __all__ = [
     "BUILTIN_PROFILES",
     "SD15_SCHEDULER_CONFIG",
+    "SDXL_PREFIX",
+    "SINGLE_FILE_SUFFIXES",
     "WEIGHTS_SEED",
     "Architecture",
     "GenModels",
@@ -290,10 +309,14 @@ __all__ = [
     "GenProfile",
     "RuntimeOptions",
     "build_random_components",
+    "build_random_pipeline",
     "build_tiny_pipeline",
     "gen_profile",
     "known_profiles",
     "load_pretrained",
     "sd15_architecture",
+    "sd_arch",
+    "sdxl_architecture",
     "tiny_architecture",
+    "tiny_xl_architecture",
 ]

@@ -123,8 +123,14 @@ def local_clip_tokenizer(
     words: Sequence[str] = COMMON_WORDS,
     *,
     whole_words: bool = False,
+    pad_token: str | None = None,
 ) -> CLIPTokenizer:
-    """A CLIPTokenizer loaded from files written to a temporary directory (then removed)."""
+    """A CLIPTokenizer loaded from files written to a temporary directory (then removed).
+
+    ``pad_token``: None pads with the end token (CLIP ViT-L, SD 1.5); SDXL's second
+    tokenizer pads with ``"!"``.
+    """
+    extra = {} if pad_token is None else {"pad_token": pad_token}
     with tempfile.TemporaryDirectory(prefix="genseg-tokenizer-") as tmp:
         write_tokenizer_files(Path(tmp), vocab_size, words, whole_words=whole_words)
-        return CLIPTokenizer.from_pretrained(tmp, model_max_length=max_length)
+        return CLIPTokenizer.from_pretrained(tmp, model_max_length=max_length, **extra)
