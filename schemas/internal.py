@@ -60,8 +60,9 @@ class SceneViewRecord(Event):
 class WebhookDelivery(Event):
     """One terminal outcome delivered to its ``callback_url`` (or refused by the webhook
     policy), on ``{prefix}.webhooks``, keyed by request id. A delivery the dispatcher
-    gave up on after its retries is a dead-letter event (``stage`` ``webhook``) on the
-    same topic. The gateway shows both in a request's status."""
+    gave up on (or the receiver rejected) is a dead-letter event on the same topic, its
+    ``stage`` ``webhook-assets`` or ``webhook-dlq``. The gateway shows both in a
+    request's status (docs/webhooks.md)."""
 
     schema_: Literal["genseg.webhook/v1"] = Field(default=SCHEMA_WEBHOOK, alias="schema")
     id: str | None = None
