@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from genseg.cli.errors import START_A_BROKER, Failure
+from genseg.cli.errors import CHECK_THE_BROKER, START_A_BROKER, Failure
 from plumbing.settings import Settings
 
 console = Console()
@@ -58,9 +58,13 @@ def setup_logging(level: str) -> None:
     )
     root = logging.getLogger().level
     logging.getLogger("aiokafka").setLevel(max(logging.WARNING, root))
+    logging.captureWarnings(True)  # Python warnings become log records ("py.warnings")
     if root >= logging.WARNING:
-        # diffusers and transformers log through their own handlers; their warnings
-        # ("Couldn't connect to the Hub...") would repeat what a failure says in words.
+        # Libraries' warnings (deprecations, "Couldn't connect to the Hub...") are for
+        # developers, shown from --log-level INFO down; here they would crowd what a
+        # failure says in words. diffusers and transformers log through handlers of
+        # their own, configured from these variables when first imported.
+        logging.getLogger("py.warnings").setLevel(logging.ERROR)
         for variable in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
             os.environ.setdefault(variable, "error")
 
@@ -119,8 +123,7 @@ async def reach_broker(settings: Settings, timeout_s: float = CONNECT_TIMEOUT_S)
         raise Failure(f"no broker at {where}", START_A_BROKER) from exc
     except TimeoutError as exc:
         raise Failure(
-            f"the broker at {where} did not answer in {timeout_s:.0f} s",
-            "check that it is up, and KAFKA_BOOTSTRAP_SERVERS (and the security settings)",
+            f"the broker at {where} did not answer in {timeout_s:.0f} s", CHECK_THE_BROKER
         ) from exc
     finally:
         with _quiet("aiokafka"):

@@ -10,9 +10,8 @@ cannot be loaded...). Anything else is a bug and keeps its traceback. ``genseg -
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import typer
@@ -20,8 +19,14 @@ from rich.console import Console
 from rich.text import Text
 from typer.core import TyperGroup
 
+if TYPE_CHECKING:
+    from genseg.workers import StageStartError
+    from plumbing.settings import Settings
+
 #: What to do when no broker answers; said by every command that needs one.
 START_A_BROKER = "start one with `genseg broker`, or set KAFKA_BOOTSTRAP_SERVERS"
+#: What to do when a broker is there but does not answer.
+CHECK_THE_BROKER = "check that it is up, and KAFKA_BOOTSTRAP_SERVERS (and the security settings)"
 
 
 @dataclass(eq=False)
@@ -37,60 +42,53 @@ class Failure(Exception):
 
 
 def explain(exc: BaseException) -> Failure | None:
-    """The expected failure ``exc`` means, or None (a bug: keep its traceback)."""
-    if isinstance(exc, Failure):
-        return exc
-    for kind, translate in _translations():
-        if isinstance(exc, kind):
-            return translate(exc)
-    return None
+    """The expected failure ``exc`` means, or None (a bug: keep its traceback).
 
-
-def _translations() -> Iterator[tuple[type[BaseException], Callable[[Any], Failure | None]]]:
-    """(exception type, translation), first match wins. Imported when something failed,
-    so that ``genseg submit`` pays nothing for it."""
+    The modules of the exceptions are imported here, when something failed, so that
+    ``genseg submit`` pays nothing for this table.
+    """
     from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
 
     from genseg.demo import DemoFailed
     from genseg.workers import InvalidWorkerOptions, StageStartError
     from plumbing.broker import BrokerError
 
-    yield (
-        KafkaConnectionError,
-        lambda e: Failure(
-            f"cannot reach the Kafka broker ({_line(e).removeprefix('KafkaConnectionError: ')})",
-            START_A_BROKER,
-        ),
-    )
-    yield KafkaTimeoutError, lambda e: Failure("the Kafka broker did not answer in time", None)
-    yield StageStartError, _stage_start
-    yield InvalidWorkerOptions, lambda e: Failure(str(e), None, exit_code=2)
-    yield BrokerError, lambda e: Failure(f"the embedded broker did not start: {_line(e)}")
-    yield DemoFailed, lambda e: Failure(f"demo failed: {e}")
+    if isinstance(exc, Failure):
+        return exc
+    if isinstance(exc, KafkaConnectionError):  # the broker went away after the first check
+        detail = _line(exc).removeprefix("KafkaConnectionError: ")
+        return Failure(f"cannot reach the Kafka broker ({detail})", START_A_BROKER)
+    if isinstance(exc, KafkaTimeoutError):
+        return Failure("the Kafka broker did not answer in time", CHECK_THE_BROKER)
+    if isinstance(exc, StageStartError):
+        return _stage_start(exc)
+    if isinstance(exc, InvalidWorkerOptions):
+        return Failure(str(exc), "see `genseg worker --help`", exit_code=2)
+    if isinstance(exc, BrokerError):
+        # Its first line says why, and where the broker's log is or what to do.
+        return Failure(f"the embedded broker did not start: {_line(exc, limit=300)}")
+    if isinstance(exc, DemoFailed):
+        return Failure(f"demo failed: {exc}")
+    return None
 
 
-def _stage_start(exc: Any) -> Failure | None:
+def _stage_start(exc: StageStartError) -> Failure | None:
     """A stage whose models could not be loaded: which setting names them, and what to
     set it to."""
     cause = exc.__cause__
     if not isinstance(cause, OSError | ValueError | ImportError):
         return None  # not a loading problem we know of: show the traceback
-    reason = (
-        "not on this machine, and downloading it failed"
-        if _cannot_download(cause)
-        else _line(cause)
-    )
+    offline = _cannot_download(cause)
+    reason = "not on this machine, and downloading it failed" if offline else _line(cause)
     setting = _model_setting(exc.stage, exc.settings)
     if setting is None:
         return Failure(f"the {exc.stage} stage did not start: {reason}")
     name, value, what = setting
-    todo = f"set {name} to {what}"
-    if _cannot_download(cause):
-        todo += " (this machine cannot download)"
+    todo = f"set {name} to {what}" + (" (this machine cannot download)" if offline else "")
     return Failure(f"could not load {name} {value}: {reason}", todo)
 
 
-def _model_setting(stage: str, settings: Any) -> tuple[str, str, str] | None:
+def _model_setting(stage: str, settings: Settings) -> tuple[str, str, str] | None:
     """(variable, its value, what it should name) of the models ``stage`` loads."""
     profile = settings.models
     if stage == "gen" and profile == "pretrained":
@@ -147,6 +145,8 @@ class ExplainingGroup(TyperGroup):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise  # said by the command already, or by click
         except Exception as exc:
             failure = explain(exc)
             if failure is None or ctx.params.get("debug"):

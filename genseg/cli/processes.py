@@ -26,6 +26,7 @@ from genseg.cli.common import (
     setup_logging,
 )
 from genseg.cli.hints import missing_targets_note, target_warnings
+from genseg.profiles import PROFILES
 from genseg.workers import WorkerKind
 from plumbing.settings import Settings
 
@@ -45,6 +46,12 @@ _TOY_NOTE = (
 )
 
 
+def _per_profile(what: str, field: str) -> str:
+    """``what``, with its default per profile (genseg.profiles), for a help text."""
+    defaults = ", ".join(f"{getattr(d, field):g} {name}" for name, d in PROFILES.items())
+    return f"{what} (default: {defaults})."
+
+
 def demo(
     prompt: Annotated[
         str | None, typer.Argument(help="What to generate (optional with --scene).")
@@ -59,13 +66,14 @@ def demo(
     ] = "0,45,90,135",
     models: Annotated[Profile, typer.Option(help="Model profile.")] = Profile.tiny,
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("genseg-out"),
-    size: Annotated[
-        int | None, typer.Option(help="Image side (default 128 tiny, 64 toy, 512 else).")
+    size: Annotated[int | None, typer.Option(help=_per_profile("Image side", "demo_size"))] = None,
+    steps: Annotated[
+        int | None, typer.Option(help=_per_profile("Denoising steps", "demo_steps"))
     ] = None,
-    steps: Annotated[int | None, typer.Option(help="Denoising steps.")] = None,
     seed: Annotated[int, typer.Option(help="Seed (same seed, same image).")] = 7,
     min_confidence: Annotated[
-        float | None, typer.Option(help="Mask filter (default 0 for tiny/random, 0.8 else).")
+        float | None,
+        typer.Option(help=_per_profile("Mask filter", "demo_min_confidence")),
     ] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the outcome.")] = 600.0,
     log_level: LogLevel = "WARNING",
