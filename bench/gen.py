@@ -132,6 +132,7 @@ async def bench(args: argparse.Namespace, bootstrap: str, blob_dir: str) -> dict
     )
     models = GenModels.from_settings(settings)
     generator = Generator(models)
+    # Built here, not by genseg.workers: the stage shares its models with the direct path.
     stage = GenStage(settings, generator=generator)
     config = RuntimeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
     direct: list[float] = []

@@ -373,6 +373,7 @@ async def bench_overhead(
     fetch_wait = getattr(settings, "kafka_fetch_max_wait_ms", None)
     if args.fetch_wait_ms is not None and "fetch_max_wait_ms" in RuntimeConfig.__dataclass_fields__:
         options["fetch_max_wait_ms"] = fetch_wait = args.fetch_wait_ms
+    # Built here, not by genseg.workers: both stages share their models with the direct path.
     gen_rt = StageRuntime(
         GenStage(settings, generator=generator),
         settings,

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench.machine import describe
-from consumers.runtime import RuntimeConfig, StageRuntime
+from genseg.workers import build_runtimes
 from plumbing.blobstore import BlobStore
 from plumbing.broker import EmbeddedBroker
 from plumbing.images import encode_heatmap, encode_png
@@ -57,7 +57,7 @@ from schemas import (
     SegmentationOptions,
     parse_event,
 )
-from seg_worker import CachedPredictor, SegConfig, Segmenter, SegStage
+from seg_worker import CachedPredictor, SegConfig, Segmenter
 from seg_worker.finishing import encode_rle, mask_png, rgba_png
 from seg_worker.profiles import load_sam
 
@@ -163,17 +163,15 @@ async def bench_worker(
         segmenter = Segmenter(
             CachedPredictor(load_sam("tiny", "tiny")), SegConfig.for_profile("tiny")
         )
-        stage = SegStage(settings)
-        stage.setup()
-        runtime_options: dict[str, object] = {"max_batch": 1, "commit_interval_ms": 200}
-        fetch_wait = "aiokafka default (500 ms)"
-        if fetch_wait_ms is not None and "fetch_max_wait_ms" in RuntimeConfig.__dataclass_fields__:
-            runtime_options["fetch_max_wait_ms"] = fetch_wait = fetch_wait_ms
-        config = RuntimeConfig(**runtime_options)  # type: ignore[arg-type]
+        # The worker as `genseg worker seg --no-scenes` runs it; its models load when it
+        # starts, before anything is timed.
+        [worker] = build_runtimes("seg", settings, scenes=False, fetch_max_wait_ms=fetch_wait_ms)
+        # What the runtime waits (its own setting, else KAFKA_FETCH_MAX_WAIT_MS).
+        fetch_wait = worker.config.fetch_max_wait_ms or settings.kafka_fetch_max_wait_ms
         worker_ms, direct_ms, phases = [], [], []
         kafka_in: list[float] = []
         kafka_out: list[float] = []
-        async with StageRuntime(stage, settings, config), Publisher(settings) as pub:
+        async with worker, Publisher(settings) as pub:
             # The measuring client polls with a short fetch wait: tansu answers a fetch
             # only when fetch_max_wait_ms ends, even if a record arrived (see the doc).
             consumer = AIOKafkaConsumer(fetch_max_wait_ms=5, **settings.kafka_kwargs())
