@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import typer
+from PIL import Image
 from typer.testing import CliRunner
 
 from consumers.config import RuntimeConfig
@@ -276,3 +277,54 @@ def test_submit_wait_says_which_targets_the_tokenizer_did_not_find(settings: Set
     assert "image 0:" in result.stdout
     [note] = result.stderr.strip().splitlines()
     assert "did not find 'apple'" in note and "'cup'" not in note
+
+
+def test_the_local_stack_of_the_readme(tmp_path: Path) -> None:
+    """README "A local stack by hand": ``genseg broker``, a gen and a seg worker on the toy
+    profile, and ``genseg submit --wait`` at the toy's size, each its own process, all in
+    one directory (the blob store ``./genseg-blobs`` they share)."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "GENSEG_", "OTEL_"))}
+    env |= {"KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{port}", "COLUMNS": "240"}
+    toy = {**env, "GENSEG_MODELS": "toy", "PYTHONUNBUFFERED": "1"}
+    cli = [sys.executable, "-m", "genseg.cli"]
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [*cli, *args], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        procs.append(proc)
+        return proc
+
+    def wait_for_line(proc: subprocess.Popen[str], text: str) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # ends when the process does
+            if text in line:
+                return
+        raise AssertionError(f"{proc.args} ended (status {proc.wait()}) before {text!r}")
+
+    try:
+        wait_for_line(start(["broker", "--listen", f"127.0.0.1:{port}"], env), "broker ready")
+        gen = start(["worker", "gen", "--torch-threads", "1"], toy)
+        seg = start(["worker", "seg", "--torch-threads", "1"], toy)
+        wait_for_line(gen, "stage gen assigned")
+        wait_for_line(seg, "stage seg assigned")
+        done = subprocess.run(
+            [*cli, "submit", "a red circle next to a blue square", "--target", "red circle",
+             "--wait", "--timeout", "300", "--seed", "7"],  # a seed: the same image each run
+            env=toy, cwd=tmp_path, capture_output=True, text=True, timeout=360,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "image 0: ok" in done.stdout and "red circle (" in done.stdout
+        assert done.stderr == "", "no warning: the target is in the prompt"
+        [image] = (tmp_path / "genseg-blobs").glob("*/0/gen/image.png")
+        assert Image.open(image).size == (64, 64)
+        for proc in reversed(procs):  # Ctrl-C, as a person would
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(60) == 0
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
