@@ -222,7 +222,8 @@ class Feeder:
         except InvalidEvent as exc:  # others' garbage on a topic: not the view's business
             log.debug("skipping %s@%d:%d: %s", short, record.partition, record.offset, exc)
             return None
-        return Record(short, record.partition, record.offset, event, raw.decode("utf-8"))
+        text = raw.decode("utf-8")
+        return Record(short, record.partition, record.offset, event, text, record.timestamp)
 
     async def _check_caught_up(self) -> None:
         if self.caught_up.is_set() or self._targets is None:

@@ -77,6 +77,9 @@ class Record:
     offset: int
     event: Event
     raw: str
+    #: The record's timestamp (ms): what the times of a request's status are, so every
+    #: gateway (and a rebuilt view) tells the same times.
+    timestamp_ms: int
 
 
 @dataclass(frozen=True)
@@ -191,22 +194,21 @@ class View:
         Returns the new stream events per request and the requests whose state changed.
         """
         new_events: dict[str, list[StoredEvent]] = {}
-        touched: set[str] = set()
+        touched: dict[str, int] = {}  # request id -> its newest record's timestamp
         with self.db:
             for record in records:
                 request_id = self._apply_one(record, blob_key, new_events)
                 if request_id is not None:
-                    touched.add(request_id)
+                    touched[request_id] = max(touched.get(request_id, 0), record.timestamp_ms)
             self.db.executemany(
                 "INSERT INTO offsets (topic, partition, next) VALUES (?, ?, ?) ON CONFLICT"
                 " DO UPDATE SET next = MAX(next, excluded.next)",
                 [(topic, partition, offset) for (topic, partition), offset in ends.items()],
             )
-            changed = {rid for rid in touched if self._refresh_state(rid)}
+            changed = {rid for rid, ts in touched.items() if self._refresh_state(rid, ts)}
         return new_events, changed
 
-    def _ensure(self, request_id: str, tenant: str | None) -> None:
-        now = _now_ms()
+    def _ensure(self, request_id: str, tenant: str | None, now: int) -> None:
         self.db.execute(
             "INSERT OR IGNORE INTO requests (id, tenant, created_ms, updated_ms)"
             " VALUES (?, ?, ?, ?)",
@@ -220,14 +222,16 @@ class View:
         request_id = getattr(event, "id", None)
         if not isinstance(request_id, str):
             return None  # a dead letter of a record without a usable id: nobody's request
-        self._ensure(request_id, getattr(event, "tenant", None))
+        self._ensure(request_id, getattr(event, "tenant", None), record.timestamp_ms)
         kind: str | None = None
         if isinstance(event, PromptEvent | InpaintEvent):
             self.db.execute(
                 "UPDATE requests SET request = COALESCE(request, ?), num_images = ?,"
-                " tenant = COALESCE(tenant, ?) WHERE id = ?",
-                (record.raw, event.num_images, event.tenant, request_id),
-            )
+                " tenant = COALESCE(tenant, ?), created_ms = ?,"
+                " updated_ms = CASE state WHEN 'queued' THEN ? ELSE updated_ms END WHERE id = ?",
+                (record.raw, event.num_images, event.tenant, record.timestamp_ms,
+                 record.timestamp_ms, request_id),
+            )  # fmt: skip
             if isinstance(event, InpaintEvent):
                 self._blobs(request_id, [event.image, event.mask], blob_key)
         elif isinstance(event, ProgressEvent):
@@ -317,8 +321,9 @@ class View:
         # naming the same blob cannot hand it to that request's tenant.
         self.db.executemany("INSERT OR IGNORE INTO blobs (key, id, ref) VALUES (?, ?, ?)", rows)
 
-    def _refresh_state(self, request_id: str) -> bool:
-        """Recompute a request's state from its rows; True when it changed."""
+    def _refresh_state(self, request_id: str, timestamp_ms: int) -> bool:
+        """Recompute a request's state from its rows; True when it changed (then its
+        ``updated_ms`` is ``timestamp_ms``, the newest record's that changed it)."""
         row = self.request(request_id)
         if row is None:
             return False
@@ -326,8 +331,8 @@ class View:
         if state == row.state:
             return False
         self.db.execute(
-            "UPDATE requests SET state = ?, updated_ms = ? WHERE id = ?",
-            (state, _now_ms(), request_id),
+            "UPDATE requests SET state = ?, updated_ms = MAX(created_ms, ?) WHERE id = ?",
+            (state, timestamp_ms, request_id),
         )
         return True
 
