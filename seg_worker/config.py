@@ -30,7 +30,7 @@ class SegConfig:
     auto_stability_thresh: float = 0.92
     #: attention+concept: instances holding less of the target's heat are dropped (0..1).
     concept_min_heat: float = 0.1
-    #: attention+concept: SAM 3 instances looked at per target before re-ranking.
+    #: Concept modes: SAM 3 instances looked at per target (at least max_objects).
     concept_candidates: int = 20
     #: SAM architecture of the segment-anything backend; None: Settings.sam_model (a profile
     #: with its own ignores it).

@@ -161,3 +161,9 @@ class CachedEncoder:
                     self.cache.put(key, emb)
                     found[key] = emb
             return [found[key] for key, _ in items]
+
+
+def writable(views: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """``views``, copying the read-only ones (a decoded PNG is): torch warns when an image
+    processor wraps a read-only array, and would share memory it must not write."""
+    return [v if v.flags.writeable else v.copy() for v in views]

@@ -21,7 +21,7 @@ import torch
 from transformers import Sam2ImageProcessor, Sam2Model
 
 from seg_worker.backend import MODES, Instance, UnsupportedMode
-from seg_worker.embedding import CachedEncoder, Embedding
+from seg_worker.embedding import CachedEncoder, Embedding, writable
 from seg_worker.grid import grid_masks
 from seg_worker.hf_configs import TINY_SAM2_SIZE, sam2_arch_of, sam2_config, tiny_sam2_config
 
@@ -97,7 +97,7 @@ class Sam2Backend(CachedEncoder):
 
     @torch.inference_mode()
     def _encode(self, views: list[np.ndarray]) -> list[Embedding]:
-        pixels = self.processor(images=views, return_tensors="pt")["pixel_values"]
+        pixels = self.processor(images=writable(views), return_tensors="pt")["pixel_values"]
         pixels = pixels.to(self.device, self.model.dtype)
         levels = self.model.get_image_embeddings(pixels)
         # clone: a slice would keep the whole batch's storage alive in the cache

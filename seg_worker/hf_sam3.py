@@ -29,7 +29,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
 from seg_worker.backend import MODES, Instance, UnsupportedMode
-from seg_worker.embedding import CachedEncoder, Embedding
+from seg_worker.embedding import CachedEncoder, Embedding, writable
 from seg_worker.hf_configs import (
     SAM3_TEXT_LENGTH,
     SAM3_VOCAB_SIZE,
@@ -117,7 +117,7 @@ class Sam3Backend(CachedEncoder):
     @torch.inference_mode()
     def _encode(self, views: list[np.ndarray]) -> list[Embedding]:
         """The ViT backbone on a batch of views: ``[1, C, S/14, S/14]`` each."""
-        pixels = self.processor.image_processor(images=views, return_tensors="pt")
+        pixels = self.processor.image_processor(images=writable(views), return_tensors="pt")
         pixels = pixels["pixel_values"].to(self.device, self.model.dtype)
         tokens = self.model.vision_encoder.backbone(pixels).last_hidden_state  # [B, N, C]
         spatial = tokens.view(len(views), self.grid, self.grid, -1).permute(0, 3, 1, 2)

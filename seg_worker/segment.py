@@ -290,14 +290,12 @@ class Segmenter:
     def _concept(self, plan: Plan, group: ConceptGroup) -> list[Candidate]:
         """SAM 3's instances of one phrase (scale 1.0), re-ranked by heat when given."""
         emb = self._embedding(plan, (plan.sha256, 1.0, None))
-        limit = plan.options.max_objects
-        if group.heat is not None:  # re-ranking may promote any instance: look at more
-            limit = max(limit, self.config.concept_candidates)
+        # More than max_objects: smoothing may empty some, re-ranking may promote any.
         instances = self.predictor.concept(
             emb,
             group.name,
             plan.size,
             min_score=plan.options.min_confidence,
-            max_instances=limit,
+            max_instances=max(plan.options.max_objects, self.config.concept_candidates),
         )
         return concept_candidates(group, instances, min_heat=self.config.concept_min_heat)

@@ -267,3 +267,14 @@ def test_pyramid_merges_scales_into_full_size_logits() -> None:
     torch.testing.assert_close(merged.logits, sum(s[0][merged.best] for s in singles) / 3)
     predictor.embed_many(views)  # all cached now
     assert predictor.encoder_images == 3
+
+
+def test_embedding_size_counts_every_feature_level() -> None:
+    """SAM 2.1's embedding is three feature levels; the cache bounds them all."""
+    levels = (torch.zeros(1, 2, 4, 4), torch.zeros(1, 4, 2, 2), torch.zeros(1, 8, 1, 1))
+    emb = Embedding(levels, (4, 4), (4, 4))
+    assert emb.nbytes == (32 + 16 + 8) * 4
+    cache = EmbeddingCache(max_bytes=2 * emb.nbytes)
+    for key in ("a", "b", "c"):
+        cache.put((key, 1.0, None), emb)
+    assert len(cache) == 2 and cache.bytes == 2 * emb.nbytes and cache.evictions == 1
