@@ -129,7 +129,8 @@ class Generator:
     batch (default: ``models.options.batch_invariant``, else on the CPU only, where
     byte-identical images are promised).
     ``loras``: where adapter names are found (None: this generator applies none);
-    ``lora_cache_size``: adapters kept loaded per pipeline (at least ``loras``' limit).
+    ``lora_cache_size``: adapters kept loaded per pipeline (at least ``loras``' limit), for
+    the first generator that loads one into these models.
     """
 
     def __init__(
@@ -143,8 +144,6 @@ class Generator:
         self.models = models
         self.loras = loras
         self.lora_cache_size = lora_cache_size
-        #: Loaded adapters per set of networks (keyed by the UNet: pipelines share it).
-        self._adapters: dict[int, AdapterCache] = {}
         if batch_invariant is None:
             batch_invariant = models.options.batch_invariant
         if batch_invariant is None:
@@ -177,7 +176,7 @@ class Generator:
     def adapters(self, mode: Mode = "txt2img") -> AdapterCache | None:
         """The LoRA adapters loaded into the pipeline of ``mode`` (None: none ever)."""
         pipe = self.models.inpaint if mode == "inpaint" else self.models.txt2img
-        return self._adapters.get(id(pipe.unet))
+        return self.models.adapters.get(id(pipe.unet))
 
     # --- internals -------------------------------------------------------------------
 
@@ -189,8 +188,9 @@ class Generator:
         return pipe
 
     def _apply_loras(self, pipe: Any, loras: AdapterSet) -> None:
-        """Activate the batch's adapters on ``pipe`` (or disable all of them)."""
-        cache = self._adapters.get(id(pipe.unet))
+        """Activate the batch's adapters on ``pipe`` (or disable all of them). The loaded
+        adapters belong to the models (generators sharing models share them)."""
+        cache = self.models.adapters.get(id(pipe.unet))
         if not loras:
             if cache is not None:
                 cache.apply(pipe, [])
@@ -200,7 +200,7 @@ class Generator:
         if cache is None:
             capacity = max(self.lora_cache_size, library.max_per_request)
             cache = AdapterCache(capacity, families.family_of(pipe))
-            self._adapters[id(pipe.unet)] = cache
+            self.models.adapters[id(pipe.unet)] = cache
         cache.apply(pipe, files)
 
     def _generate(

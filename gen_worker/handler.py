@@ -405,6 +405,9 @@ class GenStage(Stage[GenEvent]):
         out: dict[int, list[SampleResult] | BaseException] = {}
         try:
             outcomes = run_with_oom_ladder(jobs, run)
+        except PermanentError as exc:  # refused (e.g. an invalid LoRA): said, no traceback
+            log.warning("a batch of %d images refused: %s", len(jobs), exc)
+            return {job.item: exc for job in jobs}
         except Exception as exc:  # never crash the worker: the runtime retries or dead-letters
             log.exception("generation failed for a batch of %d images", len(jobs))
             return {job.item: exc for job in jobs}

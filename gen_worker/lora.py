@@ -116,11 +116,11 @@ class LoraLibrary:
         # is where a path is built from a name.
         if not name or "/" in name or "\\" in name or name.startswith("."):
             raise PermanentError(f"{name!r} is not a LoRA adapter name", error_type=LORA_NOT_FOUND)
-        for candidate in (self.directory / f"{name}{SUFFIX}", self.directory / name):
-            if candidate.parent == self.directory and (
-                candidate.is_file() or (candidate.is_dir() and any(candidate.glob("*" + SUFFIX)))
-            ):
-                return LoraFile(name, candidate, _version(candidate))
+        file, folder = self.directory / f"{name}{SUFFIX}", self.directory / name
+        if file.parent == self.directory and file.is_file():
+            return LoraFile(name, file, _version(file))
+        if folder.parent == self.directory and folder.is_dir() and any(folder.glob("*" + SUFFIX)):
+            return LoraFile(name, folder, _version(folder))
         raise PermanentError(
             f"no LoRA adapter {name!r} on this worker (expected {name}{SUFFIX} or a diffusers "
             f"LoRA directory {name}/ in GENSEG_LORA_DIR)",
@@ -130,17 +130,36 @@ class LoraLibrary:
 
 @contextlib.contextmanager
 def _quiet_loading() -> Iterator[None]:
-    """Silence the libraries' loading chatter (peft's multiple-adapter warning,
-    transformers' load report of the text encoders' untouched base weights)."""
-    tf_logger = logging.getLogger("transformers")
-    level = tf_logger.level
-    tf_logger.setLevel(logging.ERROR)
+    """Silence the libraries' loading chatter: peft's multiple-adapter warning,
+    transformers' progress bar and load report (of the text encoders' base weights, which
+    an adapter leaves alone), diffusers' multi-line log of a failed load (the error we
+    raise says it in one line)."""
+    from transformers.utils import logging as tf_logging
+
+    loggers = {name: logging.getLogger(name) for name in ("transformers", "diffusers")}
+    levels = {name: logger.level for name, logger in loggers.items()}
+    bar = tf_logging.is_progress_bar_enabled()
+    for logger in loggers.values():
+        logger.setLevel(logging.CRITICAL)
+    tf_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        tf_logger.setLevel(level)
+        for name, logger in loggers.items():
+            logger.setLevel(levels[name])
+        if bar:
+            tf_logging.enable_progress_bar()
+
+
+def _reason(exc: BaseException, lora: LoraFile, limit: int = 300) -> str:
+    """One line saying why a load failed: the error's first two lines ("Error(s) in
+    loading state_dict for ...:" says little alone), with the request's adapter name."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = " ".join(lines[:2]) or type(exc).__name__
+    text = text.replace(lora.adapter_name, lora.name)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class AdapterCache:
@@ -205,10 +224,9 @@ class AdapterCache:
             self._discard(pipe, name)
             if is_out_of_memory(exc):
                 raise
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise PermanentError(
                 f"LoRA adapter {lora.name!r} cannot be applied to this {self.family} model: "
-                f"{reason}",
+                f"{_reason(exc, lora)}",
                 error_type=INVALID_LORA,
             ) from exc
         self.loaded[name] = lora

@@ -219,6 +219,9 @@ class GenModels:
     #: ``(width, height)`` pixels the profile's models draw only (see
     #: :attr:`GenProfile.native_size`); None: any size.
     native_size: tuple[int, int] | None = None
+    #: LoRA adapters loaded into these networks, by ``id`` of the UNet they were loaded
+    #: into (pipelines sharing it share them): :class:`gen_worker.lora.AdapterCache`.
+    adapters: dict[int, Any] = field(default_factory=dict, repr=False)
     _inpaint: StableDiffusionInpaintPipeline | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
