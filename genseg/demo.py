@@ -8,6 +8,7 @@ image, heat maps, masks, RGBA assets, a contact sheet and the events to ``out``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -75,58 +76,72 @@ class DemoFailed(RuntimeError):
     """The request ended in the dead-letter topic, or not at all."""
 
 
-async def run_demo(
-    prompt: str,
-    targets: list[str],
-    *,
-    settings: Settings,
-    out_dir: Path,
-    size: int | None = None,
-    steps: int | None = None,
-    seed: int | None = 7,
-    min_confidence: float | None = None,
-    timeout_s: float = 600.0,
-    console: Console | None = None,
-    tracer_provider: trace.TracerProvider | None = None,
-) -> DemoResult:
-    """Run one request through an in-process pipeline and write its outputs to ``out_dir``.
+@dataclass(frozen=True)
+class DemoRun:
+    """What one demo run works with: settings, output directory and request options, the
+    profile's defaults filled in (:mod:`genseg.profiles`)."""
 
-    ``size``, ``steps`` and ``min_confidence`` default to the profile's
-    (:mod:`genseg.profiles`)."""
-    console = console or Console()
-    out_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before any I/O loop
-    defaults = profile_defaults(settings.models)
-    with demo_broker(settings, out_dir, console) as settings:
-        return await _run(
-            prompt, targets, settings=settings, out_dir=out_dir,
-            size=size or defaults.demo_size, steps=steps or defaults.demo_steps, seed=seed,
-            min_confidence=(
-                defaults.demo_min_confidence if min_confidence is None else min_confidence
-            ),
-            timeout_s=timeout_s, console=console, tracer_provider=tracer_provider,
+    settings: Settings
+    out_dir: Path
+    size: int
+    steps: int
+    seed: int | None
+    min_confidence: float
+    timeout_s: float
+    console: Console
+    tracer_provider: trace.TracerProvider | None
+
+    @classmethod
+    def of(
+        cls,
+        settings: Settings,
+        out_dir: Path,
+        *,
+        size: int | None = None,
+        steps: int | None = None,
+        seed: int | None = 7,
+        min_confidence: float | None = None,
+        timeout_s: float = 600.0,
+        console: Console | None = None,
+        tracer_provider: trace.TracerProvider | None = None,
+    ) -> DemoRun:
+        """The run, its output directory made; ``size``, ``steps`` and ``min_confidence``
+        default to the profile's, ``console`` to a new one."""
+        defaults = profile_defaults(settings.models)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return cls(
+            settings, out_dir, size or defaults.demo_size, steps or defaults.demo_steps, seed,
+            defaults.demo_min_confidence if min_confidence is None else min_confidence,
+            timeout_s, console or Console(), tracer_provider,
         )  # fmt: skip
 
+    @contextlib.contextmanager
+    def on_a_broker(self) -> Iterator[DemoRun]:
+        """This run on the broker of ``KAFKA_BOOTSTRAP_SERVERS`` when set, else on an
+        embedded broker started for the block (its log in ``out_dir``)."""
+        if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+            yield self
+            return
+        broker = EmbeddedBroker(log_path=self.out_dir / "broker.log")
+        with self.console.status("starting the embedded broker"):
+            broker.start()
+        self.console.print(f"embedded broker on [bold]{broker.bootstrap_servers}[/]")
+        servers = {"kafka_bootstrap_servers": broker.bootstrap_servers}
+        try:
+            yield dataclasses.replace(self, settings=self.settings.model_copy(update=servers))
+        finally:
+            broker.stop()
 
-@contextlib.contextmanager
-def demo_broker(settings: Settings, out_dir: Path, console: Console) -> Iterator[Settings]:
-    """``settings`` for the block: the broker of ``KAFKA_BOOTSTRAP_SERVERS`` when set,
-    else an embedded broker started for the block (its log in ``out_dir``)."""
-    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
-        yield settings
-        return
-    broker = EmbeddedBroker(log_path=out_dir / "broker.log")
-    with console.status("starting the embedded broker"):
-        broker.start()
-    console.print(f"embedded broker on [bold]{broker.bootstrap_servers}[/]")
-    try:
-        yield settings.model_copy(update={"kafka_bootstrap_servers": broker.bootstrap_servers})
-    finally:
-        broker.stop()
+    def loading(self) -> contextlib.AbstractContextManager[Any]:
+        """The spinner shown while the workers load their models and join their groups."""
+        return self.console.status(f"loading {self.settings.models} models and joining groups")
 
 
-def loading(console: Console, models: str) -> contextlib.AbstractContextManager[Any]:
-    """The spinner shown while the workers load their models and join their groups."""
-    return console.status(f"loading {models} models and joining consumer groups")
+async def run_demo(prompt: str, targets: list[str], run: DemoRun) -> DemoResult:
+    """Run one request through an in-process pipeline and write its outputs to
+    ``run.out_dir``."""
+    with run.on_a_broker() as run:
+        return await _run(prompt, targets, run)
 
 
 def progress_columns() -> tuple[ProgressColumn, ...]:
@@ -138,44 +153,32 @@ def progress_columns() -> tuple[ProgressColumn, ...]:
     )
 
 
-async def _run(
-    prompt: str,
-    targets: list[str],
-    *,
-    settings: Settings,
-    out_dir: Path,
-    size: int,
-    steps: int,
-    seed: int | None,
-    min_confidence: float,
-    timeout_s: float,
-    console: Console,
-    tracer_provider: trace.TracerProvider | None,
-) -> DemoResult:
+async def _run(prompt: str, targets: list[str], run: DemoRun) -> DemoResult:
+    settings, console = run.settings, run.console
     await ensure_topics(settings, partitions=1)
     runtimes = [
-        *build_runtimes("gen", settings, tracer_provider=tracer_provider, **QUICK_JOIN),
-        *build_runtimes("seg", settings, scenes=False, tracer_provider=tracer_provider,
+        *build_runtimes("gen", settings, tracer_provider=run.tracer_provider, **QUICK_JOIN),
+        *build_runtimes("seg", settings, scenes=False, tracer_provider=run.tracer_provider,
                         **QUICK_JOIN),
     ]  # fmt: skip
     request_id = new_request_id("demo")
-    tracer = trace.get_tracer(TRACER_NAME, tracer_provider=tracer_provider)
+    tracer = trace.get_tracer(TRACER_NAME, tracer_provider=run.tracer_provider)
     events: dict[str, Event] = {}
-    async with running(runtimes, while_starting=loading(console, settings.models)):
+    async with running(runtimes, while_starting=run.loading()):
         started = time.monotonic()
         async with Subscriber(
             settings, ["images", "masks", "assets", "dlq", "progress"], only_key=request_id
         ) as sub:
             with tracer.start_as_current_span("genseg demo") as root:
                 trace_id = f"{root.get_span_context().trace_id:032x}"
-                async with GensegClient(settings, tracer_provider=tracer_provider) as client:
+                async with GensegClient(settings, tracer_provider=run.tracer_provider) as client:
                     await client.submit(
-                        prompt, targets=targets, request_id=request_id, width=size,
-                        height=size, steps=steps, seed=seed,
-                        segmentation={"min_confidence": min_confidence},
+                        prompt, targets=targets, request_id=request_id, width=run.size,
+                        height=run.size, steps=run.steps, seed=run.seed,
+                        segmentation={"min_confidence": run.min_confidence},
                     )  # fmt: skip
             console.print(f"submitted [bold]{request_id}[/] (trace {trace_id})")
-            await _follow(sub, events, steps, timeout_s, console)
+            await _follow(sub, events, run.steps, run.timeout_s, console)
     wall = time.monotonic() - started
     terminal = events.get("terminal")
     if isinstance(terminal, DeadLetterEvent):
@@ -183,11 +186,11 @@ async def _run(
     assert isinstance(terminal, AssetReadyEvent)
     image = events.get("image")
     result = DemoResult(
-        request_id=request_id, trace_id=trace_id, out_dir=out_dir, status=terminal.status,
+        request_id=request_id, trace_id=trace_id, out_dir=run.out_dir, status=terminal.status,
         timings_ms=dict(terminal.timings_ms), wall_s=wall,
         missing_targets=list(image.missing_targets) if isinstance(image, ImageReadyEvent) else [],
     )  # fmt: skip
-    result.files = _write_outputs(settings, events, out_dir)
+    result.files = _write_outputs(settings, events, run.out_dir)
     return result
 
 

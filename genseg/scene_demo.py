@@ -21,15 +21,7 @@ from rich.progress import Progress
 
 from consumers.subscriber import Subscriber
 from genseg.contact_sheet import LABEL_H, PAD, TILE, colorize_heatmap, on_checkerboard
-from genseg.demo import (
-    QUICK_JOIN,
-    DemoFailed,
-    demo_broker,
-    loading,
-    progress_columns,
-    slug,
-)
-from genseg.profiles import profile_defaults
+from genseg.demo import QUICK_JOIN, DemoFailed, DemoRun, progress_columns, slug
 from genseg.workers import build_runtimes, running
 from plumbing.blobstore import BlobStore
 from plumbing.images import decode_image
@@ -58,37 +50,15 @@ class SceneDemoResult:
 
 
 async def run_scene_demo(
-    prompt: str,
-    views: list[float],
-    targets: list[str],
-    *,
-    settings: Settings,
-    out_dir: Path,
-    size: int | None = None,
-    steps: int | None = None,
-    seed: int | None = 7,
-    min_confidence: float | None = None,
-    timeout_s: float = 600.0,
-    console: Console | None = None,
-    tracer_provider: trace.TracerProvider | None = None,
+    prompt: str, views: list[float], targets: list[str], run: DemoRun
 ) -> SceneDemoResult:
     """Generate ``prompt`` from each angle of ``views`` (one batch on the generator), cut
     out ``targets``, estimate depth, export each view as a .glb, and wait for the one
-    scene-ready event; write everything under ``out_dir``."""
-    console = console or Console()
-    out_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before any I/O loop
+    scene-ready event; write everything under ``run.out_dir``."""
     prompt = scene_prompt(prompt, targets)
-    console.print(f"scene prompt: [bold]{prompt}[/]")
-    defaults = profile_defaults(settings.models)
-    with demo_broker(settings, out_dir, console) as settings:
-        return await _run_scene(
-            prompt, views, targets, settings=settings, out_dir=out_dir,
-            size=size or defaults.demo_size, steps=steps or defaults.demo_steps, seed=seed,
-            min_confidence=(
-                defaults.demo_min_confidence if min_confidence is None else min_confidence
-            ),
-            timeout_s=timeout_s, console=console, tracer_provider=tracer_provider,
-        )  # fmt: skip
+    run.console.print(f"scene prompt: [bold]{prompt}[/]")
+    with run.on_a_broker() as run:
+        return await _run_scene(prompt, views, targets, run)
 
 
 def scene_prompt(prompt: str, targets: list[str]) -> str:
@@ -99,20 +69,9 @@ def scene_prompt(prompt: str, targets: list[str]) -> str:
 
 
 async def _run_scene(
-    prompt: str,
-    views: list[float],
-    targets: list[str],
-    *,
-    settings: Settings,
-    out_dir: Path,
-    size: int,
-    steps: int,
-    seed: int | None,
-    min_confidence: float,
-    timeout_s: float,
-    console: Console,
-    tracer_provider: trace.TracerProvider | None,
+    prompt: str, views: list[float], targets: list[str], run: DemoRun
 ) -> SceneDemoResult:
+    settings, console, tracer_provider = run.settings, run.console, run.tracer_provider
     await ensure_topics(settings, partitions=1)
     # The views arrive together and share their parameters: one generator batch.
     runtimes = [
@@ -122,7 +81,7 @@ async def _run_scene(
     ]  # fmt: skip
     scene_id = new_request_id("scene")
     tracer = trace.get_tracer(TRACER_NAME, tracer_provider=tracer_provider)
-    async with running(runtimes, while_starting=loading(console, settings.models)):
+    async with running(runtimes, while_starting=run.loading()):
         started = time.monotonic()
         topics = ["images", "assets", "dlq", "scenes", "progress"]
         async with Subscriber(settings, topics) as sub:
@@ -130,23 +89,23 @@ async def _run_scene(
                 trace_id = f"{root.get_span_context().trace_id:032x}"
                 async with GensegClient(settings, tracer_provider=tracer_provider) as client:
                     ids = await client.submit_views(
-                        prompt, views=views, scene_id=scene_id, targets=targets, width=size,
-                        height=size, steps=steps, seed=seed,
-                        segmentation={"min_confidence": min_confidence},
+                        prompt, views=views, scene_id=scene_id, targets=targets,
+                        width=run.size, height=run.size, steps=run.steps, seed=run.seed,
+                        segmentation={"min_confidence": run.min_confidence},
                     )  # fmt: skip
             console.print(
                 f"submitted scene [bold]{scene_id}[/]: {len(ids)} views (trace {trace_id})"
             )
             scene, images, assets = await _follow_scene(
-                sub, scene_id, set(ids), steps, timeout_s, console
+                sub, scene_id, set(ids), run.steps, run.timeout_s, console
             )
     wall = time.monotonic() - started
     ordered = [assets[v.id] for v in scene.views]
     result = SceneDemoResult(
-        scene_id=scene_id, trace_id=trace_id, out_dir=out_dir, scene=scene, views=ordered,
+        scene_id=scene_id, trace_id=trace_id, out_dir=run.out_dir, scene=scene, views=ordered,
         wall_s=wall,
     )  # fmt: skip
-    result.files = _write_scene(settings, scene, images, assets, out_dir)
+    result.files = _write_scene(settings, scene, images, assets, run.out_dir)
     return result
 
 

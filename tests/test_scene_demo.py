@@ -18,6 +18,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from genseg.cli import app
+from genseg.demo import DemoRun
 from genseg.scene_demo import run_scene_demo, scene_prompt
 from plumbing.settings import Settings
 from schemas import ImageReadyEvent, SceneOptions, SceneReadyEvent
@@ -57,16 +58,12 @@ async def test_scene_demo(
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     out = tmp_path / "out"
-    result = await run_scene_demo(
-        "modern living room",
-        [0, 45, 90, 135],
-        ["sofa", "coffee table"],
-        settings=settings,
-        out_dir=out,
-        size=64,
-        steps=2,
-        console=Console(file=io.StringIO()),
+    run = DemoRun.of(
+        settings, out, size=64, steps=2, console=Console(file=io.StringIO()),
         tracer_provider=provider,
+    )  # fmt: skip
+    result = await run_scene_demo(
+        "modern living room", [0, 45, 90, 135], ["sofa", "coffee table"], run
     )
     # The four views shared one generator batch (its span links the four requests).
     batches = [s for s in exporter.get_finished_spans() if s.name == "batch gen"]

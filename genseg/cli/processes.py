@@ -32,6 +32,7 @@ from plumbing.settings import Settings
 
 if TYPE_CHECKING:
     from consumers.runtime import StageRuntime
+    from genseg.demo import DemoRun
 
 _TINY_NOTE = (
     "[yellow]Note:[/] the tiny profile uses random weights: the image is noise and the "
@@ -96,27 +97,28 @@ def demo(
             err_console.print(line, style="yellow", soft_wrap=True, markup=False)
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):  # else the demo starts its own broker
         asyncio.run(reach_broker(demo_settings))
-    options = {
-        "settings": demo_settings, "out_dir": out, "size": size, "steps": steps, "seed": seed,
-        "min_confidence": min_confidence, "timeout_s": timeout, "console": console,
-    }  # fmt: skip
-    if scene is not None:
-        _scene_demo(scene, angles, list(target), options, models)
-    else:
-        assert prompt is not None
-        _demo(prompt, list(target), options, models)
-
-
-def _demo(prompt: str, targets: list[str], options: dict[str, Any], models: Profile) -> None:
-    """``genseg demo PROMPT``: run the demo and print what it made."""
-    from genseg.demo import run_demo
+    from genseg.demo import DemoRun
     from plumbing.telemetry import setup_tracing, shutdown_tracing
 
-    provider = setup_tracing("genseg-demo")
+    run = DemoRun.of(
+        demo_settings, out, size=size, steps=steps, seed=seed, min_confidence=min_confidence,
+        timeout_s=timeout, console=console, tracer_provider=setup_tracing("genseg-demo"),
+    )  # fmt: skip
     try:
-        result = asyncio.run(run_demo(prompt, targets, tracer_provider=provider, **options))
+        if scene is not None:
+            _scene_demo(scene, angles, list(target), run, models)
+        else:
+            assert prompt is not None
+            _demo(prompt, list(target), run, models)
     finally:
         shutdown_tracing()
+
+
+def _demo(prompt: str, targets: list[str], run: DemoRun, models: Profile) -> None:
+    """``genseg demo PROMPT``: run the demo and print what it made."""
+    from genseg.demo import run_demo
+
+    result = asyncio.run(run_demo(prompt, targets, run))
     table = Table(title=f"request {result.request_id}: {result.status}")
     table.add_column("stage")
     table.add_column("ms", justify="right")
@@ -150,19 +152,12 @@ def _angles(views: str) -> list[float]:
 
 
 def _scene_demo(
-    scene: str, angles: list[float], targets: list[str], options: dict[str, Any], models: Profile
+    scene: str, angles: list[float], targets: list[str], run: DemoRun, models: Profile
 ) -> None:
     """``genseg demo --scene``: run the scene demo and print what it made."""
     from genseg.scene_demo import run_scene_demo
-    from plumbing.telemetry import setup_tracing, shutdown_tracing
 
-    provider = setup_tracing("genseg-demo")
-    try:
-        result = asyncio.run(
-            run_scene_demo(scene, angles, targets, tracer_provider=provider, **options)
-        )
-    finally:
-        shutdown_tracing()
+    result = asyncio.run(run_scene_demo(scene, angles, targets, run))
     table = Table(title=f"scene {result.scene_id}: {len(result.views)} views")
     for column in ("view", "status", "objects (median depth)", "seg.depth ms", "seg.mesh ms"):
         table.add_column(column, justify="right" if "ms" in column else "left")
