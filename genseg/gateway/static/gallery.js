@@ -150,6 +150,11 @@ function handle(entry, id, kind, data) {
   if (kind === "progress") {
     const event = JSON.parse(data);
     setProgress(entry, event.step, event.steps);
+    const badge = entry.el.querySelector(".badge");
+    if (badge.textContent === "queued") {
+      badge.textContent = badge.className = "generating";
+      badge.classList.add("badge");
+    }
   } else if (["image", "asset", "dead_letter", "end"].includes(kind)) {
     refreshOne(id);
   }
