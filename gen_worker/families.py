@@ -17,6 +17,7 @@ profile needs to declare nothing.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any, Literal, get_args
 
@@ -206,7 +207,7 @@ def decode(pipe: Any, latents: torch.Tensor) -> list[Image.Image]:
     # per sample, and only for SDXL (the SD 1.5 pipeline never upcasts).
     upcast = xl and vae.dtype == torch.float16 and vae.config.force_upcast
     if upcast:
-        vae.to(dtype=torch.float32)
+        _cast(vae, torch.float32)
     mean = getattr(vae.config, "latents_mean", None) if xl else None
     std = getattr(vae.config, "latents_std", None) if xl else None
     try:
@@ -223,8 +224,20 @@ def decode(pipe: Any, latents: torch.Tensor) -> list[Image.Image]:
             images.extend(pipe.image_processor.postprocess(x, output_type="pil"))
     finally:
         if upcast:
-            vae.to(dtype=torch.float16)
+            _cast(vae, torch.float16)
     return images
+
+
+def _cast(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """``module.to(dtype)`` without diffusers' warning about casting with ``to()`` (said
+    on every cast of a VAE, i.e. twice a batch here)."""
+    logger = logging.getLogger("diffusers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        module.to(dtype=dtype)
+    finally:
+        logger.setLevel(level)
 
 
 __all__ = [

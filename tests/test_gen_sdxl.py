@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from consumers.stage import Output, StageContext
+from gen_worker import families
 from gen_worker.architectures import build_tiny_pipeline, build_tiny_xl_pipeline, sdxl_architecture
 from gen_worker.attention import find_token_span
 from gen_worker.checkpoints import detect_family
@@ -302,6 +303,26 @@ def test_sdxl_low_memory_mode_keeps_the_image_and_restores_the_processors(
     kinds = {type(p).__name__ for p in models.txt2img.unet.attn_processors.values()}
     assert kinds == {"AttnProcessor2_0", "CrossAttentionRecorder"}
     assert not models.txt2img.vae.use_tiling
+
+
+def test_sdxl_vae_decodes_in_float32_when_the_model_runs_in_float16() -> None:
+    """SDXL's VAE overflows in float16 (``force_upcast``): decoded in float32, then cast
+    back so the next pipeline call finds it as it was. (The CPU runs float16 too.)"""
+    pipe = build_tiny_xl_pipeline()
+    pipe.vae.register_to_config(force_upcast=True)
+    pipe = pipe.to(torch.float16)
+    seen: list[torch.dtype] = []
+    decode = pipe.vae.decode
+
+    def spy(z: torch.Tensor, **kw: Any) -> Any:
+        seen.append(next(pipe.vae.parameters()).dtype)
+        return decode(z, **kw)
+
+    pipe.vae.decode = spy
+    with torch.inference_mode():
+        images = families.decode(pipe, torch.randn(2, 4, 8, 8, dtype=torch.float16))
+    assert [im.size for im in images] == [(64, 64)] * 2
+    assert seen == [torch.float32, torch.float32] and pipe.vae.dtype == torch.float16
 
 
 def test_sdxl_images_are_identical_in_another_process(models: GenModels) -> None:

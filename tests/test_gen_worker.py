@@ -220,6 +220,7 @@ def test_batch_key_groups_only_compatible_requests(stage: GenStage) -> None:
         {"sampler": "ddim"},
         {"guidance_scale": 5.0},
         {"progressive": {"draft_scale": 0.5}},
+        {"loras": [{"name": "ink"}]},  # the adapter set is part of the key (test_gen_lora.py)
     ):
         assert stage.batch_key(prompt(**change)) != base, change
 
