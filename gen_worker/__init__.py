@@ -3,7 +3,11 @@
 - :mod:`gen_worker.registry`: what a model profile is; plug-in profiles (entry points);
 - :mod:`gen_worker.profiles`: the built-in profiles (``tiny``, ``random``,
   ``pretrained``), the lookup by name, :class:`GenModels`;
-- :mod:`gen_worker.architectures`: the built-in networks and their seeded weights;
+- :mod:`gen_worker.architectures`: the built-in networks (SD 1.5, SDXL) and their
+  seeded weights;
+- :mod:`gen_worker.families`: what differs between the SD 1.5 and SDXL pipelines;
+- :mod:`gen_worker.checkpoints`: which architecture a pretrained checkpoint is, loading it;
+- :mod:`gen_worker.lora`: per-request LoRA adapters (names, cache, activation);
 - :mod:`gen_worker.samplers`: contract sampler names -> diffusers schedulers;
 - :mod:`gen_worker.attention`: cross-attention heat maps, batch-invariant UNet calls;
 - :mod:`gen_worker.generate`: pure generation (samples -> images + heat maps);
