@@ -37,7 +37,8 @@ class Change:
     """What one applied batch changed for one request."""
 
     events: list[StoredEvent] = field(default_factory=list)
-    state_changed: bool = False
+    #: The request's new state, when the batch changed it.
+    state: str | None = None
     #: The gateway is stopping: watchers end (a client reconnects to another gateway).
     closing: bool = False
 
@@ -211,7 +212,8 @@ class Feeder:
         records.sort(key=lambda r: r.topic in ("assets", "dlq"))
         new_events, changed = self.view.apply(records, ends, self.blob_key)
         for request_id in new_events.keys() | changed:
-            change = Change(new_events.get(request_id, []), request_id in changed)
+            row = self.view.request(request_id) if request_id in changed else None
+            change = Change(new_events.get(request_id, []), row.state if row else None)
             self.hub.publish(request_id, change)
 
     @staticmethod

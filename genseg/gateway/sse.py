@@ -43,11 +43,15 @@ async def event_stream(
         # what arrives twice is dropped by its sequence number.
         with gateway.hub.watch(request_id) as changes:
             yield f"retry: {RETRY_MS}\n\n"
+            # Events and state read together (no await between): a batch applied later
+            # comes through the watch.
+            replay = gateway.the_view().events_after(request_id, after)
+            state = _state(gateway, request_id)
             last = after
-            for event in gateway.the_view().events_after(request_id, after):
+            for event in replay:
                 yield format_event(event)
                 last = event.seq
-            while (state := _state(gateway, request_id)) not in TERMINAL_STATES:
+            while state not in TERMINAL_STATES:
                 try:
                     change = await asyncio.wait_for(changes.get(), gateway.config.keepalive_s)
                 except TimeoutError:
@@ -59,6 +63,7 @@ async def event_stream(
                     if event.seq > last:
                         yield format_event(event)
                         last = event.seq
+                state = change.state or state
             yield f"event: end\ndata: {json.dumps({'id': request_id, 'status': state})}\n\n"
     finally:
         gateway.metrics.streams.dec()
