@@ -232,6 +232,33 @@ def test_compose_worker(compose: dict[str, Any], stage: str) -> None:
     assert any(settings.sam_checkpoint.startswith(t.rstrip("/") + "/") for t in targets)
 
 
+def test_compose_gateway(compose: dict[str, Any]) -> None:
+    """The HTTP gateway: `genseg serve` on 0.0.0.0:8080 in the container, published on the
+    host's loopback only, ready when /readyz answers, on the workers' broker and blobs."""
+    service = compose["services"]["gateway"]
+    assert service["command"] == ["serve", "--listen", "0.0.0.0:8080"]
+    assert "deploy" not in service, "the gateway needs no GPU"
+    published = [str(p) for p in service.get("ports", [])]
+    assert published and all(p.startswith("127.0.0.1:") for p in published), published
+    assert any(p.split(":")[-1].split("/")[0] == "8080" for p in published), published
+    assert "/readyz" in " ".join(service["healthcheck"]["test"])
+    assert ":8080/" in " ".join(service["healthcheck"]["test"])
+    depends = service["depends_on"]
+    assert depends["kafka"]["condition"] == "service_healthy"
+    assert depends["topics"]["condition"] == "service_completed_successfully"
+    assert depends["minio-bucket"]["condition"] == "service_completed_successfully"
+
+    env = {k: str(v) for k, v in service["environment"].items()}
+    settings = check_settings_env(env, "compose service gateway")
+    workers = check_settings_env(
+        {k: str(v) for k, v in compose["services"]["gen"]["environment"].items()}, "gen"
+    )
+    # The gateway reads the blobs the workers write, from the topics they use.
+    assert settings.blob_url == workers.blob_url
+    assert settings.kafka_bootstrap_servers == workers.kafka_bootstrap_servers
+    assert settings.topic_prefix == workers.topic_prefix
+
+
 def test_compose_object_store_bucket_matches_blob_url(compose: dict[str, Any]) -> None:
     services = compose["services"]
     bucket_job = services["minio-bucket"]
