@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -38,9 +38,9 @@ class InvalidWorkerOptions(ValueError):
 
 
 class StageStartError(RuntimeError):
-    """A runtime failed to start for a reason other than the broker: its stage's setup
-    (the models) failed. The cause is chained; ``stage`` and ``settings`` say which
-    models were asked for."""
+    """A runtime failed to start because its stage's ``setup`` (loading the models)
+    failed. The cause is chained; ``stage`` and ``settings`` say which models were asked
+    for."""
 
     def __init__(self, stage: str, settings: Settings) -> None:
         super().__init__(f"the {stage} stage did not start")
@@ -134,24 +134,34 @@ async def running(
 ) -> AsyncIterator[None]:
     """Start ``runtimes`` in order (inside ``while_starting``, e.g. a spinner), and stop
     those started however the block is left: one that fails to start must not leave
-    the others running. A failure other than the broker's is a :class:`StageStartError`.
+    the others running. A failure of a stage's ``setup`` (its models) is raised as a
+    :class:`StageStartError`; any other (the broker's...) as it is.
     """
-    from aiokafka.errors import KafkaError
-
     started: list[StageRuntime] = []
     try:
         with while_starting or contextlib.nullcontext():
             for runtime in runtimes:
                 try:
                     await runtime.start()
-                except KafkaError:
-                    raise
                 except Exception as exc:
-                    raise StageStartError(runtime.stage.name, runtime.settings) from exc
+                    if _raised_in(exc, type(runtime.stage).setup):
+                        raise StageStartError(runtime.stage.name, runtime.settings) from exc
+                    raise
                 started.append(runtime)
         yield
     finally:
         await asyncio.gather(*(runtime.stop() for runtime in reversed(started)))
+
+
+def _raised_in(exc: BaseException, function: Callable[..., Any]) -> bool:
+    """Whether ``exc`` was raised inside ``function`` (a frame of its code in its traceback)."""
+    code = getattr(function, "__code__", None)
+    frame = exc.__traceback__
+    while frame is not None:
+        if frame.tb_frame.f_code is code:
+            return True
+        frame = frame.tb_next
+    return False
 
 
 async def serve(runtimes: Sequence[StageRuntime]) -> None:
