@@ -69,6 +69,33 @@ BODY = {"prompt": "a red circle next to a blue square", "targets": ["circle"], "
         "height": 64, "steps": 4, "seed": 7}  # fmt: skip
 
 
+def machine_busy_s() -> float:
+    """CPU seconds all cores spent busy since boot (``/proc/stat``; Linux)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class Load:
+    """Cores busy with other work than ours (this process, the gateway, the broker)
+    while a block runs: a round on a machine that others load says so."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.ours = {"gateway_cpu_s": 0.0}
+
+    def __enter__(self) -> Load:
+        self._t0, self._busy0 = time.perf_counter(), machine_busy_s()
+        self._cpu0 = [process_cpu_s(pid) or 0.0 for pid in self.pids]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall = time.perf_counter() - self._t0
+        used = [(process_cpu_s(p) or 0.0) - c0 for p, c0 in zip(self.pids, self._cpu0, strict=True)]
+        self.ours = {"gateway_cpu_s": used[1], "ours_cores": sum(used) / wall}
+        self.other_cores = max(machine_busy_s() - self._busy0 - sum(used), 0.0) / wall
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -127,7 +154,7 @@ async def paced(call: Any, count: int, rate: float) -> list[float]:
 
 
 async def post_rounds(
-    args: argparse.Namespace, url: str, client: GensegClient, gateway_pid: int
+    args: argparse.Namespace, url: str, client: GensegClient, pids: list[int]
 ) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as http:
@@ -146,9 +173,9 @@ async def post_rounds(
         for round_no in range(args.rounds):
             # gateway, client, client, gateway, gateway, ...: neither always goes first
             name = ("gateway", "client")[(round_no + 1) // 2 % 2]
-            cpu = process_cpu_s(gateway_pid)
-            latencies = await paced(paths[name], args.requests, args.rate)
-            cpu_used = (process_cpu_s(gateway_pid) or 0) - (cpu or 0)
+            with Load(pids) as load:
+                latencies = await paced(paths[name], args.requests, args.rate)
+            cpu_used = load.ours["gateway_cpu_s"]
             result = {
                 "round": round_no,
                 "path": name,
@@ -156,6 +183,8 @@ async def post_rounds(
                 "p99_ms": round(percentile(latencies, 0.99), 3),
                 "max_ms": round(max(latencies), 3),
                 "gateway_cpu_ms_per_request": round(cpu_used * 1000 / args.requests, 3),
+                "ours_cores": round(load.ours["ours_cores"], 2),
+                "other_load_cores": round(load.other_cores, 2),
             }
             rounds[name].append(result)
             print(json.dumps(result), flush=True)
@@ -170,6 +199,7 @@ async def post_rounds(
         out[f"{name}_p50_ms"] = summary(name, "p50_ms")
         out[f"{name}_p99_ms"] = summary(name, "p99_ms")
     out["gateway_cpu_ms_per_request"] = summary("gateway", "gateway_cpu_ms_per_request")["median"]
+    out["other_load_cores_max"] = max(r["other_load_cores"] for rs in rounds.values() for r in rs)
     added = out["gateway_p50_ms"]["median"] - out["client_p50_ms"]["median"]
     out["added_p50_ms"] = round(added, 3)
     out["added_p99_ms"] = round(out["gateway_p99_ms"]["median"] - out["client_p99_ms"]["median"], 3)
@@ -230,7 +260,7 @@ async def watch(
 
 
 async def sse_fanout(
-    args: argparse.Namespace, settings: Settings, url: str, gateway_pid: int
+    args: argparse.Namespace, settings: Settings, url: str, pids: list[int]
 ) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=args.watchers + 10)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as http:
@@ -242,17 +272,16 @@ async def sse_fanout(
         ]
         for _ in range(args.watchers):
             await asyncio.wait_for(connected.get(), 120)
-        cpu = process_cpu_s(gateway_pid)
         sent: list[float] = []
-        async with Publisher(settings) as publisher:
-            events = pipeline_events(settings, "bench-sse", args.progress)
-            for topic, event in events:
-                await publisher.publish(topic, event)
-                sent.append(time.time())
-                if isinstance(event, ProgressEvent):
-                    await asyncio.sleep(args.progress_interval_ms / 1000)
-        results = await asyncio.wait_for(asyncio.gather(*watchers), 300)
-        cpu_used = (process_cpu_s(gateway_pid) or 0) - (cpu or 0)
+        with Load(pids) as load:
+            async with Publisher(settings) as publisher:
+                events = pipeline_events(settings, "bench-sse", args.progress)
+                for topic, event in events:
+                    await publisher.publish(topic, event)
+                    sent.append(time.time())
+                    if isinstance(event, ProgressEvent):
+                        await asyncio.sleep(args.progress_interval_ms / 1000)
+            results = await asyncio.wait_for(asyncio.gather(*watchers), 300)
     expected = [kind for kind in ("progress",) * args.progress] + ["image", "masks", "asset", "end"]
     streams = [[(i, kind) for i, kind, _ in seen] for seen in results]
     identical = all(s == streams[0] for s in streams)
@@ -270,7 +299,9 @@ async def sse_fanout(
         "delivery_p99_ms": round(percentile(delays, 0.99), 1),
         "last_watcher_p50_ms": round(statistics.median(last) * 1000, 1),
         "last_watcher_max_ms": round(max(last) * 1000, 1),
-        "gateway_cpu_s": round(cpu_used, 2),
+        "gateway_cpu_s": round(load.ours["gateway_cpu_s"], 2),
+        "ours_cores": round(load.ours["ours_cores"], 2),
+        "other_load_cores": round(load.other_cores, 2),
     }
 
 
@@ -282,9 +313,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         await ensure_topics(settings, partitions=4)
         proc, url = await start_gateway(settings, folder)
         try:
+            pids = [os.getpid(), proc.pid, broker.pid or 0]
             async with GensegClient(settings) as client:
-                post = await post_rounds(args, url, client, proc.pid)
-            sse = await sse_fanout(args, settings, url, proc.pid)
+                post = await post_rounds(args, url, client, pids)
+            sse = await sse_fanout(args, settings, url, pids)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
