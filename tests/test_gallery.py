@@ -36,7 +36,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-STEPS = 40
+STEPS = 80  # seconds of denoising even on a quiet machine: several progress events
 #: Records every value the page's progress bars take (each set is one mutation, with
 #: the value before it), so the test sees the bar move however fast the steps come.
 PROGRESS_RECORDER = """
