@@ -15,6 +15,7 @@ import torch
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
+from PIL import Image
 from safetensors.torch import save_file
 
 from consumers.stage import Output, PermanentError, StageContext
@@ -24,11 +25,13 @@ from gen_worker.handler import GenStage
 from gen_worker.lora import LoraLibrary
 from gen_worker.profiles import GenModels, RuntimeOptions
 from plumbing.blobstore import LocalBlobStore
+from plumbing.images import PNG, encode_png
 from plumbing.kafka import ensure_topics
 from plumbing.settings import Settings
 from producers.publisher import Publisher
 from schemas import (
     ImageReadyEvent,
+    InpaintEvent,
     LoraSpec,
     PromptEvent,
     SegmentationOptions,
@@ -234,6 +237,41 @@ def test_refused_adapters_dead_letter_with_their_reason(
     assert cache is not None
     assert set(loaded["unet"]) == set(cache.loaded) and len(loaded["unet"]) <= 2
     assert sha(stage, ctx, prompt("base")) == base
+
+
+def test_adapters_apply_to_progressive_refinement_and_inpainting(
+    stage: GenStage, ctx: StageContext
+) -> None:
+    """Progressive refinement shares the text-to-image networks (and their adapters); the
+    inpainting UNet is another network: its adapters are loaded into it separately."""
+    progressive = {"progressive": {"draft_scale": 0.5, "strength": 0.5}, "width": 128}
+    plain = sha(stage, ctx, prompt("p", **progressive))
+    assert sha(stage, ctx, prompt("p", ("ink", 1.0), **progressive)) != plain
+    assert sha(stage, ctx, prompt("p", **progressive)) == plain
+
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    image = ctx.blob.put("in/image.png", encode_png(Image.new("RGB", (64, 64), "red")), PNG)
+
+    def inpaint(*loras: tuple[str, float]) -> InpaintEvent:
+        return InpaintEvent(
+            id="in",
+            prompt="a red apple",
+            width=64,
+            height=64,
+            steps=3,
+            seed=5,
+            image=image,
+            mask=ctx.blob.put("in/mask.png", encode_png(mask), PNG),
+            loras=[{"name": n, "scale": s} for n, s in loras],
+        )
+
+    base = ready(stage.handle([inpaint()], ctx)[0])
+    styled = ready(stage.handle([inpaint(("ink", 1.0))], ctx)[0])
+    assert styled.image.sha256 != base.image.sha256 and styled.params.mode == "inpaint"
+    assert ready(stage.handle([inpaint()], ctx)[0]).image.sha256 == base.image.sha256
+    cache = stage.generator.adapters("inpaint")
+    assert cache is not None and cache is not stage.generator.adapters()
 
 
 def test_a_worker_without_lora_dir_refuses_adapters(models: GenModels, ctx: StageContext) -> None:
