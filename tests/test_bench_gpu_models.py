@@ -19,7 +19,7 @@ def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_tiny_run_reports_every_sdxl_row() -> None:
-    done = run_bench("--device", "cpu", "--tiny", "--repeats", "1")
+    done = run_bench("--only", "sdxl", "--device", "cpu", "--tiny", "--repeats", "1")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["bench"] == "gpu_models" and result["tiny"] is True
