@@ -53,7 +53,20 @@ from producers.publisher import Publisher
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RuntimeConfig", "StageRuntime"]
+__all__ = ["RuntimeConfig", "StageRuntime", "until_signalled"]
+
+
+async def until_signalled() -> None:
+    """Wait for SIGTERM or SIGINT (the process's graceful stop); handlers removed after."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -90,7 +103,7 @@ class StageRuntime(AsyncService):
     ) -> None:
         self.stage = stage
         self.settings = settings
-        self.config = config or RuntimeConfig()
+        self.config = config or RuntimeConfig(**stage.runtime_defaults)
         if stage.sequential and (self.config.max_batch > 1 or self.config.concurrency > 1):
             raise ValueError(
                 f"stage {stage.name} handles one record at a time: "
@@ -227,15 +240,9 @@ class StageRuntime(AsyncService):
     async def serve(self) -> None:
         """Run until SIGTERM or SIGINT, then stop gracefully."""
         await self.start()
-        loop = asyncio.get_running_loop()
-        stop_requested = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop_requested.set)
         try:
-            await stop_requested.wait()
+            await until_signalled()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
             await self.stop()
 
     @property

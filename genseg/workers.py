@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 from collections.abc import AsyncIterator, Callable, Sequence
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -31,6 +30,7 @@ class WorkerKind(StrEnum):
     gen = "gen"
     seg = "seg"
     scene = "scene"
+    webhook = "webhook"
 
 
 class InvalidWorkerOptions(ValueError):
@@ -67,10 +67,27 @@ def runtime_config(stage: Stage[Any], **overrides: Any) -> RuntimeConfig:
         raise InvalidWorkerOptions(f"{stage.name} worker: {exc}") from exc
 
 
+def make_stages(kind: WorkerKind | str, settings: Settings) -> list[Stage[Any]]:
+    """The stages one worker process of ``kind`` runs (each its own runtime and group):
+    one, but for the webhook dispatcher (asset-ready and dead-letter outcomes)."""
+    if WorkerKind(kind) is WorkerKind.webhook:
+        from webhook_worker import dispatcher_stages
+        from webhook_worker.stage import require_secret
+
+        try:
+            require_secret(settings)  # said now, not as a failed stage start
+        except ValueError as exc:
+            raise InvalidWorkerOptions(str(exc)) from None
+        return list(dispatcher_stages(settings))
+    return [make_stage(kind, settings)]
+
+
 def make_stage(kind: WorkerKind | str, settings: Settings) -> Stage[Any]:
     """The stage of ``kind``. Its models load when its runtime starts; the stage
     modules (and torch) are imported only here."""
     kind = WorkerKind(kind)
+    if kind is WorkerKind.webhook:
+        raise ValueError("the webhook dispatcher runs two stages: use make_stages")
     if kind is WorkerKind.gen:
         from gen_worker.handler import GenStage
 
@@ -101,7 +118,13 @@ def build_runtimes(
     ``-scene`` appended).
     """
     kind = WorkerKind(kind)
-    runtimes = [_runtime(make_stage(kind, settings), settings, overrides, tracer_provider)]
+    stages = make_stages(kind, settings)
+    runtimes = [_runtime(stages[0], settings, overrides, tracer_provider)]
+    for extra in stages[1:]:  # the dispatcher's second group: the first has the metrics port
+        shared = {k: v for k, v in overrides.items() if k not in ("metrics_port", "group_id")}
+        if instance_id := overrides.get("instance_id"):
+            shared["instance_id"] = f"{instance_id}-{extra.name}"
+        runtimes.append(_runtime(extra, settings, shared, tracer_provider))
     if kind is WorkerKind.seg and scenes:
         shared = {k: v for k, v in overrides.items() if k not in _OWN_FIELDS}
         if instance_id := overrides.get("instance_id"):
@@ -167,14 +190,8 @@ def _raised_in(exc: BaseException, function: Callable[..., Any]) -> bool:
 async def serve(runtimes: Sequence[StageRuntime]) -> None:
     """Start ``runtimes``, run until SIGTERM or SIGINT, then stop them all (each drains
     its work in flight, commits and leaves its group)."""
+    from consumers.runtime import until_signalled
+
     async with running(runtimes):
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
         # Installed once started: a signal while the models load ends the process at once.
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            await stop.wait()
-        finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
+        await until_signalled()

@@ -56,7 +56,11 @@ class Publisher(AsyncService):
         if self._producer is None:
             # aiokafka clients bind to the running loop, so they are made here, not in __init__.
             producer = make_producer(self.settings, **self._options)
-            await producer.start()
+            try:
+                await producer.start()
+            except BaseException:
+                await producer.stop()  # a half-started client must not leak its connections
+                raise
             self._producer = producer
 
     async def stop(self) -> None:

@@ -373,3 +373,38 @@ async def test_a_killed_dispatcher_leaves_no_outcome_undelivered(
     records = reader.values("webhooks")
     assert {r["delivery"] for r in records} == delivered
     assert all(r["schema"] == "genseg.webhook/v1" and r["status"] == "delivered" for r in records)
+
+
+async def test_genseg_worker_webhook_delivers_signed_outcomes(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The command line's dispatcher: `genseg worker webhook` (both stages, one process)
+    delivers an asset-ready and a dead-letter outcome, signed, and stops on SIGTERM."""
+    await ensure_topics(settings, partitions=2)
+    env = worker_env(settings, GENSEG_WEBHOOK_SECRET=SECRET, GENSEG_WEBHOOK_ALLOW="127.0.0.1")
+    dispatcher = WorkerProcess("webhook", env, tmp_path, name="cli-dispatcher")
+    with Receiver(lambda request: Answer(status=204)) as receiver:
+        try:
+            dispatcher.start()
+            await dispatcher.wait_logged("stage webhook-assets assigned [")
+            await dispatcher.wait_logged("stage webhook-dlq assigned [")
+            await publish(
+                settings,
+                [
+                    ("assets", "cli-a", asset("cli-a", receiver.url("/a"))),
+                    ("dlq", "cli-d", dead_letter("cli-d", receiver.url("/d"))),
+                ],
+            )
+
+            def both() -> bool:
+                dispatcher.check_alive()
+                return len(receiver.answered()) == 2
+
+            await wait_until(both, 60, "both outcomes delivered")
+        finally:
+            exit_code = dispatcher.stop(30)
+    assert exit_code == 0, dispatcher.log()[-3000:]
+    requests = receiver.answered()
+    assert {r.path for r in requests} == {"/a", "/d"}
+    for request in requests:
+        assert verify(SECRET, request.body, request.headers["x-genseg-signature"])

@@ -258,7 +258,7 @@ _D = RuntimeConfig
 
 
 def worker(
-    kind: Annotated[WorkerKind, typer.Argument(help="gen, seg or scene.")],
+    kind: Annotated[WorkerKind, typer.Argument(help="gen, seg, scene or webhook.")],
     concurrency: Annotated[
         int | None, _tuning("Batches worked on at once.", _D.concurrency)
     ] = None,
@@ -300,10 +300,12 @@ def worker(
     ] = True,
     log_level: LogLevel = "INFO",
 ) -> None:
-    """Run one worker: a member of the gen, seg or scene consumer group, until SIGTERM.
+    """Run one worker: a member of the gen, seg, scene or webhook consumer group(s),
+    until SIGTERM.
 
     ``seg`` also runs the scene stage by default (``--no-scenes`` to deploy it apart as
-    ``genseg worker scene``); each is its own consumer group.
+    ``genseg worker scene``); ``webhook`` runs the dispatcher's two stages (asset-ready
+    and dead-letter outcomes, docs/webhooks.md); each is its own consumer group.
     """
     setup_logging(log_level)
     from genseg.workers import build_runtimes
