@@ -328,3 +328,19 @@ def test_the_local_stack_of_the_readme(tmp_path: Path) -> None:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
+
+
+def test_each_invalid_setting_is_one_line_naming_its_variable() -> None:
+    env = {"GENSEG_SD_ARCH": "sdxx", "GENSEG_SEGMENTER": "sam9"}
+    result = subprocess.run(
+        [sys.executable, "-m", "genseg.cli", "topics", "create"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2, result.stderr
+    assert any(line.startswith("invalid settings: GENSEG_SD_ARCH='sdxx'") for line in lines)
+    assert any(line.startswith("invalid settings: GENSEG_SEGMENTER='sam9'") for line in lines)

@@ -11,6 +11,7 @@ from enum import StrEnum
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.logging import RichHandler
 
@@ -73,8 +74,14 @@ def settings(**overrides: Any) -> Settings:
     """Settings from the environment, with the command's flags on top."""
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValueError as exc:
-        err_console.print(f"[red]invalid settings:[/] {exc}")
+    except ValidationError as exc:
+        # One line per bad setting, named as the user set it (its environment variable).
+        for error in exc.errors(include_url=False):
+            name = error["loc"][0] if error["loc"] else "settings"
+            err_console.print(
+                f"[red]invalid settings:[/] {name}={error.get('input')!r}: {error['msg']}",
+                soft_wrap=True,
+            )
         raise typer.Exit(2) from None
 
 
