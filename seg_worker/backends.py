@@ -73,7 +73,7 @@ def load_backend(settings: Settings, config: SegConfig) -> Loaded:
 
         source = str(getattr(settings, "sam2_model", DEFAULT_SAM2_MODEL))
         if profile == "pretrained":
-            model, processor = load_sam2(source)
+            model, processor = load_sam2(check_source("SAM2_MODEL", source))
             segmenter = f"sam2:{checkpoint_name(source)}"
         else:
             arch = "tiny" if profile == "tiny" else source
@@ -88,7 +88,7 @@ def load_backend(settings: Settings, config: SegConfig) -> Loaded:
 
     source = str(getattr(settings, "sam3_model", DEFAULT_SAM3_MODEL))
     if profile == "pretrained":
-        model3, processor3 = load_sam3(source)
+        model3, processor3 = load_sam3(check_source("SAM3_MODEL", source))
         segmenter = f"sam3:{checkpoint_name(source)}"
     else:
         model3, processor3 = build_sam3("tiny" if profile == "tiny" else "full", seed=config.seed)
@@ -116,6 +116,15 @@ def _load_sam(settings: Settings, config: SegConfig) -> Loaded:
     return Loaded(
         predictor, f"sam:{arch_name}:{weights}", model.image_encoder.img_size, f"SAM {arch_name}"
     )
+
+
+def check_source(setting: str, source: str) -> str:
+    """``source`` for ``from_pretrained``; a path (absolute, ``./``, ``../``, ``~``) that
+    is not a directory fails here, in words (transformers would call it a bad hub id)."""
+    looks_local = source.startswith(("/", "./", "../", "~")) or Path(source).is_absolute()
+    if looks_local and not Path(source).expanduser().is_dir():
+        raise FileNotFoundError(f"{setting} {source!r} is not a directory")
+    return str(Path(source).expanduser()) if looks_local else source
 
 
 def checkpoint_name(source: str) -> str:

@@ -404,6 +404,17 @@ def test_toy_profile_runs_segment_anything_only(backend: str, tmp_path: Path) ->
     assert "\n" not in str(info.value) and f"GENSEG_SEGMENTER={backend}" in str(info.value)
 
 
+@pytest.mark.parametrize(("backend", "setting"), [("sam2", "SAM2_MODEL"), ("sam3", "SAM3_MODEL")])
+def test_a_missing_pretrained_directory_is_said_in_words(
+    backend: str, setting: str, tmp_path: Path
+) -> None:
+    missing = tmp_path / "not-there"
+    settings = Settings(blob_url=str(tmp_path), models="pretrained", segmenter=backend)
+    stage = SegStage(settings.model_copy(update={setting.lower(): str(missing)}))
+    with pytest.raises(FileNotFoundError, match=f"{setting} '{missing}' is not a directory"):
+        stage.setup()
+
+
 def test_worker_with_an_unknown_segmenter_stops_at_start(tmp_path: Path) -> None:
     """The real CLI: a non-zero exit that names the setting and its values, no traceback."""
     env = worker_env(Settings(blob_url=str(tmp_path)), GENSEG_SEGMENTER="sam4")
