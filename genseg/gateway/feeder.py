@@ -135,21 +135,23 @@ class Feeder:
         return self._consumer
 
     async def _run(self) -> None:
-        await self._assign()
-        next_check = time.monotonic() + REASSIGN_INTERVAL_S
+        next_check = 0.0  # assign at once
+        reseek = False
         while True:
             try:
+                if reseek or time.monotonic() >= next_check:
+                    await self._assign(reseek=reseek)
+                    next_check, reseek = time.monotonic() + REASSIGN_INTERVAL_S, False
                 batches = await self.consumer.getmany(timeout_ms=1000, max_records=2000)
                 if batches:
                     self._apply(batches)
                 await self._check_caught_up()
-                if time.monotonic() > next_check:
-                    next_check = time.monotonic() + REASSIGN_INTERVAL_S
-                    await self._assign()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # the broker away, a bad record...: log, back off, go on
+            except Exception:  # the broker away, a full disk...: log, back off, go on
                 log.exception("the gateway's view feeder failed; retrying in 1 s")
+                # Records fetched but not applied: read again from what the view holds.
+                reseek = True
                 await asyncio.sleep(1.0)
 
     async def _partitions(self) -> list[TopicPartition]:
@@ -173,9 +175,11 @@ class Feeder:
                 waited = True
             await asyncio.sleep(1.0)
 
-    async def _assign(self) -> None:
+    async def _assign(self, *, reseek: bool = False) -> None:
+        """Assign every partition (again when some were added, or ``reseek``) at the
+        offsets the view holds."""
         partitions = await self._partitions()
-        if set(partitions) == set(self.consumer.assignment()):
+        if set(partitions) == set(self.consumer.assignment()) and not reseek:
             return
         ends = await self.consumer.end_offsets(partitions)
         stored = self.view.offsets()
