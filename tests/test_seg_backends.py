@@ -416,7 +416,7 @@ def test_a_missing_pretrained_directory_is_said_in_words(
 
 
 def test_worker_with_an_unknown_segmenter_stops_at_start(tmp_path: Path) -> None:
-    """The real CLI: a non-zero exit that names the setting and its values, no traceback."""
+    """The real CLI: a non-zero exit, one line naming the setting and its values."""
     env = worker_env(Settings(blob_url=str(tmp_path)), GENSEG_SEGMENTER="sam4")
     done = subprocess.run(
         [sys.executable, "-m", "genseg.cli", "worker", "seg"],
@@ -425,7 +425,7 @@ def test_worker_with_an_unknown_segmenter_stops_at_start(tmp_path: Path) -> None
     output = done.stdout + done.stderr
     assert done.returncode != 0, output
     assert "GENSEG_SEGMENTER" in output and "sam3" in output
-    assert "Traceback" not in output
+    assert "Traceback" not in output and len(output.strip().splitlines()) == 1, output
 
 
 # --- end to end: the real CLI workers ------------------------------------------------------
