@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from pathlib import Path
 
 from PIL import Image
@@ -61,3 +62,25 @@ def test_demo_says_which_targets_it_cannot_place(tmp_path: Path) -> None:
     before, after = result.stderr.strip().splitlines()
     assert before.startswith("'zebra' not in the prompt")
     assert "did not find 'apple', 'zebra'" in after and "'cup'" not in after
+
+
+def make_demo_arguments() -> list[str]:
+    """The arguments of ``genseg`` in the Makefile's ``demo`` recipe (what ``make demo``
+    runs after installing)."""
+    recipe = Path(__file__).resolve().parent.parent.joinpath("Makefile").read_text()
+    line = next(line for line in recipe.splitlines() if "genseg demo" in line)
+    return shlex.split(line.split("/genseg", 1)[1])
+
+
+def test_make_demo_runs_the_toy_demo_and_cuts_out_the_asked_object(tmp_path: Path) -> None:
+    arguments = make_demo_arguments()
+    assert arguments[:1] == ["demo"] and "--models" in arguments
+    out = tmp_path / "out"
+    env = {k: "" for k in ("KAFKA_BOOTSTRAP_SERVERS", "GENSEG_BLOB_URL") if k in os.environ}
+    result = CliRunner().invoke(app, [*arguments, "--out", str(out)], env=env)
+    assert result.exit_code == 0, result.output
+    events = json.loads((out / "events.json").read_text())
+    assert events["terminal"]["status"] == "ok", events["terminal"]
+    target = arguments[arguments.index("--target") + 1]
+    assert [a["label"] for a in events["terminal"]["assets"]][:1] == [target]
+    assert (out / "contact_sheet.png").is_file()
