@@ -372,3 +372,15 @@ async def test_a_gateway_without_a_broker_does_not_start(tmp_path: Path) -> None
     gateway_ = Gateway(settings, port=0, config=GatewayConfig(db_path=tmp_path / "v.db"))
     with pytest.raises(GatewayStartError):
         await gateway_.start()
+
+
+async def test_a_bad_keys_file_stops_the_gateway_from_starting(
+    api_settings: Settings, tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys.toml"
+    bad = ["not toml [", '[keys]\n"short" = "acme"\n', '[keys]\n"k-0123456789abcdef" = "a b"\n']
+    for text in bad:
+        keys.write_text(text)
+        settings = api_settings.model_copy(update={"api_keys": str(keys)})
+        with pytest.raises(GatewayStartError, match="keys.toml"):
+            Gateway(settings, port=0, config=GatewayConfig(db_path=tmp_path / "v.db"))

@@ -26,6 +26,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from genseg.gateway import api, errors, gallery, ops
+from genseg.gateway.auth import ApiKeysError
 from genseg.gateway.metrics import MetricsMiddleware
 from genseg.gateway.state import GatewayConfig, GatewayState
 from plumbing.settings import Settings
@@ -179,7 +180,10 @@ class Gateway:
         self.settings = settings
         self.host = host
         self.port = port
-        self.app = create_app(settings, config)
+        try:
+            self.app = create_app(settings, config)
+        except (ApiKeysError, ValueError) as exc:  # a bad keys file, an unusable blob URL
+            raise GatewayStartError(f"the gateway cannot start: {exc}") from exc
         self.state: GatewayState = self.app.state.gateway
         self._server = _Server(
             uvicorn.Config(
@@ -201,6 +205,7 @@ class Gateway:
 
     async def start(self) -> None:
         """Start the gateway's parts and listen; :class:`GatewayStartError` if it cannot."""
+        warn_if_open(self.settings, self.host)
         sock = bind_tcp(self.host, self.port)
         self.port = int(sock.getsockname()[1])
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="gateway")
@@ -252,7 +257,6 @@ async def serve(
 ) -> None:
     """Run a gateway until SIGTERM or SIGINT (``handle_signals``) or until cancelled,
     then stop it cleanly. ``on_ready`` is called once it listens (e.g. to print its URL)."""
-    warn_if_open(settings, host)
     gateway = Gateway(settings, host, port, config=config)
     await gateway.start()
     log.info("genseg gateway on %s (view %s)", gateway.url, gateway.state.config.db_path)
