@@ -99,6 +99,12 @@ def _model_setting(stage: str, settings: Settings) -> tuple[str, str, str] | Non
             settings.toy_sd_model or "(the shipped toy/weights/sd)",
             "a diffusers directory made by `genseg train-toy`",
         )
+    if stage == "seg" and settings.segmenter != "sam":
+        if profile != "pretrained":
+            return None  # a profile the backend does not serve: its one-line reason says so
+        name = "SAM2_MODEL" if settings.segmenter == "sam2" else "SAM3_MODEL"
+        value = settings.sam2_model if settings.segmenter == "sam2" else settings.sam3_model
+        return name, value, f"a local transformers directory of a {settings.segmenter} model"
     if stage == "seg" and profile in ("pretrained", "toy"):
         return (
             "SAM_CHECKPOINT",
