@@ -382,5 +382,5 @@ async def test_a_bad_keys_file_stops_the_gateway_from_starting(
     for text in bad:
         keys.write_text(text)
         settings = api_settings.model_copy(update={"api_keys": str(keys)})
-        with pytest.raises(GatewayStartError, match="keys.toml"):
+        with pytest.raises(GatewayStartError, match=r"keys\.toml"):
             Gateway(settings, port=0, config=GatewayConfig(db_path=tmp_path / "v.db"))
