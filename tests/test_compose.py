@@ -522,3 +522,21 @@ def test_gen_scales_on_a_small_lag_threshold(manifests: list[dict[str, Any]]) ->
     ]
     # A prompt is seconds of GPU time: a deep backlog per replica is latency, not savings.
     assert int(scaled["spec"]["triggers"][0]["metadata"]["lagThreshold"]) <= 4
+
+
+def test_compose_webhook_dispatcher(compose: dict[str, Any]) -> None:
+    """The webhook dispatcher: `genseg worker webhook`, opt-in (it needs a signing key),
+    metrics for Prometheus, no GPU, started after the topics exist."""
+    service = compose["services"]["webhook"]
+    assert service["command"][:2] == ["worker", "webhook"]
+    assert int(option(service["command"], "--metrics-port")) == METRICS_PORT
+    assert service.get("profiles") == ["webhooks"]
+    assert "deploy" not in service, "the dispatcher needs no GPU"
+    assert not service.get("ports")
+    env = {k: str(v) for k, v in service["environment"].items()}
+    assert "GENSEG_WEBHOOK_SECRET" in env and "GENSEG_WEBHOOK_ALLOW" in env
+    assert service["depends_on"]["topics"]["condition"] == "service_completed_successfully"
+    assert seconds(service["stop_grace_period"]) > 60, "a delivery may take up to 60 s"
+    prometheus = yaml.safe_load((COMPOSE_DIR / "prometheus.yml").read_text())
+    jobs = {job["job_name"] for job in prometheus["scrape_configs"]}
+    assert {"genseg-webhook", "genseg-gateway"} <= jobs
