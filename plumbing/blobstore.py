@@ -4,7 +4,9 @@ Two back ends behind one interface: a local directory (``file://`` URIs) and
 S3 (``s3://bucket/prefix``, through obstore). Writes are atomic, keys are
 deterministic (a redelivered record overwrites, never forks), the sha256 is
 recorded on write and verified on read, and references outside the configured
-store are refused.
+store are refused. Keys are made in :mod:`plumbing.blobkeys`. For retention and
+deletion the store lists blobs with their size and age (:meth:`BlobStore.list_info`)
+and deletes them; on S3 every write can be encrypted at rest (:class:`Encryption`).
 """
 
 from __future__ import annotations
@@ -14,12 +16,21 @@ import logging
 import os
 import secrets
 from abc import ABC, abstractmethod
-from datetime import timedelta
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote, urlsplit
 
+from plumbing.blobkeys import blob_key as blob_key  # re-exported: callers import it from here
+from plumbing.blobkeys import scene_key as scene_key
 from plumbing.errors import PermanentError, StageError, TransientError
 from schemas import BlobRef
+
+if TYPE_CHECKING:
+    from plumbing.s3blobs import Encryption
+    from plumbing.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -61,37 +72,6 @@ class BlobUnavailable(BlobError, TransientError):
     error_type = "blob_unavailable"
 
 
-def _segment(value: str) -> str:
-    """Encode one key segment so ids like ``..`` or ``a:b`` stay one safe path component."""
-    encoded = "".join(
-        ch
-        if ch.isascii() and (ch.isalnum() or ch in "_-.")
-        else "".join(f"%{b:02X}" for b in ch.encode("utf-8"))
-        for ch in value
-    )
-    if encoded.startswith("."):  # never '.', '..' or a hidden file
-        encoded = "%2E" + encoded[1:]
-    return encoded or "%00"
-
-
-def blob_key(request_id: str, image_index: int | None, stage: str, name: str) -> str:
-    """The deterministic key of one output: ``{id}/{image_index}/{stage}/{name}``."""
-    index = "all" if image_index is None else str(int(image_index))
-    return "/".join((_segment(request_id), index, _segment(stage), _segment(name)))
-
-
-def scene_key(scene_id: str, *names: str) -> str:
-    """The key of scene state: ``_scenes/{scene_id}/{names...}``, each segment escaped.
-
-    Request outputs (:func:`blob_key`) always have four segments; scene keys never
-    do (``len(names)`` may not be 2), so the two can never name the same blob, even
-    for a request whose id is ``_scenes``.
-    """
-    if len(names) == 2:
-        raise ValueError("a scene key has 3 or 5+ segments, never the 4 of request outputs")
-    return "/".join(("_scenes", _segment(scene_id), *(_segment(n) for n in names)))
-
-
 def _check_key(key: str) -> str:
     parts = key.split("/")
     if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
@@ -104,6 +84,15 @@ def _check_key(key: str) -> str:
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    """One stored blob: its key, its size in bytes and when it was last written (UTC)."""
+
+    key: str
+    size: int
+    last_modified: datetime
 
 
 class BlobStore(ABC):
@@ -157,7 +146,38 @@ class BlobStore(ABC):
     def list_keys(self, prefix: str) -> list[str]:
         """The keys that start with the folder ``prefix`` (``a/b/``), sorted."""
         _check_key(prefix.rstrip("/"))
-        return sorted(self._list(prefix.rstrip("/") + "/"))
+        return sorted(info.key for info in self._list_info(prefix.rstrip("/") + "/"))
+
+    def list_info(self, prefix: str = "") -> Iterator[BlobInfo]:
+        """Every blob under the folder ``prefix`` (``""``: the whole store), in key order
+        (byte order of the UTF-8 keys, as S3 lists them), with its size and age."""
+        folder = prefix.rstrip("/")
+        if folder:
+            _check_key(folder)
+        return self._list_info(folder + "/" if folder else "")
+
+    def list_folders(self, prefix: str) -> list[str]:
+        """The names of the folders directly under the folder ``prefix``, sorted."""
+        _check_key(prefix.rstrip("/"))
+        return sorted(self._folders(prefix.rstrip("/") + "/"))
+
+    def exists(self, key: str) -> bool:
+        """Whether a blob is stored under ``key``."""
+        return self._exists(_check_key(key))
+
+    def delete(self, keys: Iterable[str]) -> None:
+        """Delete the blobs under ``keys``; a key with no blob is no error."""
+        checked = [_check_key(key) for key in keys]
+        if checked:
+            self._delete(checked)
+
+    @staticmethod
+    def from_settings(settings: Settings) -> BlobStore:
+        """The store of ``GENSEG_BLOB_URL``, encrypting S3 writes as ``GENSEG_S3_SSE`` asks."""
+        from plumbing.s3blobs import Encryption
+
+        encryption = Encryption.of(settings.s3_sse, settings.s3_kms_key_id)
+        return BlobStore.from_url(settings.blob_url, encryption=encryption)
 
     @abstractmethod
     def uri_for(self, key: str) -> str:
@@ -175,15 +195,30 @@ class BlobStore(ABC):
         """The blob's bytes, or only its first ``limit`` bytes when ``limit`` is set."""
 
     @abstractmethod
-    def _list(self, prefix: str) -> list[str]:
-        """Every key under the folder ``prefix`` (ends with ``/``), in any order."""
+    def _list_info(self, prefix: str) -> Iterator[BlobInfo]:
+        """Every blob under the folder ``prefix`` (``""`` or ends with ``/``), in key order."""
+
+    @abstractmethod
+    def _folders(self, prefix: str) -> list[str]:
+        """Folder names directly under the folder ``prefix`` (ends with ``/``)."""
+
+    @abstractmethod
+    def _exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def _delete(self, keys: list[str]) -> None: ...
 
     @staticmethod
-    def from_url(url: str) -> BlobStore:
-        """``s3://bucket/prefix`` or a local directory (a path or ``file://`` URL)."""
+    def from_url(url: str, *, encryption: Encryption | None = None) -> BlobStore:
+        """``s3://bucket/prefix`` or a local directory (a path or ``file://`` URL).
+
+        ``encryption`` applies to S3 only; None: ``GENSEG_S3_SSE`` of the environment.
+        """
         scheme = urlsplit(url).scheme
         if scheme == "s3":
-            return S3BlobStore(url)
+            from plumbing.s3blobs import S3BlobStore
+
+            return S3BlobStore(url, encryption=encryption)
         if scheme in ("", "file"):
             return LocalBlobStore(url)
         raise ValueError(
@@ -202,8 +237,8 @@ class LocalBlobStore(BlobStore):
         self.url = self.root.as_uri()
 
     def uri_for(self, key: str) -> str:
-        # Quote '%' too: keys hold %-escapes of their own (see _segment), and key_of
-        # must decode exactly one level.
+        # Quote '%' too: keys hold %-escapes of their own (plumbing.blobkeys.segment), and
+        # key_of must decode exactly one level.
         return f"{self.url}/{quote(key, safe='/')}"
 
     def key_of(self, uri: str) -> str:
@@ -263,116 +298,67 @@ class LocalBlobStore(BlobStore):
         except OSError as exc:
             raise BlobUnavailable(f"could not read {self.uri_for(key)}: {exc}") from None
 
-    def _list(self, prefix: str) -> list[str]:
-        folder = self._path(prefix)
+    def _list_info(self, prefix: str) -> Iterator[BlobInfo]:
+        folder = self._path(prefix) if prefix else self.root
+        found = []
         try:
-            # In-flight writes are hidden ``.tmp-*`` files; only renamed blobs count.
-            return [
-                path.relative_to(self.root).as_posix()
-                for path in folder.rglob("*")
-                if path.is_file() and not path.name.startswith(".tmp-")
-            ]
+            for path in folder.rglob("*"):
+                # In-flight writes are hidden ``.tmp-*`` files; only renamed blobs count.
+                if path.name.startswith(".tmp-"):
+                    continue
+                try:
+                    stat = path.stat()
+                except FileNotFoundError:  # deleted while we listed
+                    continue
+                if not path.is_file():
+                    continue
+                modified = datetime.fromtimestamp(stat.st_mtime, UTC)
+                found.append(
+                    BlobInfo(path.relative_to(self.root).as_posix(), stat.st_size, modified)
+                )
         except FileNotFoundError:
+            return iter(())
+        except OSError as exc:
+            raise BlobUnavailable(f"could not list {self.uri_for(prefix)}: {exc}") from None
+        return iter(sorted(found, key=lambda info: info.key.encode("utf-8")))
+
+    def _folders(self, prefix: str) -> list[str]:
+        try:
+            return [p.name for p in self._path(prefix).iterdir() if p.is_dir()]
+        except (FileNotFoundError, NotADirectoryError):
             return []
         except OSError as exc:
             raise BlobUnavailable(f"could not list {self.uri_for(prefix)}: {exc}") from None
 
+    def _exists(self, key: str) -> bool:
+        return self._path(key).is_file()
 
-class S3BlobStore(BlobStore):
-    """Blobs in one S3 bucket under one prefix, through obstore.
-
-    Credentials, region and endpoint come from the standard ``AWS_*`` variables
-    (``AWS_ENDPOINT_URL`` for S3-compatible servers, ``AWS_ALLOW_HTTP=true`` for
-    plain HTTP on loopback). Retries are kept short: the stage runtime owns
-    retry-with-backoff, so a store outage surfaces as :class:`BlobUnavailable`.
-    """
-
-    def __init__(self, url: str, *, timeout_s: float = 10.0, max_retries: int = 2) -> None:
-        from obstore.store import S3Store
-
-        parts = urlsplit(url)
-        if parts.scheme != "s3" or not parts.netloc:
-            raise ValueError(f"expected s3://bucket/prefix, got {url!r}")
-        self.bucket = parts.netloc
-        self.prefix = parts.path.strip("/")
-        self.url = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
-        client_options = {"timeout": timedelta(seconds=timeout_s)}
-        if os.environ.get("AWS_ALLOW_HTTP", "").lower() in ("1", "true", "yes"):
-            client_options["allow_http"] = True  # type: ignore[assignment]
-        self._store = S3Store(
-            self.bucket,
-            prefix=self.prefix or None,
-            client_options=client_options,  # type: ignore[arg-type]
-            retry_config={
-                "max_retries": max_retries,
-                "retry_timeout": timedelta(seconds=timeout_s),
-                "backoff": {
-                    "init_backoff": timedelta(milliseconds=100),
-                    "max_backoff": timedelta(seconds=2),
-                    "base": 2,
-                },
-            },
-        )
-
-    def uri_for(self, key: str) -> str:
-        return f"{self.url}/{key}"
-
-    def key_of(self, uri: str) -> str:
-        parts = urlsplit(uri)
-        if parts.scheme != "s3" or parts.netloc != self.bucket or parts.query or parts.fragment:
-            raise ForeignBlobRef(f"reference {uri[:200]!r} is not in the store {self.url}")
-        path = parts.path.lstrip("/")
-        prefix = f"{self.prefix}/" if self.prefix else ""
-        if not path.startswith(prefix):
-            raise ForeignBlobRef(f"reference {uri[:200]!r} is outside the store {self.url}")
-        return _check_key(path[len(prefix) :])
-
-    def _write(self, key: str, data: bytes, media_type: str) -> None:
-        import obstore
-
-        try:
-            obstore.put(self._store, key, data, attributes={"Content-Type": media_type})
-        except (obstore.exceptions.BaseError, OSError) as exc:
-            raise BlobUnavailable(
-                f"could not write {self.uri_for(key)}: {_first_line(exc)}"
-            ) from None
-
-    def _read(self, key: str, limit: int | None = None) -> bytes:
-        import obstore
-
-        try:
-            result = obstore.get(self._store, key)
-            if limit is None or result.meta["size"] <= limit:
-                return bytes(result.bytes())
-            # Longer than wanted: read only the first ``limit`` bytes of the body.
-            data = bytearray()
-            for chunk in result.stream(min_chunk_size=min(limit, 1 << 20) or 1):
-                data += chunk
-                if len(data) >= limit:
-                    break
-            return bytes(data[:limit])
-        except (FileNotFoundError, obstore.exceptions.NotFoundError):
-            raise BlobNotFound(f"no blob at {self.uri_for(key)}") from None
-        except (obstore.exceptions.BaseError, OSError) as exc:
-            raise BlobUnavailable(
-                f"could not read {self.uri_for(key)}: {_first_line(exc)}"
-            ) from None
-
-    def _list(self, prefix: str) -> list[str]:
-        import obstore
-
-        try:
-            # Paths come back relative to the store's prefix, like the keys written.
-            return [
-                meta["path"] for batch in obstore.list(self._store, prefix=prefix) for meta in batch
-            ]
-        except (obstore.exceptions.BaseError, OSError) as exc:
-            raise BlobUnavailable(
-                f"could not list {self.uri_for(prefix)}: {_first_line(exc)}"
-            ) from None
+    def _delete(self, keys: list[str]) -> None:
+        folders = set()
+        for key in keys:
+            path = self._path(key)
+            try:
+                path.unlink(missing_ok=True)
+            except IsADirectoryError:
+                continue
+            except OSError as exc:
+                raise BlobUnavailable(f"could not delete {self.uri_for(key)}: {exc}") from None
+            folders.update(
+                p for p in path.parents if p != self.root and p.is_relative_to(self.root)
+            )
+        # Empty folders go too (deepest first); one a writer just filled stays (rmdir fails).
+        for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
 
 
-def _first_line(exc: BaseException) -> str:
-    """obstore's messages carry a multi-line debug dump; its first line says it all."""
-    text = str(exc).strip()
-    return text.splitlines()[0][:500] if text else type(exc).__name__
+def __getattr__(name: str) -> object:
+    """``S3BlobStore`` and ``Encryption`` live in :mod:`plumbing.s3blobs` (imported on first
+    use: it imports this module) and are part of this one's interface."""
+    if name in ("S3BlobStore", "Encryption"):
+        from plumbing import s3blobs
+
+        return getattr(s3blobs, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

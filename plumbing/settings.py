@@ -9,7 +9,7 @@ from __future__ import annotations
 import ssl
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas import Topics
@@ -52,6 +52,17 @@ class Settings(BaseSettings):
         default="genseg", pattern=r"^[A-Za-z0-9._-]{1,100}$", validation_alias="GENSEG_TOPIC_PREFIX"
     )
     blob_url: str = Field(default="./genseg-blobs", validation_alias="GENSEG_BLOB_URL")
+    #: How long blobs are kept: ``genseg blobs gc`` deletes a request's blobs once all of
+    #: them are older (``7d``, ``12h``, ``30m``, ``45s``); unset: kept forever.
+    blob_ttl: str | None = Field(
+        default=None, pattern=r"^\s*\d+\s*[smhdw]\s*$", validation_alias="GENSEG_BLOB_TTL"
+    )
+    #: Server-side encryption of every S3 blob write: ``AES256`` (SSE-S3) or ``aws:kms``.
+    s3_sse: Literal["AES256", "aws:kms"] | None = Field(
+        default=None, validation_alias="GENSEG_S3_SSE"
+    )
+    #: The KMS key of ``GENSEG_S3_SSE=aws:kms`` (id, alias or ARN); unset: the bucket's.
+    s3_kms_key_id: str | None = Field(default=None, validation_alias="GENSEG_S3_KMS_KEY_ID")
     #: Largest image (width x height) a worker decodes; guards against decompression bombs.
     max_image_pixels: int = Field(
         default=4096 * 4096, ge=64 * 64, validation_alias="GENSEG_MAX_IMAGE_PIXELS"
@@ -117,6 +128,13 @@ class Settings(BaseSettings):
     #: The gateway's API keys: a file mapping keys to tenants (docs/gateway.md); unset:
     #: the gateway is open.
     api_keys: str | None = Field(default=None, validation_alias="GENSEG_API_KEYS")
+
+    @field_validator("s3_kms_key_id")
+    @classmethod
+    def _kms_key_needs_kms(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value and info.data.get("s3_sse") != "aws:kms":
+            raise ValueError("a KMS key needs GENSEG_S3_SSE=aws:kms")
+        return value
 
     @property
     def topics(self) -> Topics:

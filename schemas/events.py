@@ -30,6 +30,7 @@ SCHEMA_ASSET = "genseg.asset/v1"
 SCHEMA_PROGRESS = "genseg.progress/v1"
 SCHEMA_DEAD_LETTER = "genseg.dead_letter/v1"
 SCHEMA_SCENE = "genseg.scene/v1"
+SCHEMA_DELETION = "genseg.deletion/v1"
 
 ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 MAX_PROMPT_CHARS = 2000
@@ -49,6 +50,11 @@ CallbackUrl = Annotated[
     str, StringConstraints(max_length=2048, pattern=r"^[Hh][Tt][Tt][Pp][Ss]?://[^\s]+$")
 ]
 Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+#: *Addition.* The exact weights a model ran with: ``sha256:<hex>`` (content hash of a
+#: local checkpoint's weight files), ``commit:<hex>`` (a hub id's resolved commit),
+#: ``seed:<n>`` (seeded random weights), ``weights-sha256:<hex>`` (hash of the loaded
+#: tensors, for plug-in profiles).
+Revision = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 TargetName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
 Sampler = Literal["dpmpp_2m", "dpmpp_2m_karras", "euler_a", "ddim", "unipc"]
 #: ``concept`` and ``attention+concept`` are *additions* (text-concept instance masks,
@@ -299,6 +305,8 @@ class ImageReadyEvent(Event):
     #: *Addition.* What the image check found (``["nsfw"]``); ``[]`` checked and clean;
     #: absent when no check ran (see docs/policy.md).
     flags: list[str] | None = None
+    #: *Addition.* The revision of the generator's weights that made the image.
+    model_revision: Revision | None = None
 
 
 class RLE(Event):
@@ -330,6 +338,7 @@ class MasksReadyEvent(Event):
     #: *Addition.* Which segmenter made the masks: backend (``sam``, ``sam2``, ``sam3``)
     #: and checkpoint, e.g. ``sam:vit_h:sam_vit_h_4b8939.pth``.
     segmenter: str | None = None
+    segmenter_revision: Revision | None = None  # addition: the segmenter's weights
 
 
 class AssetItem(Event):
@@ -360,6 +369,10 @@ class AssetReadyEvent(Event):
     #: 1 = farthest in this image) or ``metres``; set when depth was estimated.
     depth_units: Literal["relative", "metres"] | None = None
     segmenter: str | None = None  # addition: as in mask-ready
+    segmenter_revision: Revision | None = None  # addition: as in mask-ready
+    #: *Addition.* The depth model's revision, when depth was estimated.
+    depth_revision: Revision | None = None
+    model_revision: Revision | None = None  # addition: the generator's, passed on
 
 
 class ProgressEvent(Event):
@@ -461,6 +474,19 @@ class SceneReadyEvent(Event):
     scene_id: RequestId
     views: list[SceneView]
     tenant: TenantId | None = None
+
+
+class DeletionEvent(Event):
+    """*Addition.* A request was deleted, on ``{prefix}.deletions`` keyed by its id:
+    its blobs are gone (and its tombstone stops its outputs still in flight), so
+    downstream systems should forget it too."""
+
+    schema_: Literal["genseg.deletion/v1"] = Field(default=SCHEMA_DELETION, alias="schema")
+    id: RequestId
+    tenant: TenantId | None = None
+    blobs_deleted: int = Field(ge=0)  # blobs removed by this deletion
+    bytes_deleted: int = Field(ge=0)  # their total size
+    deleted_at: str = Field(min_length=1, max_length=64)  # ISO 8601, UTC
 
 
 PromptsTopicEvent = PromptEvent | InpaintEvent

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from schemas.events import SCHEMA_DEAD_LETTER, SCHEMA_SCENE
+from schemas.events import SCHEMA_DEAD_LETTER, SCHEMA_DELETION, SCHEMA_SCENE
 from schemas.registry import CONTRACT_MODELS, CONTRACT_TOPICS
 from schemas.topics import Topics
 
@@ -23,6 +23,8 @@ def _key_description(schema: str) -> str:
     """What a record's key holds: the scene id for scene-ready events, else the request id."""
     if schema == SCHEMA_SCENE:
         return "the scene id (scene_id), UTF-8"
+    if schema == SCHEMA_DELETION:
+        return "the id of the deleted request (id), UTF-8"
     if schema == SCHEMA_DEAD_LETTER:
         return "the request id (id), UTF-8; empty when the failed record's id could not be read"
     return "the request id (id), UTF-8"

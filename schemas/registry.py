@@ -13,6 +13,7 @@ from types import MappingProxyType
 from schemas.events import (
     SCHEMA_ASSET,
     SCHEMA_DEAD_LETTER,
+    SCHEMA_DELETION,
     SCHEMA_IMAGE,
     SCHEMA_INPAINT,
     SCHEMA_MASKS,
@@ -21,6 +22,7 @@ from schemas.events import (
     SCHEMA_SCENE,
     AssetReadyEvent,
     DeadLetterEvent,
+    DeletionEvent,
     Event,
     ImageReadyEvent,
     InpaintEvent,
@@ -43,6 +45,7 @@ CONTRACT_MODELS: Mapping[str, type[Event]] = MappingProxyType(
         SCHEMA_PROGRESS: ProgressEvent,
         SCHEMA_DEAD_LETTER: DeadLetterEvent,
         SCHEMA_SCENE: SceneReadyEvent,
+        SCHEMA_DELETION: DeletionEvent,
     }
 )
 
@@ -64,6 +67,7 @@ CONTRACT_TOPICS: Mapping[str, tuple[str, ...]] = MappingProxyType(
         "progress": (SCHEMA_PROGRESS,),
         "dlq": (SCHEMA_DEAD_LETTER,),
         "scenes": (SCHEMA_SCENE,),
+        "deletions": (SCHEMA_DELETION,),
     }
 )
 

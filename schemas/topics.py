@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-TOPIC_NAMES = ("prompts", "images", "masks", "assets", "progress", "dlq", "scenes")
+TOPIC_NAMES = (
+    "prompts", "images", "masks", "assets", "progress", "dlq", "scenes", "deletions",
+)  # fmt: skip
 #: Topics genseg uses between its own stages: not part of the contract, created alongside.
 INTERNAL_TOPIC_NAMES = ("scene-views", "webhooks")
 
@@ -47,6 +49,11 @@ class Topics:
     @property
     def scenes(self) -> str:
         return self.name("scenes")
+
+    @property
+    def deletions(self) -> str:
+        """Deletion events: a request's blobs were deleted; forget it (keyed by its id)."""
+        return self.name("deletions")
 
     @property
     def scene_views(self) -> str:

@@ -20,6 +20,7 @@ from schemas import (
     INTERNAL_TOPICS,
     SCHEMA_ASSET,
     SCHEMA_DEAD_LETTER,
+    SCHEMA_DELETION,
     SCHEMA_IMAGE,
     SCHEMA_INPAINT,
     SCHEMA_MASKS,
@@ -35,6 +36,7 @@ from schemas import (
     AssetReadyEvent,
     BlobRef,
     DeadLetterEvent,
+    DeletionEvent,
     Event,
     ImageReadyEvent,
     InpaintEvent,
@@ -94,6 +96,7 @@ def example_events() -> dict[str, Event]:
             heatmaps={"fox": ref("fox.png")},
             targets=["fox"],
             timings_ms={"gen": 12.5},
+            model_revision="sha256:" + SHA,
         ),
         SCHEMA_MASKS: MasksReadyEvent(
             id="req-1",
@@ -115,6 +118,10 @@ def example_events() -> dict[str, Event]:
             image=ref(),
             assets=[AssetItem(label="fox", score=0.93, bbox=[1, 2, 30, 40], asset=ref("a.png"))],
             masks=[ref("m.png")],
+            segmenter="sam:tiny:tiny",
+            segmenter_revision="seed:0",
+            depth_revision="commit:" + "c" * 40,
+            model_revision="sha256:" + SHA,
         ),
         SCHEMA_PROGRESS: ProgressEvent(id="req-1", image_index=0, step=3, steps=25),
         SCHEMA_DEAD_LETTER: DeadLetterEvent.build(
@@ -132,6 +139,13 @@ def example_events() -> dict[str, Event]:
                 SceneView(view="0", angle=0.0, id="room-1.view-0", status="ok", image=ref()),
                 SceneView(view="45", angle=45.0, id="room-1.view-45", status="ok", image=ref()),
             ],
+        ),
+        SCHEMA_DELETION: DeletionEvent(
+            id="req-1",
+            tenant="acme",
+            blobs_deleted=4,
+            bytes_deleted=81234,
+            deleted_at="2025-01-02T03:04:05.678Z",
         ),
     }
 
@@ -470,8 +484,11 @@ def test_topic_names() -> None:
     assert topics.progress == "genseg.progress"
     assert topics.dlq == "genseg.dlq"
     assert topics.scenes == "genseg.scenes"
+    assert topics.deletions == "genseg.deletions"
     assert topics.all() == [f"genseg.{n}" for n in TOPIC_NAMES]
-    assert set(TOPIC_NAMES) == {"prompts", "images", "masks", "assets", "progress", "dlq", "scenes"}
+    assert set(TOPIC_NAMES) == {
+        "prompts", "images", "masks", "assets", "progress", "dlq", "scenes", "deletions",
+    }  # fmt: skip
 
 
 def test_topic_names_with_a_prefix() -> None:
@@ -516,6 +533,7 @@ def test_registry_covers_every_topic_and_schema_once() -> None:
     assert {n for names in CONTRACT_TOPICS.values() for n in names} == set(CONTRACT_MODELS)
     assert CONTRACT_TOPICS["prompts"] == (SCHEMA_PROMPT, SCHEMA_INPAINT)
     assert INTERNAL_TOPICS["scene-views"] == (SCHEMA_SCENE_VIEW,)
+    assert CONTRACT_TOPICS["deletions"] == (SCHEMA_DELETION,)
 
 
 @pytest.mark.parametrize("topic", list(TOPIC_SCHEMAS))
