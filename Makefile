@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CUDA build of torch on this machine's disk; pip caps it at these versions.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install system-deps asyncapi-deps test lint format demo bench clean
+.PHONY: install system-deps asyncapi-deps test lint format demo up bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -41,6 +41,11 @@ lint: install
 format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# A whole local stack on the toy profile: broker, workers, webhook dispatcher, gateway and
+# gallery (http://127.0.0.1:8080); Ctrl-C stops it.
+up: install
+	$(BIN)/genseg up --models toy
 
 demo: install
 	$(BIN)/genseg demo "a red circle next to a blue square" --target "red circle" --models toy

@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import ipaddress
 import logging
-import signal
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from consumers.runtime import until_signalled
 from genseg.gateway import api, errors, gallery, ops
 from genseg.gateway.auth import ApiKeysError
 from genseg.gateway.metrics import MetricsMiddleware
@@ -262,14 +262,10 @@ async def serve(
     log.info("genseg gateway on %s (view %s)", gateway.url, gateway.state.config.db_path)
     if on_ready is not None:
         on_ready(gateway)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
-    for sig in signals:
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        if handle_signals:
+            await until_signalled()
+        else:
+            await asyncio.Event().wait()  # until cancelled
     finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
         await gateway.stop()
