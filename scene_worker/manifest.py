@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from schemas import SceneReadyEvent, SceneViewRecord
+from schemas import BlobRef, SceneReadyEvent, SceneViewRecord
 
 
 def is_complete(records: list[SceneViewRecord], views_total: int) -> bool:
@@ -17,11 +17,15 @@ def is_complete(records: list[SceneViewRecord], views_total: int) -> bool:
     )
 
 
-def manifest(scene_id: str, records: list[SceneViewRecord]) -> SceneReadyEvent:
-    """The scene-ready event: views ordered by angle (then name), images by index."""
+def manifest(
+    scene_id: str, records: list[SceneViewRecord], mesh: BlobRef | None = None
+) -> SceneReadyEvent:
+    """The scene-ready event: views ordered by angle (then name), images by index, and
+    ``mesh``, the merged scene ``.glb`` (an addition: ignored until the contract's
+    ``SceneReadyEvent`` has the field, as every unknown field is)."""
     views = sorted(
         (r.view for r in records),
         key=lambda v: (v.angle is None, v.angle or 0.0, v.view, v.image_index),
     )
     tenant = next((r.tenant for r in records if r.tenant), None)
-    return SceneReadyEvent(scene_id=scene_id, views=views, tenant=tenant)
+    return SceneReadyEvent(scene_id=scene_id, views=views, tenant=tenant, mesh=mesh)

@@ -59,13 +59,13 @@ class MeshPart:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
-def _axis(start: int, length: int, cells: int) -> np.ndarray:
+def grid_axis(start: int, length: int, cells: int) -> np.ndarray:
     """Integer pixel-corner coordinates of ``cells`` (<= ``length``) cells over a span."""
     cells = max(1, min(cells, length))
     return start + np.round(np.linspace(0, length, cells + 1)).astype(np.int64)
 
 
-def _cells(long_side_cells: int, w: int, h: int) -> tuple[int, int]:
+def grid_cells(long_side_cells: int, w: int, h: int) -> tuple[int, int]:
     """Cells along x and y for a ``w x h`` span, ``long_side_cells`` along its longer side."""
     long_side = max(w, h)
     return (
@@ -74,7 +74,7 @@ def _cells(long_side_cells: int, w: int, h: int) -> tuple[int, int]:
     )
 
 
-def _corner_values(values: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+def corner_values(values: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
     """Per grid corner ``(ys[j], xs[i])``, the mean of the (up to) four pixels touching it."""
     height, width = values.shape
     rows = [np.clip(ys - 1, 0, height - 1), np.clip(ys, 0, height - 1)]
@@ -82,7 +82,7 @@ def _corner_values(values: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.nda
     return sum(values[np.ix_(r, c)] for r in rows for c in cols) / 4.0
 
 
-def _grid_faces(keep: np.ndarray) -> np.ndarray:
+def grid_faces(keep: np.ndarray) -> np.ndarray:
     """Two counter-clockwise triangles (seen from +Z) per kept cell of a ``[ny, nx]`` grid."""
     nx = keep.shape[1]
     j, i = np.nonzero(keep)
@@ -91,7 +91,7 @@ def _grid_faces(keep: np.ndarray) -> np.ndarray:
     return np.concatenate([np.stack([a, c, d], 1), np.stack([a, d, b], 1)]).astype(np.int64)
 
 
-def _mesh(
+def textured_mesh(
     positions: np.ndarray, uv: np.ndarray, faces: np.ndarray, material: PBRMaterial
 ) -> trimesh.Trimesh:
     """A textured mesh of the vertices ``faces`` use (the others are dropped)."""
@@ -101,6 +101,57 @@ def _mesh(
         faces=faces.reshape(-1, 3),
         visual=TextureVisuals(uv=uv[used], material=material),
         process=False,  # keep our vertices as they are: UVs index them one to one
+    )
+
+
+@dataclass(frozen=True)
+class MaskGrid:
+    """A grid over a mask's box: corner pixel coordinates ``xs`` ``[nx+1]`` and ``ys``
+    ``[ny+1]``, and ``keep`` ``[ny, nx]``, the cells any pixel of the mask falls in."""
+
+    box: tuple[int, int, int, int]  # x, y, w, h (pixels)
+    xs: np.ndarray
+    ys: np.ndarray
+    keep: np.ndarray
+
+    @classmethod
+    def of(cls, mask: np.ndarray, long_side_cells: int) -> MaskGrid | None:
+        """The grid of ``mask`` ``[H, W]`` bool (``long_side_cells`` cells along its box's
+        long side, at most one per pixel); None for an empty mask."""
+        box = mask_bbox(mask)
+        if box is None:
+            return None
+        x, y, w, h = box
+        nx, ny = grid_cells(long_side_cells, w, h)
+        xs, ys = grid_axis(x, w, nx), grid_axis(y, h, ny)
+        # a cell is kept when any of its pixels is in the mask (integral image counts)
+        counts = np.pad(mask, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+        inside = (
+            counts[np.ix_(ys[1:], xs[1:])]
+            - counts[np.ix_(ys[:-1], xs[1:])]
+            - counts[np.ix_(ys[1:], xs[:-1])]
+            + counts[np.ix_(ys[:-1], xs[:-1])]
+        )
+        return cls(box, xs, ys, inside > 0)
+
+    def uv(self) -> np.ndarray:
+        """Texture coordinates ``[(ny+1)*(nx+1), 2]`` of the corners in the box's cut-out."""
+        x, y, w, h = self.box
+        gx, gy = np.meshgrid(self.xs, self.ys)
+        return np.stack([(gx - x) / w, 1.0 - (gy - y) / h], axis=-1).reshape(-1, 2)
+
+
+def cutout_material(name: str, rgba: np.ndarray) -> PBRMaterial:
+    """An unlit-looking material textured by an RGBA cut-out ``[h, w, 4]`` whose alpha is
+    the mask (``alphaMode: MASK``), double-sided."""
+    return PBRMaterial(
+        name=name,
+        baseColorTexture=Image.fromarray(rgba, "RGBA"),
+        alphaMode="MASK",
+        alphaCutoff=0.5,
+        metallicFactor=0.0,
+        roughnessFactor=1.0,
+        doubleSided=True,
     )
 
 
@@ -115,7 +166,7 @@ def _surface(
     """Vertex positions ``[(ny+1)*(nx+1), 3]`` of the grid corners ``xs`` x ``ys``."""
     height, width = size
     gx, gy = np.meshgrid(xs, ys)
-    z = z0 - relief * _corner_values(depth, ys, xs)
+    z = z0 - relief * corner_values(depth, ys, xs)
     return np.stack([(gx - width / 2) / height, (height / 2 - gy) / height, z], axis=-1).reshape(
         -1, 3
     )
@@ -136,8 +187,8 @@ def view_glb(
     height, width = depth.shape
     scene = trimesh.Scene()
 
-    nx, ny = _cells(opts.grid, width, height)
-    xs, ys = _axis(0, width, nx), _axis(0, height, ny)
+    nx, ny = grid_cells(opts.grid, width, height)
+    xs, ys = grid_axis(0, width, nx), grid_axis(0, height, ny)
     positions = _surface(xs, ys, depth, (height, width), 0.0, opts.relief)
     gx, gy = np.meshgrid(xs, ys)
     uv = np.stack([gx / width, 1.0 - gy / height], axis=-1).reshape(-1, 2)
@@ -148,41 +199,20 @@ def view_glb(
         roughnessFactor=1.0,
         doubleSided=True,
     )
-    faces = _grid_faces(np.ones((len(ys) - 1, len(xs) - 1), bool))
+    faces = grid_faces(np.ones((len(ys) - 1, len(xs) - 1), bool))
     scene.add_geometry(
-        _mesh(positions, uv, faces, background), geom_name=BACKGROUND, node_name=BACKGROUND
+        textured_mesh(positions, uv, faces, background), geom_name=BACKGROUND, node_name=BACKGROUND
     )
 
     for part in parts:
-        box = mask_bbox(part.mask)
-        if box is None:
+        grid = MaskGrid.of(part.mask, opts.object_grid)
+        if grid is None:
             continue
-        x, y, w, h = box
-        onx, ony = _cells(opts.object_grid, w, h)
-        oxs, oys = _axis(x, w, onx), _axis(y, h, ony)
-        # a cell is kept when any of its pixels is in the mask (integral image counts)
-        counts = np.pad(part.mask, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
-        inside = (
-            counts[np.ix_(oys[1:], oxs[1:])]
-            - counts[np.ix_(oys[:-1], oxs[1:])]
-            - counts[np.ix_(oys[1:], oxs[:-1])]
-            + counts[np.ix_(oys[:-1], oxs[:-1])]
-        )
         # outside the mask the depth map shows the background: use the object's own depth
         filled = np.where(part.mask, depth, np.median(depth[part.mask]))
-        positions = _surface(oxs, oys, filled, (height, width), opts.lift, opts.relief)
-        gx, gy = np.meshgrid(oxs, oys)
-        uv = np.stack([(gx - x) / w, 1.0 - (gy - y) / h], axis=-1).reshape(-1, 2)
-        material = PBRMaterial(
-            name=part.name,
-            baseColorTexture=Image.fromarray(rgba_asset(image, part.mask, box), "RGBA"),
-            alphaMode="MASK",
-            alphaCutoff=0.5,
-            metallicFactor=0.0,
-            roughnessFactor=1.0,
-            doubleSided=True,
-        )
-        mesh = _mesh(positions, uv, _grid_faces(inside > 0), material)
+        positions = _surface(grid.xs, grid.ys, filled, (height, width), opts.lift, opts.relief)
+        material = cutout_material(part.name, rgba_asset(image, part.mask, grid.box))
+        mesh = textured_mesh(positions, grid.uv(), grid_faces(grid.keep), material)
         scene.add_geometry(
             mesh, geom_name=part.name, node_name=part.name, metadata=dict(part.extras)
         )
