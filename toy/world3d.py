@@ -328,14 +328,12 @@ def _floor_hit(origin: np.ndarray, dirs: np.ndarray) -> np.ndarray:
 def _in_shadow(points: np.ndarray, solids: Sequence[Solid]) -> np.ndarray:
     """Whether the light is blocked from each floor point ``[N, 3]`` by a solid."""
     blocked = np.zeros(len(points), bool)
-    dirs = np.broadcast_to(LIGHT, points.shape)
     for solid in solids:
-        # only points whose light ray passes near the solid can be shaded by it
-        near = np.flatnonzero(
-            np.hypot(points[:, 0] - solid.x, points[:, 2] - solid.z)
-            < solid.footprint + 2.0 * solid.height
-        )
-        t, _ = intersect(solid, points[near], dirs[near])
+        # only rays towards the light passing within the solid's bounding sphere can hit it
+        reach = math.hypot(solid.footprint, solid.height / 2) + 1e-3
+        v = solid.centre - points
+        near = np.flatnonzero((v * v).sum(1) - (v @ LIGHT) ** 2 <= reach * reach)
+        t, _ = intersect(solid, points[near], np.broadcast_to(LIGHT, (len(near), 3)))
         blocked[near[np.isfinite(t)]] = True
     return blocked
 
@@ -363,7 +361,8 @@ def render(
         # only rays passing within the solid's bounding sphere can hit it
         reach = math.hypot(solid.footprint, solid.height / 2) + 1e-3
         to_centre = solid.centre - pose.position
-        near = np.flatnonzero(np.linalg.norm(np.cross(unit, to_centre), axis=1) <= reach)
+        along = unit @ to_centre  # distance to the ray line: |v|^2 - (v . u)^2
+        near = np.flatnonzero(to_centre @ to_centre - along * along <= reach * reach)
         tk, nk = intersect(solid, pose.position, dirs[near])
         nearer = tk < t[near]
         hit = near[nearer]
