@@ -34,6 +34,7 @@ class Job:
     event: Any = None
     attempts: int = 0
     alone: bool = False  # retries run alone, so a poison record cannot fail its batch mates
+    handled: bool = False  # the handler returned for it (it waits for acks, or a retry)
     batch_key: Hashable | None = None
     headers: list[tuple[str, bytes]] | None = None  # trace headers of its outputs, once made
     w3c: bool = True  # the W3C propagator was in use when it was fetched (asked per fetch)
@@ -114,6 +115,28 @@ class ReadyQueue:
                 if batch:
                     return batch
 
+    def take_ready(self, batches: int) -> list[list[Job]]:
+        """Up to ``batches`` more batches that need no wait: each full, or a record that
+        runs alone, or past its ``max_wait_ms``; they leave the queue. Never waits."""
+        taken: list[list[Job]] = []
+        now = time.monotonic()
+        while self._jobs and len(taken) < batches:
+            first = self._jobs[0]
+            batch = self._compatible(first)
+            full = len(batch) == self.max_batch or first.alone or first.batch_key is None
+            if not full and now < first.received_at + self.max_wait_s:
+                break  # it may still fill: the next free worker waits for it
+            self._remove(batch)
+            taken.append(batch)
+        return taken
+
+    def _remove(self, batch: list[Job]) -> None:
+        if self._jobs[len(batch) - 1] is batch[-1]:
+            del self._jobs[: len(batch)]  # the usual case: the batch is the head
+        else:
+            taken = set(map(id, batch))
+            self._jobs = [j for j in self._jobs if id(j) not in taken]
+
     async def _fill(self, first: Job) -> list[Job]:
         """Wait (bounded) for ``first``'s batch to fill and take it out of the queue;
         [] when the revoke path took ``first`` away meanwhile. Holds the condition."""
@@ -128,9 +151,5 @@ class ReadyQueue:
             if not self._jobs or self._jobs[0] is not first:
                 return []
             batch = self._compatible(first)
-        if self._jobs[len(batch) - 1] is batch[-1]:
-            del self._jobs[: len(batch)]  # the usual case: the batch is the head
-        else:
-            taken = set(map(id, batch))
-            self._jobs = [j for j in self._jobs if id(j) not in taken]
+        self._remove(batch)
         return batch

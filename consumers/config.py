@@ -16,11 +16,15 @@ class RuntimeConfig:
     max_batch: int = 1
     max_wait_ms: int = 20
     concurrency: int = 1
-    #: Records held at once (running, ready, being acked); then fetching pauses. None:
+    #: Records waiting for the handler or inside it; at this many fetching pauses. None:
     #: two batches a slot (``2 * max_batch * concurrency``), at least 8. Model work takes
     #: seconds a batch, so more only wait in this process: unseen by a member that joins
     #: after a rebalance, and polled for at the broker while this one has plenty.
     max_in_flight: int | None = None
+    #: Records whose handler is done and whose outputs wait for the broker's acks; at
+    #: this many fetching pauses too. They cost no model time, and a few round trips of
+    #: a fast stage's output are hundreds of records (see docs/design-notes.md).
+    max_unacked: int = 1000
     max_attempts: int = 3
     backoff_initial_ms: int = 200
     backoff_max_ms: int = 10_000
@@ -52,6 +56,8 @@ class RuntimeConfig:
             self.max_in_flight = max(2 * self.max_batch * self.concurrency, 8)
         if self.max_in_flight < self.max_batch:
             raise ValueError("max_in_flight must be at least max_batch")
+        if self.max_unacked < 1:
+            raise ValueError("max_unacked must be >= 1")
 
     @property
     def in_flight_limit(self) -> int:

@@ -142,6 +142,7 @@ class Failures:
         if job.partition.revoked:
             self.in_flight.settle(job, completed=False)
             return
+        self.in_flight.requeue(job)
         await self.queue.put_front(job)
 
     async def dead_letter(self, job: Job, exc: BaseException) -> None:

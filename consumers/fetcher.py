@@ -1,10 +1,13 @@
 """Fetching with back-pressure: records from the broker into the ready queue.
 
-At most ``max_in_flight`` records are held at once (waiting, running or being
-acknowledged); then the fetch loop pauses its partitions and waits until records
-finish. It resumes with hysteresis (once ``min(max_batch, max_in_flight / 4)``
-slots are free), woken by the records themselves rather than a timer, and keeps
-polling while paused (bounded waits) so the member stays alive.
+Two bounds: at most ``max_in_flight`` records wait for the handler or are inside it
+(the expensive part: model work), and at most ``max_unacked`` records whose handler
+is done wait for the broker to acknowledge their outputs. At either bound the fetch
+loop pauses its partitions and waits until records move on. It resumes with
+hysteresis (once ``min(max_batch, max_in_flight / 4)`` handler slots are free, and
+the acks are under three quarters of their bound), woken by the records themselves
+rather than a timer, and keeps polling while paused (bounded waits) so the member
+stays alive.
 """
 
 from __future__ import annotations
@@ -30,21 +33,61 @@ log = logging.getLogger(__name__)
 
 class InFlight:
     """Records accepted and not yet settled: back-pressure for the fetcher, the drain
-    for stop. ``room`` is set when fetching may resume, ``idle`` when nothing is held."""
+    for stop. ``count`` is every record held; ``handled`` those of them whose handler
+    is done (they wait for acks, a dead letter or a retry); the rest, ``waiting``, wait
+    for the handler or are inside it. ``room`` is set when fetching may resume, ``idle``
+    when nothing is held."""
 
-    def __init__(self, limit: int, max_batch: int) -> None:
-        self.limit = limit
-        # A paused fetch loop resumes once this few records are in flight (hysteresis).
-        self.resume_at = limit - max(1, min(max_batch, limit // 4))
+    def __init__(self, limit: int, max_batch: int, ack_limit: int = 1000) -> None:
+        self.max_batch = max_batch
+        self.ack_limit = ack_limit
+        # A paused fetch loop resumes once this few wait for acks (hysteresis).
+        self.ack_resume_at = ack_limit - max(1, ack_limit // 4)
         self.count = 0
+        self.handled = 0
         self.room = asyncio.Event()
         self.idle = asyncio.Event()
         self.idle.set()
+        self.set_limit(limit)
+
+    def set_limit(self, limit: int) -> None:
+        """Bound the records waiting for the handler or inside it to ``limit``."""
+        self.limit = limit
+        # A paused fetch loop resumes once this few records wait (hysteresis).
+        self.resume_at = limit - max(1, min(self.max_batch, limit // 4))
+        if self.resumable():
+            self.room.set()
+
+    @property
+    def waiting(self) -> int:
+        """Records waiting for the handler or inside it (counted against ``limit``)."""
+        return self.count - self.handled
+
+    def full(self) -> bool:
+        return self.waiting >= self.limit or self.handled >= self.ack_limit
+
+    def resumable(self) -> bool:
+        return self.waiting <= self.resume_at and self.handled <= self.ack_resume_at
 
     def add(self, count: int) -> None:
         self.count += count
         if count:
             self.idle.clear()
+
+    def done_handling(self, jobs: list[Job]) -> None:
+        """The handler returned for ``jobs``: they no longer count against ``limit``."""
+        for job in jobs:
+            if not job.handled:
+                job.handled = True
+                self.handled += 1
+        if self.resumable():
+            self.room.set()
+
+    def requeue(self, job: Job) -> None:
+        """``job`` goes back to the handler (a retry)."""
+        if job.handled:
+            job.handled = False
+            self.handled -= 1
 
     def settle(self, job: Job, *, completed: bool) -> None:
         """``job`` leaves the runtime; when ``completed`` its offset may be committed
@@ -53,7 +96,9 @@ class InFlight:
             job.partition.done(job.record.offset)
         job.span.end()
         self.count -= 1
-        if self.count <= self.resume_at:
+        if job.handled:
+            self.handled -= 1
+        if self.resumable():
             self.room.set()
             if self.count == 0:
                 self.idle.set()
@@ -91,18 +136,18 @@ class Fetcher:
         consumer, in_flight = self.consumer, self.in_flight
         paused = False
         while not self.stopping:
-            room = in_flight.limit - in_flight.count
+            room = in_flight.limit - in_flight.waiting
             timeout_ms = 100
-            if room <= 0 or (paused and in_flight.count > in_flight.resume_at):
+            if in_flight.full() or (paused and not in_flight.resumable()):
                 # Also pauses partitions assigned since the last round.
                 consumer.pause(*consumer.assignment())
                 paused = True
-                # Wake up when records finish, not when a paused fetch times out; the
+                # Wake up when records move on, not when a paused fetch times out; the
                 # wait is bounded so that polling goes on (it keeps the member alive).
                 in_flight.room.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(in_flight.room.wait(), 0.1)
-                if in_flight.count <= in_flight.resume_at:
+                if in_flight.resumable():
                     continue
                 timeout_ms = 0
             elif paused:

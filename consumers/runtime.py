@@ -55,6 +55,15 @@ log = logging.getLogger(__name__)
 
 __all__ = ["RuntimeConfig", "StageRuntime", "until_signalled"]
 
+#: A cheap handler is called for many batches in one trip to the worker thread: as many
+#: as its recent calls say fit this many seconds (a batch's outputs then wait at most
+#: about this long for its chain mates), and fetching may run that far ahead (two such
+#: trips a worker, like ``max_in_flight``'s two batches a slot). Model work takes far
+#: longer a call: one batch a trip and ``max_in_flight`` as configured, as before.
+CHAIN_BUDGET_S = 0.002
+#: At most this many batches in one trip.
+CHAIN_MAX_BATCHES = 256
+
 
 async def until_signalled() -> None:
     """Wait for SIGTERM or SIGINT (the process's graceful stop); handlers removed after."""
@@ -116,7 +125,9 @@ class StageRuntime(AsyncService):
         self.metrics = metrics or StageMetrics(stage.name)
         self.offsets = Offsets(self.metrics)
         self.queue = ReadyQueue(self.config.max_batch, self.config.max_wait_ms)
-        self.in_flight_records = InFlight(self.config.in_flight_limit, self.config.max_batch)
+        self.in_flight_records = InFlight(
+            self.config.in_flight_limit, self.config.max_batch, self.config.max_unacked
+        )
         # Read when scraped: nothing to update per record.
         self.metrics.in_flight.set_function(lambda: self.in_flight_records.count)
         self.tracing = RecordTracing(stage.name, self.group_id, tracer_provider)
@@ -149,6 +160,14 @@ class StageRuntime(AsyncService):
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Rounds of the periodic commit loop so far (whether or not they had news).
         self.commit_rounds = 0
+        #: Seconds a handler call takes lately (``_follow_pace``); unknown at first.
+        self._handler_pace_s = float("inf")
+        #: Batches a trip to the worker thread may carry (``_follow_pace``). Only with one
+        #: worker: with several, a batch must stay free for whichever is free first (behind
+        #: an unexpectedly slow call in a chain it would wait for it); and never for a
+        #: sequential stage, whose records' outputs must be acknowledged one by one.
+        self._chain_batches = 1
+        self._may_chain = self.config.concurrency == 1 and not stage.sequential
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -265,40 +284,67 @@ class StageRuntime(AsyncService):
             batch = await self.queue.next_batch()
             if batch is None:
                 return
-            live = [j for j in batch if not j.partition.revoked]
-            for job in batch:
-                if job.partition.revoked:
-                    self.in_flight_records.settle(job, completed=False)
+            batches = [batch]
+            if more := self._chain_room():
+                batches += self.queue.take_ready(more)
+            live: list[list[Job]] = []
+            for candidate in batches:
+                kept = [j for j in candidate if not j.partition.revoked]
+                for job in candidate:
+                    if job.partition.revoked:
+                        self.in_flight_records.settle(job, completed=False)
+                if kept:
+                    live.append(kept)
             if not live:
                 continue
-            for job in live:
+            jobs = [job for kept in live for job in kept]
+            for job in jobs:
                 job.partition.running += 1
             try:
-                results = await self._run_batch(live)
+                results = await self._run_batches(live)
             except BaseException:
-                self._end_running(live)
+                self._end_running(jobs)
                 raise
+            self.in_flight_records.done_handling(jobs)
             if self.stage.sequential:  # the next record must see these outputs on the topic
-                await self._complete(live, results)
+                await self._complete(jobs, results)
             else:
                 # Publishing and waiting for the broker's acks go on in a tracked task while
                 # this worker takes its next batch; the records stay in flight until acked.
-                self._spawn(self._complete(live, results))
+                self._spawn(self._complete(jobs, results))
+
+    def _chain_room(self) -> int:
+        """How many more ready batches this worker may take along in one trip to its
+        thread (see :data:`CHAIN_BUDGET_S`)."""
+        return self._chain_batches - 1
+
+    def _follow_pace(self, seconds: list[float]) -> None:
+        """Follow the handler's pace, the mean seconds of a call in each trip: up at
+        once, down slowly (a slow trip stops chaining; it resumes only after many fast
+        ones), and size the chains and the fetch bound to it."""
+        mean = sum(seconds) / len(seconds)
+        pace = self._handler_pace_s
+        if mean >= pace or pace == float("inf"):
+            pace = mean
+        else:
+            pace += (mean - pace) * 0.1
+        self._handler_pace_s = pace
+        chain = 1
+        if self._may_chain and 2 * pace <= CHAIN_BUDGET_S:
+            chain = min(int(CHAIN_BUDGET_S / max(pace, 1e-6)), CHAIN_MAX_BATCHES)
+        if chain != self._chain_batches:
+            self._chain_batches = chain
+            config = self.config
+            stretched = 2 * chain * config.max_batch if chain > 1 else 0
+            self.in_flight_records.set_limit(max(config.in_flight_limit, stretched))
 
     def _end_running(self, jobs: list[Job]) -> None:
         for job in jobs:
             job.partition.running -= 1
         self._batch_finished.set()
 
-    async def _run_batch(self, jobs: list[Job]) -> list[ItemResult]:
-        """Run the handler on ``jobs`` in the thread pool; one result per job."""
-        assert self._loop is not None
-        for job in jobs:
-            job.attempts += 1
-        self.metrics.batch_size.observe(len(jobs))
-        recording = self.tracing.recording()
-        batch_span = self.tracing.batch_span(jobs) if recording else None
-        ctx = StageContext(
+    def _context(self, jobs: list[Job]) -> StageContext:
+        return StageContext(
             blob=self.blob,
             topics=self.topics,
             settings=self.settings,
@@ -306,29 +352,69 @@ class StageRuntime(AsyncService):
             attempt=max(j.attempts for j in jobs),
             topic_log=self.topic_log,
         )
-        events = [j.event for j in jobs]
+
+    def _call_handlers(
+        self, calls: list[tuple[list[Any], StageContext]]
+    ) -> list[tuple[list[ItemResult] | BaseException, float]]:
+        """In the worker thread: the handler on each batch in turn; per batch its results
+        (or what it raised) and its seconds."""
+        out: list[tuple[list[ItemResult] | BaseException, float]] = []
+        handle, clock = self.stage.handle, time.perf_counter
+        for events, ctx in calls:
+            started = clock()
+            try:
+                out.append((list(handle(events, ctx)), clock() - started))
+            except Exception as exc:
+                out.append((exc, clock() - started))
+        return out
+
+    async def _run_batches(self, batches: list[list[Job]]) -> list[ItemResult]:
+        """Run the handler on each batch, in one trip to the thread pool; one result per
+        job, in order."""
+        assert self._loop is not None
+        recording = self.tracing.recording()
+        contexts = []
+        spans = []
+        for jobs in batches:
+            for job in jobs:
+                job.attempts += 1
+            self.metrics.batch_size.observe(len(jobs))
+            spans.append(self.tracing.batch_span(jobs) if recording else None)
+            contexts.append(self._context(jobs))
+        calls = [([j.event for j in b], ctx) for b, ctx in zip(batches, contexts, strict=True)]
         started = time.monotonic()
-        call = self._loop.run_in_executor(self._executor, self.stage.handle, events, ctx)
-        results: list[ItemResult]
+        call = self._loop.run_in_executor(self._executor, self._call_handlers, calls)
         try:
-            results = list(await asyncio.wait_for(call, self.config.job_timeout_s))
-            if len(results) != len(jobs):
-                raise RuntimeError(
-                    f"handler returned {len(results)} results for {len(jobs)} events"
-                )
+            outcomes = await asyncio.wait_for(call, self.config.job_timeout_s)
         except TimeoutError:
-            results = [JobTimeout(f"handler ran past {self.config.job_timeout_s}s")] * len(jobs)
-        except Exception as exc:
-            log.warning(
-                "stage %s handler raised for a batch of %d: %r", self.stage.name, len(jobs), exc
-            )
-            results = [exc] * len(jobs)
+            timeout = JobTimeout(f"handler ran past {self.config.job_timeout_s}s")
+            elapsed = (time.monotonic() - started) / len(batches)
+            outcomes = [(timeout, elapsed)] * len(batches)
         finally:
-            self.metrics.handler_seconds.observe(time.monotonic() - started)
-            if batch_span is not None:
-                batch_span.end()
-        if recording and ctx.phases:
-            self.tracing.replay_phases(ctx, jobs)
+            for span in spans:
+                if span is not None:
+                    span.end()
+        self._follow_pace([seconds for _, seconds in outcomes])
+        results: list[ItemResult] = []
+        for jobs, ctx, (outcome, seconds) in zip(batches, contexts, outcomes, strict=True):
+            self.metrics.handler_seconds.observe(seconds)
+            if isinstance(outcome, list) and len(outcome) != len(jobs):
+                outcome = RuntimeError(
+                    f"handler returned {len(outcome)} results for {len(jobs)} events"
+                )
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, JobTimeout):
+                    log.warning(
+                        "stage %s handler raised for a batch of %d: %r",
+                        self.stage.name,
+                        len(jobs),
+                        outcome,
+                    )
+                results += [outcome] * len(jobs)
+            else:
+                results += outcome
+            if recording and ctx.phases:
+                self.tracing.replay_phases(ctx, jobs)
         return results
 
     def _emit_threadsafe(self, output: Output, jobs: list[Job], item: int | None) -> None:

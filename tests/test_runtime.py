@@ -8,17 +8,21 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from aiokafka import TopicPartition
+from aiokafka import ConsumerRecord, TopicPartition
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import NoOpTracerProvider
+from opentelemetry.trace import INVALID_SPAN, NoOpTracerProvider
 
-from consumers.runtime import RuntimeConfig, StageRuntime
+from consumers.batching import Job, ReadyQueue
+from consumers.fetcher import InFlight
+from consumers.offsets import PartitionState
+from consumers.runtime import CHAIN_BUDGET_S, RuntimeConfig, StageRuntime
 from consumers.stage import ItemResult, Output, StageContext
 from plumbing.kafka import ensure_topics
 from plumbing.settings import Settings
@@ -283,6 +287,69 @@ async def test_in_flight_is_bounded_and_fetching_resumes(
             assert received == len(events)
     finally:
         gate.set()
+
+
+def _job(offset: int, key: str | None = "k", alone: bool = False) -> Job:
+    record = ConsumerRecord(
+        topic="t", partition=0, offset=offset, timestamp=0, timestamp_type=0, key=None,
+        value=b"", checksum=None, serialized_key_size=0, serialized_value_size=0, headers=(),
+    )  # fmt: skip
+    part = PartitionState(TopicPartition("t", 0))
+    part.accept(offset)
+    return Job(record, part, INVALID_SPAN, time.monotonic(), batch_key=key, alone=alone)
+
+
+async def test_records_waiting_for_acks_count_against_max_unacked_not_max_in_flight() -> None:
+    in_flight = InFlight(limit=4, max_batch=1, ack_limit=6)
+    first = [_job(i) for i in range(4)]
+    in_flight.add(len(first))
+    assert in_flight.full(), "four records waiting for the handler: max_in_flight"
+    in_flight.done_handling(first)
+    assert (in_flight.count, in_flight.waiting, in_flight.handled) == (4, 0, 4)
+    assert not in_flight.full() and in_flight.room.is_set(), "fetching may go on"
+    second = [_job(i) for i in range(4, 6)]
+    in_flight.add(len(second))
+    in_flight.done_handling(second)
+    assert in_flight.full(), "six records waiting for acks: max_unacked"
+    in_flight.settle(first[0], completed=True)
+    assert in_flight.resumable() and not in_flight.full()
+    in_flight.requeue(first[1])  # a retry goes back to the handler
+    assert (in_flight.waiting, in_flight.handled) == (1, 4)
+    for job in [*first[1:], *second]:
+        in_flight.settle(job, completed=True)
+    assert in_flight.count == in_flight.handled == 0 and in_flight.idle.is_set()
+
+
+async def test_take_ready_takes_only_batches_that_need_no_wait() -> None:
+    queue = ReadyQueue(max_batch=2, max_wait_ms=60_000)
+    full = [_job(0, "a"), _job(1, "a")]
+    alone = _job(2, None)
+    filling = _job(3, "b")
+    for job in [*full, alone, filling, _job(4, "c")]:
+        queue.append(job)
+    assert queue.take_ready(10) == [full, [alone]], "b may still fill: it stays"
+    assert len(queue) == 2
+    assert queue.take_ready(10) == []
+
+
+async def test_a_fast_handler_shares_trips_and_a_slow_call_stops_it(settings: Settings) -> None:
+    """Batches of a handler whose calls take microseconds go to the worker thread
+    together, and fetching may run that far ahead; one slow trip restores one batch a
+    trip and ``max_in_flight``. Several workers never share trips."""
+    rt = StageRuntime(ToyStage(), settings, RuntimeConfig())
+    assert rt._chain_room() == 0, "unknown pace: one batch a trip"
+    assert rt.in_flight_records.limit == 8
+    rt._follow_pace([20e-6] * 8)
+    assert rt._chain_room() == round(CHAIN_BUDGET_S / 20e-6) - 1
+    assert rt.in_flight_records.limit == 2 * round(CHAIN_BUDGET_S / 20e-6)
+    rt._follow_pace([0.5])
+    assert rt._chain_room() == 0 and rt.in_flight_records.limit == 8
+    rt._follow_pace([20e-6] * 8)
+    assert rt._chain_room() == 0, "it comes back only slowly"
+
+    several = StageRuntime(ToyStage(), settings, RuntimeConfig(concurrency=2))
+    several._follow_pace([20e-6] * 8)
+    assert several._chain_room() == 0 and several.in_flight_records.limit == 8
 
 
 # --- worker processes -------------------------------------------------------------------
