@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 
 @dataclass
@@ -33,6 +34,10 @@ class RuntimeConfig:
     drain_timeout_s: float = 30.0
     rebalance_drain_s: float = 10.0
     group_id: str | None = None  # default: "{prefix}.{stage.name}"
+    #: Where a group with no committed offset starts: ``earliest`` (every stage: nothing
+    #: is skipped), or ``latest`` (a broadcast listener with a group of its own per
+    #: process, e.g. the seg worker's deletion listener).
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     instance_id: str | None = None  # static membership (group.instance.id)
     # Kafka notices a dead member after the session timeout; tansu also completes a
     # group join only after half of it, so it stays short (aiokafka's default).

@@ -148,6 +148,8 @@ class Failures:
     async def dead_letter(self, job: Job, exc: BaseException) -> None:
         """Publish the terminal dead-letter event; retried until the broker takes it."""
         event, raw = job.event, job.record.value
+        if not getattr(exc, "keeps_value", True):  # a deleted request: no copy of it stays
+            raw = b""
         request_id = getattr(exc, "request_id", None)
         if event is not None:
             request_id = self.stage.request_id(event)

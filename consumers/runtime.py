@@ -43,6 +43,7 @@ from consumers.metrics import StageMetrics
 from consumers.offsets import Offsets
 from consumers.outputs import OutputSender
 from consumers.stage import ItemResult, Output, Stage, StageContext
+from consumers.tombstones import handle_checked
 from consumers.topic_log import KafkaTopicLog
 from consumers.tracing import RecordTracing
 from plumbing.blobstore import BlobStore
@@ -121,7 +122,7 @@ class StageRuntime(AsyncService):
         self.topics = settings.topics
         self.input_topic = self.topics.name(stage.input_topic)
         self.group_id = self.config.group_id or f"{settings.topic_prefix}.{stage.name}"
-        self.blob = blob or BlobStore.from_url(settings.blob_url)
+        self.blob = blob or BlobStore.from_settings(settings)
         self.metrics = metrics or StageMetrics(stage.name)
         self.offsets = Offsets(self.metrics)
         self.queue = ReadyQueue(self.config.max_batch, self.config.max_wait_ms)
@@ -184,7 +185,7 @@ class StageRuntime(AsyncService):
             group_id=self.group_id,
             group_instance_id=self.config.instance_id,
             enable_auto_commit=False,
-            auto_offset_reset="earliest",
+            auto_offset_reset=self.config.auto_offset_reset,
             session_timeout_ms=self.config.session_timeout_ms,
             heartbeat_interval_ms=self.config.heartbeat_interval_ms,
             max_poll_interval_ms=self.config.max_poll_interval_ms,
@@ -359,11 +360,12 @@ class StageRuntime(AsyncService):
         """In the worker thread: the handler on each batch in turn; per batch its results
         (or what it raised) and its seconds."""
         out: list[tuple[list[ItemResult] | BaseException, float]] = []
-        handle, clock = self.stage.handle, time.perf_counter
+        stage, clock = self.stage, time.perf_counter
         for events, ctx in calls:
             started = clock()
             try:
-                out.append((list(handle(events, ctx)), clock() - started))
+                # The handler, then the check that no output of a deleted request goes out.
+                out.append((list(handle_checked(stage, events, ctx)), clock() - started))
             except Exception as exc:
                 out.append((exc, clock() - started))
         return out

@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
 from plumbing.errors import PermanentError, StageError, TransientError
 from schemas import Event, Topics
@@ -176,6 +176,12 @@ class Stage(ABC, Generic[In]):
     #: This stage's own defaults for :class:`consumers.config.RuntimeConfig` fields
     #: (e.g. a batch size its models like), under any explicit setting.
     runtime_defaults: ClassVar[dict[str, Any]] = {}
+    #: What the runtime does with a record whose request was deleted (it has a tombstone,
+    #: :mod:`plumbing.erasure`) when its handler returns: it erases the request's blobs
+    #: (what the handler wrote among them) and then ``"dead_letter"``s the record (error
+    #: type ``deleted``: the request's terminal outcome) or ``"drop"``s its outputs (its
+    #: request ended before); None: no check (a stage that writes no blob of a request).
+    on_deleted: ClassVar[Literal["dead_letter", "drop"] | None] = None
 
     def setup(self) -> None:
         """Load models; called once in the worker thread before consuming."""
@@ -198,6 +204,12 @@ class Stage(ABC, Generic[In]):
 
     def request_id(self, event: In) -> str | None:
         return getattr(event, "id", None)
+
+    def forget_request(self, request_id: str) -> None:
+        """Drop what this stage holds in memory of ``request_id``: it was deleted.
+
+        Called from a worker thread (by the runtime's tombstone check, and by the
+        broadcast of deletion events, see :mod:`consumers.tombstones`)."""
 
     def image_index(self, event: In) -> int | None:
         """The image a failure of this event covers (None: the whole request)."""

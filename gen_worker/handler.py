@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from consumers.stage import ItemResult, Output, PermanentError, Stage, StageContext
+from gen_worker.architectures import WEIGHTS_SEED
 from gen_worker.generate import BatchSpec, Generator, Sample, SampleResult
 from gen_worker.lora import LoraLibrary, adapter_set
 from gen_worker.oom import run_with_oom_ladder
@@ -46,6 +47,7 @@ from plumbing.images import (
     encode_png,
     png_byte_limit,
 )
+from plumbing.revisions import model_revision
 from plumbing.settings import Settings
 from schemas import (
     ImageReadyEvent,
@@ -148,6 +150,8 @@ class GenStage(Stage[GenEvent]):
     input_topic = "prompts"
     #: Four compatible requests per batch: the article's four views on one card.
     runtime_defaults = {"max_batch": 4}  # noqa: RUF012 - read-only, like the other class settings
+    #: A request deleted while it was generated ends as a ``deleted`` dead letter.
+    on_deleted = "dead_letter"
 
     def __init__(
         self,
@@ -191,6 +195,8 @@ class GenStage(Stage[GenEvent]):
             )
         #: Token buckets per tenant, for the policy's rate limits (this process only).
         self.limiter = RateLimiter(clock=clock)
+        #: The weights' revision (plumbing.revisions), for txt2img (False) and inpaint (True).
+        self._revisions: dict[bool, str] = {}
 
     @property
     def generator(self) -> Generator:
@@ -246,6 +252,22 @@ class GenStage(Stage[GenEvent]):
             )
         if self._safety_configured():
             _ = self.safety  # load now: not on the first batch
+        self.revision(inpaint=False)  # hashed at load, not on the first batch
+
+    def revision(self, *, inpaint: bool) -> str:
+        """The revision of the weights that make text-to-image (or inpainted) images."""
+        if inpaint not in self._revisions:
+            m = self.models
+            own = inpaint and m.inpaint_name != m.name  # an SDXL model inpaints with its own
+            pipe = (lambda: m.inpaint) if inpaint else (lambda: m.txt2img)  # only if hashed
+            self._revisions[inpaint] = model_revision(
+                m.profile,
+                self.settings.sd_inpaint_model if own else self.settings.sd_model,
+                seed=WEIGHTS_SEED,
+                modules=lambda: [pipe().unet, pipe().vae, pipe().text_encoder],
+            )
+            log.info("gen weights revision %s (inpaint %s)", self._revisions[inpaint], inpaint)
+        return self._revisions[inpaint]
 
     def parse(self, raw: bytes) -> GenEvent:
         return parse_prompts_record(raw)
@@ -433,11 +455,12 @@ class GenStage(Stage[GenEvent]):
         (``flags``: what the image check found per image; None: no check ran)."""
         inpaint = isinstance(event, InpaintEvent)
         model = self.models.inpaint_name if inpaint else self.models.name
+        revision = self.revision(inpaint=inpaint)
         built: list[tuple[int, SampleResult, Any, dict[str, Any]]] = []
         with ctx.phase("blob_write", item=item):
             for k, result in enumerate(results):
                 image_ref = ctx.blob.put(
-                    blob_key(event.id, k, STAGE_BLOB_DIR, "image.png"),
+                    blob_key(event.id, k, STAGE_BLOB_DIR, "image.png", tenant=event.tenant),
                     encode_png(result.image),
                     PNG,
                 )
@@ -445,7 +468,9 @@ class GenStage(Stage[GenEvent]):
                 for j, target in enumerate(event.targets):
                     if target in result.heatmaps and target not in heatmaps:
                         heatmaps[target] = ctx.blob.put(
-                            blob_key(event.id, k, STAGE_BLOB_DIR, f"heatmap-{j}.png"),
+                            blob_key(
+                                event.id, k, STAGE_BLOB_DIR, f"heatmap-{j}.png", tenant=event.tenant
+                            ),
                             encode_heatmap(result.heatmaps[target]),
                             HEATMAP_MEDIA_TYPE,
                         )
@@ -484,6 +509,7 @@ class GenStage(Stage[GenEvent]):
                 callback_url=event.callback_url,
                 scene=event.scene,
                 flags=flags[k] if flags is not None else None,
+                model_revision=revision,
             )
             outputs.append(Output(ctx.topics.images, ready))
         return outputs

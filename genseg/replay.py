@@ -3,7 +3,9 @@
 Reads the dead-letter topic from its beginning up to its end at the time of the
 call, so a replay that fails again (and is dead-lettered anew) is not replayed
 twice in one run. Stages write outputs to deterministic blob keys and consumers
-dedupe by id, so replaying a request that meanwhile succeeded is harmless.
+dedupe by id, so replaying a request that meanwhile succeeded is harmless. A replayed
+record is the original value, so it keeps its ``tenant`` (and its blobs' tenant folder);
+a request that was deleted is not replayed (its dead letter carries no value).
 """
 
 from __future__ import annotations
@@ -97,6 +99,10 @@ async def _replay_one(
     if dead.error.type == "validation" and not include_invalid:
         report.skipped += 1
         report.lines.append(f"skip {label}: invalid input would fail again")
+        return
+    if dead.error.type == "deleted":
+        report.skipped += 1
+        report.lines.append(f"skip {label}: the request was deleted")
         return
     if dead.value_truncated:
         report.skipped += 1

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import secrets
+import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -106,11 +109,14 @@ def build_runtimes(
     settings: Settings,
     *,
     scenes: bool = True,
+    forget_deleted: bool = False,
     tracer_provider: trace.TracerProvider | None = None,
     **overrides: Any,
 ) -> list[StageRuntime]:
     """The runtimes of one worker process of ``kind``: its stage's, and for ``seg`` the
-    scene stage's too unless ``scenes`` is False (each its own consumer group).
+    scene stage's too unless ``scenes`` is False (each its own consumer group), and with
+    ``forget_deleted`` (``genseg worker seg``) the listener that drops deleted requests'
+    embeddings (:class:`seg_worker.handler.ForgetDeleted`, a group of its own per process).
 
     ``overrides`` are RuntimeConfig fields; None means not given. The scene stage
     beside a seg stage shares the process-wide ones (topics, timeouts, group timing),
@@ -131,7 +137,20 @@ def build_runtimes(
             shared["instance_id"] = f"{instance_id}-scene"
         scene = make_stage(WorkerKind.scene, settings)
         runtimes.append(_runtime(scene, settings, shared, tracer_provider))
+    if kind is WorkerKind.seg and forget_deleted:
+        from seg_worker.handler import ForgetDeleted, SegStage
+
+        assert isinstance(stages[0], SegStage)
+        shared = {k: v for k, v in overrides.items() if k not in _OWN_FIELDS}
+        # A group per process (a broadcast): each member sees every deletion.
+        shared["group_id"] = f"{settings.topic_prefix}.seg-forget.{_process_id()}"
+        runtimes.append(_runtime(ForgetDeleted(stages[0]), settings, shared, tracer_provider))
     return runtimes
+
+
+def _process_id() -> str:
+    """This process, uniquely: host, pid and a random part (pids are reused)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def _runtime(

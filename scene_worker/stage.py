@@ -47,6 +47,9 @@ class SceneStage(Stage[SceneViewRecord]):
     input_topic = "scene-views"
     #: Each record must see the state the previous one left, its outputs on the topic.
     sequential = True
+    #: A view of a deleted request: its state is erased and nothing is published (its
+    #: request ended with its asset-ready event; a scene missing a view never completes).
+    on_deleted = "drop"
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -68,7 +71,7 @@ class SceneStage(Stage[SceneViewRecord]):
         for index, rec in enumerate(events):
             try:
                 with ctx.phase("scene", item=index):
-                    results.append(self._one(rec, SceneState(ctx.blob), ctx))
+                    results.append(self._one(rec, SceneState(ctx.blob, rec.tenant), ctx))
             except Exception as exc:  # the runtime classifies it: retried, or dead-lettered
                 results.append(exc)
         return results

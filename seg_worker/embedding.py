@@ -48,12 +48,20 @@ class Embedding:
 
 
 class EmbeddingCache:
-    """LRU of embeddings bounded by their total size in bytes. Thread-safe."""
+    """LRU of embeddings bounded by their total size in bytes. Thread-safe.
+
+    It also knows which requests each cached image belongs to (:meth:`tag`), so that a
+    deleted request's embeddings can be dropped (:meth:`drop_request`); the tags of an
+    image go with its last embedding.
+    """
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self._items: OrderedDict[EmbedKey, Embedding] = OrderedDict()
         self._lock = threading.Lock()
+        self._per_image: dict[str, int] = {}  # image sha256 -> embeddings cached
+        self._owners: dict[str, set[str]] = {}  # image sha256 -> request ids
+        self._images: dict[str, set[str]] = {}  # request id -> image sha256s
         self.bytes = 0
         self.hits = 0
         self.misses = 0
@@ -81,21 +89,59 @@ class EmbeddingCache:
         An item larger than the whole bound is not kept (it would evict everything).
         """
         with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self.bytes -= old.nbytes
+            if key in self._items:
+                self._remove(key)
             if item.nbytes > self.max_bytes:
                 return
             while self._items and self.bytes + item.nbytes > self.max_bytes:
-                _, evicted = self._items.popitem(last=False)
-                self.bytes -= evicted.nbytes
+                self._remove(next(iter(self._items)))
                 self.evictions += 1
             self._items[key] = item
             self.bytes += item.nbytes
+            self._per_image[key[0]] = self._per_image.get(key[0], 0) + 1
+
+    def _remove(self, key: EmbedKey) -> None:
+        """Drop ``key`` (the lock held); an image's request tags go with its last view."""
+        self.bytes -= self._items.pop(key).nbytes
+        sha = key[0]
+        self._per_image[sha] -= 1
+        if self._per_image[sha] == 0:
+            del self._per_image[sha]
+            for request_id in self._owners.pop(sha, ()):
+                images = self._images.get(request_id)
+                if images is not None:
+                    images.discard(sha)
+                    if not images:
+                        del self._images[request_id]
+
+    def tag(self, sha256: str, request_id: str) -> None:
+        """Note that the cached image ``sha256`` is one of ``request_id``'s."""
+        with self._lock:
+            if sha256 in self._per_image:
+                self._owners.setdefault(sha256, set()).add(request_id)
+                self._images.setdefault(request_id, set()).add(sha256)
+
+    def drop_request(self, request_id: str) -> int:
+        """Drop every embedding of ``request_id``'s images (it was deleted); how many."""
+        with self._lock:
+            shas = self._images.get(request_id, set())
+            keys = [key for key in self._items if key[0] in shas]
+            for key in keys:
+                self._remove(key)
+            self._images.pop(request_id, None)
+            return len(keys)
+
+    def images_of(self, request_id: str) -> set[str]:
+        """The cached images (sha256) tagged with ``request_id``."""
+        with self._lock:
+            return set(self._images.get(request_id, ()))
 
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+            self._per_image.clear()
+            self._owners.clear()
+            self._images.clear()
             self.bytes = 0
 
 

@@ -36,18 +36,21 @@ import re
 import threading
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 
 from consumers.stage import ItemResult, Output, Stage, StageContext
 from plumbing.blobstore import blob_key
 from plumbing.images import PNG, decode_heatmap, decode_image, png_byte_limit
+from plumbing.revisions import model_revision, revision_of
 from plumbing.settings import Settings
 from schemas import (
     RLE,
     AssetItem,
     AssetReadyEvent,
     BlobRef,
+    DeletionEvent,
     ImageReadyEvent,
     MaskObject,
     MasksReadyEvent,
@@ -67,6 +70,7 @@ from seg_worker.depth import (
 from seg_worker.depth import median_depth as object_depth
 from seg_worker.finishing import SegObject, encode_rle, mask_png, rgba_png
 from seg_worker.mesh import GLB_MEDIA_TYPE, MeshPart, view_glb
+from seg_worker.profiles import seg_profile
 from seg_worker.segment import Plan, Segmenter
 
 log = logging.getLogger(__name__)
@@ -108,6 +112,8 @@ class SegStage(Stage[ImageReadyEvent]):
     name = "seg"
     input_topic = "images"
     per_image = True
+    #: An image whose request was deleted meanwhile ends as a ``deleted`` dead letter.
+    on_deleted = "dead_letter"
 
     def __init__(self, settings: Settings, config: SegConfig | None = None) -> None:
         self.settings = settings
@@ -115,6 +121,9 @@ class SegStage(Stage[ImageReadyEvent]):
         self._segmenter: Segmenter | None = None
         #: Backend and checkpoint, as the events' ``segmenter`` field says (after setup).
         self.segmenter_id: str | None = None
+        #: Revisions of the segmenter's and the depth model's weights (plumbing.revisions).
+        self.segmenter_revision: str | None = None
+        self.depth_revision: str | None = None
         self._depth: DepthEstimator | None = None
         self._setup_lock = threading.Lock()
 
@@ -129,6 +138,7 @@ class SegStage(Stage[ImageReadyEvent]):
             loaded = load_backend(self.settings, self.config)
             self._segmenter = Segmenter(loaded.backend, self.config)
             self.segmenter_id = loaded.segmenter
+            self.segmenter_revision = segmenter_revision(self.settings, self.config)
             log.info(
                 "seg worker ready: profile %s, %s, input %d px, device %s, segmenter %s, modes %s",
                 self.settings.models,
@@ -163,10 +173,20 @@ class SegStage(Stage[ImageReadyEvent]):
                     s.models, s.depth_model, device=s.device, seed=self.config.seed
                 )
                 log.info("depth model ready: profile %s, %s units", s.models, self._depth.units)
+                seeded = seg_profile(s.models).depth_arch is not None  # as load_depth builds it
+                self.depth_revision = (
+                    f"seed:{self.config.seed}" if seeded else revision_of(s.depth_model)
+                )
         return self._depth
 
     def parse(self, raw: bytes) -> ImageReadyEvent:
         return parse_event(raw, ImageReadyEvent)
+
+    def forget_request(self, request_id: str) -> None:
+        """Drop the SAM embeddings of ``request_id``'s images from the cache."""
+        cache = getattr(self._segmenter.predictor, "cache", None) if self._segmenter else None
+        if cache is not None and (dropped := cache.drop_request(request_id)):
+            log.info("dropped %d embeddings of deleted request %s", dropped, request_id)
 
     def batch_key(self, event: ImageReadyEvent) -> Hashable | None:
         """One key for all: any images can share an encoder batch (see module doc)."""
@@ -203,6 +223,9 @@ class SegStage(Stage[ImageReadyEvent]):
                 only = ready[0].index if len(ready) == 1 else None
                 with ctx.phase("embed", item=only, images=len(plans)):
                     segmenter.embed(plans)
+                cache = getattr(segmenter.predictor, "cache", None)
+                for item in ready if cache is not None else []:
+                    cache.tag(item.event.image.sha256, item.event.id)  # forgotten on deletion
             except Exception as exc:
                 for item in ready:
                     results[item.index] = exc
@@ -294,6 +317,7 @@ class SegStage(Stage[ImageReadyEvent]):
             timings_ms=seg_timings,
             tenant=event.tenant,
             segmenter=self.segmenter_id,
+            segmenter_revision=self.segmenter_revision,
         )
         asset_event = AssetReadyEvent(
             id=event.id,
@@ -310,6 +334,9 @@ class SegStage(Stage[ImageReadyEvent]):
             mesh=scene.mesh if scene else None,
             depth_units=scene.units if scene else None,
             segmenter=self.segmenter_id,
+            segmenter_revision=self.segmenter_revision,
+            depth_revision=self.depth_revision if scene else None,
+            model_revision=event.model_revision,
         )
         if not assets:
             log.info("%s/%d: no object passed the filters", event.id, event.image_index)
@@ -344,6 +371,57 @@ class SegStage(Stage[ImageReadyEvent]):
         return work
 
 
+class ForgetDeleted(Stage[DeletionEvent]):
+    """Deletion events in, the deleted requests' embeddings out of ``seg``'s cache.
+
+    Runs beside the seg stage in each seg process (``genseg.workers``), in a consumer
+    group of its own per process that starts at the latest offset: every process sees
+    every deletion (a broadcast), from when it started (its cache was empty before).
+    """
+
+    name = "seg-forget"
+    input_topic = "deletions"
+    runtime_defaults: ClassVar[dict[str, Any]] = {
+        "auto_offset_reset": "latest", "max_batch": 64, "max_wait_ms": 0,
+    }  # fmt: skip
+
+    def __init__(self, seg: SegStage) -> None:
+        self.seg = seg
+        #: Deletion events handled so far (this process).
+        self.handled = 0
+
+    def parse(self, raw: bytes) -> DeletionEvent:
+        try:
+            return parse_event(raw, DeletionEvent)
+        except ValueError:  # InvalidEvent: not a deletion to act on, and nothing to report
+            return _NOT_A_DELETION
+
+    def handle(self, events: list[DeletionEvent], ctx: StageContext) -> list[ItemResult]:
+        for event in events:
+            if event.id:
+                self.seg.forget_request(event.id)
+        self.handled += len(events)
+        return [[] for _ in events]
+
+
+#: What an unreadable record of the deletions topic parses to: nothing to forget (a
+#: dead letter would be one per seg process, on a topic that ends requests).
+_NOT_A_DELETION = DeletionEvent.model_construct(id="", blobs_deleted=0, bytes_deleted=0)
+
+
+def segmenter_revision(settings: Settings, config: SegConfig) -> str:
+    """The revision of the segmenter's weights (:mod:`plumbing.revisions`): the
+    checkpoint's (a file, directory or hub id), or ``seed:<n>`` for seeded weights."""
+    backend, profile = backend_name(settings), settings.models
+    if backend == "sam":
+        spec = seg_profile(profile)
+        if spec.weights != "checkpoint":
+            return f"seed:{config.seed}"
+        return revision_of(settings.sam_checkpoint or spec.default_checkpoint or profile)
+    source = str(getattr(settings, f"{backend}_model", ""))
+    return model_revision(profile, source, seed=config.seed, modules=list)
+
+
 def _encode(
     image: np.ndarray, obj: SegObject, *, crop: bool
 ) -> tuple[bytes, dict[str, object], bytes]:
@@ -359,7 +437,8 @@ def _write_blob(
     ctx: StageContext, event: ImageReadyEvent, name: str, data: bytes, media_type: str = PNG
 ) -> BlobRef:
     """Write one output under its deterministic key (a redelivery overwrites)."""
-    return ctx.blob.put(blob_key(event.id, event.image_index, "seg", name), data, media_type)
+    key = blob_key(event.id, event.image_index, "seg", name, tenant=event.tenant)
+    return ctx.blob.put(key, data, media_type)
 
 
 def _slug(text: str) -> str:

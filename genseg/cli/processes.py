@@ -319,7 +319,7 @@ def worker(
     provider = setup_tracing(f"genseg-{kind.value}")
     try:
         runtimes = build_runtimes(
-            kind, worker_settings, scenes=scenes, tracer_provider=provider,
+            kind, worker_settings, scenes=scenes, forget_deleted=True, tracer_provider=provider,
             concurrency=concurrency, max_batch=max_batch, max_wait_ms=max_wait_ms,
             max_in_flight=max_in_flight, metrics_port=metrics_port, instance_id=instance_id,
             partitions=partitions, create_topics=create_topics, drain_timeout_s=drain_timeout,
