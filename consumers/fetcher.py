@@ -89,6 +89,20 @@ class InFlight:
             job.handled = False
             self.handled -= 1
 
+    def settle_done(self, jobs: list[Job]) -> None:
+        """``settle(job, completed=True)`` for each of ``jobs``, checked for room once."""
+        handled = 0
+        for job in jobs:
+            job.partition.done(job.record.offset)
+            job.span.end()
+            handled += job.handled
+        self.count -= len(jobs)
+        self.handled -= handled
+        if self.resumable():
+            self.room.set()
+            if self.count == 0:
+                self.idle.set()
+
     def settle(self, job: Job, *, completed: bool) -> None:
         """``job`` leaves the runtime; when ``completed`` its offset may be committed
         (otherwise it stays pending, and the partition's next owner redoes it)."""

@@ -6,6 +6,8 @@ import contextlib
 import logging
 import re
 import threading
+from bisect import bisect_left
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import (
@@ -29,6 +31,29 @@ MAX_TENANT_LABELS = 100
 _TENANT_LABEL = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 #: Dead-letter ``error.type`` values that are their own ``outcome``; others are ``dead_lettered``.
 _REFUSAL_OUTCOMES = frozenset({"policy", "rate_limited"})
+
+
+def observe_many(histogram: Any, values: Iterable[float]) -> None:
+    """``histogram.observe(v)`` for each of ``values``, with one lock round per bucket
+    touched instead of two per value (the runtime observes several per record). Uses
+    prometheus_client's histogram fields; a histogram without them gets ``observe``."""
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None:
+        for value in values:
+            histogram.observe(value)
+        return
+    counts = [0] * len(bounds)
+    amount = 0.0
+    for value in values:
+        amount += value
+        if value == value:  # NaN: in the sum, in no bucket, as observe() does
+            counts[bisect_left(bounds, value)] += 1  # the first bound >= value, as observe()
+    total.inc(amount)
+    for bucket, count in zip(buckets, counts, strict=True):
+        if count:
+            bucket.inc(count)
 
 
 class StageMetrics:

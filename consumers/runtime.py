@@ -39,7 +39,7 @@ from consumers.batching import Job, ReadyQueue
 from consumers.config import RuntimeConfig
 from consumers.failures import Failures, JobTimeout, tenant_of
 from consumers.fetcher import Fetcher, InFlight
-from consumers.metrics import StageMetrics
+from consumers.metrics import StageMetrics, observe_many
 from consumers.offsets import Offsets
 from consumers.outputs import OutputSender
 from consumers.stage import ItemResult, Output, Stage, StageContext
@@ -350,7 +350,7 @@ class StageRuntime(AsyncService):
             topics=self.topics,
             settings=self.settings,
             emit=lambda output, item: self._emit_threadsafe(output, jobs, item),
-            attempt=max(j.attempts for j in jobs),
+            attempt=jobs[0].attempts if len(jobs) == 1 else max(j.attempts for j in jobs),
             topic_log=self.topic_log,
         )
 
@@ -380,7 +380,6 @@ class StageRuntime(AsyncService):
         for jobs in batches:
             for job in jobs:
                 job.attempts += 1
-            self.metrics.batch_size.observe(len(jobs))
             spans.append(self.tracing.batch_span(jobs) if recording else None)
             contexts.append(self._context(jobs))
         calls = [([j.event for j in b], ctx) for b, ctx in zip(batches, contexts, strict=True)]
@@ -396,10 +395,12 @@ class StageRuntime(AsyncService):
             for span in spans:
                 if span is not None:
                     span.end()
-        self._follow_pace([seconds for _, seconds in outcomes])
+        seconds = [s for _, s in outcomes]
+        self._follow_pace(seconds)
+        observe_many(self.metrics.batch_size, [len(jobs) for jobs in batches])
+        observe_many(self.metrics.handler_seconds, seconds)
         results: list[ItemResult] = []
-        for jobs, ctx, (outcome, seconds) in zip(batches, contexts, outcomes, strict=True):
-            self.metrics.handler_seconds.observe(seconds)
+        for jobs, ctx, (outcome, _) in zip(batches, contexts, outcomes, strict=True):
             if isinstance(outcome, list) and len(outcome) != len(jobs):
                 outcome = RuntimeError(
                     f"handler returned {len(outcome)} results for {len(jobs)} events"
@@ -438,12 +439,11 @@ class StageRuntime(AsyncService):
         """Count and settle records whose outputs the broker acknowledged (per batch)."""
         now = time.monotonic()
         tenants: dict[str | None, int] = {}
-        observe = self.metrics.latency.observe
+        observe_many(self.metrics.latency, [now - job.received_at for job in jobs])
         for job in jobs:
-            observe(now - job.received_at)
             tenant = tenant_of(job.event, job.record.value)
             tenants[tenant] = tenants.get(tenant, 0) + 1
-            self.in_flight_records.settle(job, completed=True)
+        self.in_flight_records.settle_done(jobs)
         self.metrics.processed.inc(len(jobs))
         for tenant, count in tenants.items():
             self.metrics.tenant_outcome(tenant, "processed", count)

@@ -90,6 +90,9 @@ class TopicLog(Protocol):
         ...
 
 
+_STACK_LOCK = threading.Lock()
+
+
 class StageContext:
     """Services a handler may use while it works on one batch (in a worker thread).
 
@@ -118,7 +121,7 @@ class StageContext:
         self.topic_log = topic_log
         self.phases: list[Phase] = []
         self._emit = emit
-        self._stack = threading.local()
+        self._stack: threading.local | None = None  # made on the first phase: it is costly
 
     def emit(self, output: Output, item: int | None = None) -> None:
         """Publish ``output`` without waiting (for progress events)."""
@@ -128,6 +131,10 @@ class StageContext:
     @contextmanager
     def phase(self, name: str, item: int | None = None, **attributes: Any) -> Iterator[Phase]:
         """Time the enclosed work as phase ``name`` (for record ``item``, or all)."""
+        if self._stack is None:
+            with _STACK_LOCK:  # phases may be opened from several threads of one handler
+                if self._stack is None:
+                    self._stack = threading.local()
         stack: list[int] = self._stack.__dict__.setdefault("open", [])
         record = Phase(
             name=name,

@@ -21,6 +21,7 @@ from opentelemetry.trace import INVALID_SPAN, NoOpTracerProvider
 
 from consumers.batching import Job, ReadyQueue
 from consumers.fetcher import InFlight
+from consumers.metrics import StageMetrics, observe_many
 from consumers.offsets import PartitionState
 from consumers.runtime import CHAIN_BUDGET_S, RuntimeConfig, StageRuntime
 from consumers.stage import ItemResult, Output, StageContext
@@ -318,6 +319,39 @@ async def test_records_waiting_for_acks_count_against_max_unacked_not_max_in_fli
     for job in [*first[1:], *second]:
         in_flight.settle(job, completed=True)
     assert in_flight.count == in_flight.handled == 0 and in_flight.idle.is_set()
+
+
+async def test_settling_done_records_together_counts_as_one_by_one() -> None:
+    together, alone = InFlight(limit=8, max_batch=1), InFlight(limit=8, max_batch=1)
+    jobs = [[_job(i) for i in range(5)] for _ in range(2)]
+    for in_flight, batch in zip((together, alone), jobs, strict=True):
+        in_flight.add(len(batch))
+        in_flight.done_handling(batch[:3])
+    together.settle_done(jobs[0])
+    for job in jobs[1]:
+        alone.settle(job, completed=True)
+    for in_flight, batch in zip((together, alone), jobs, strict=True):
+        assert (in_flight.count, in_flight.handled, in_flight.idle.is_set()) == (0, 0, True)
+        assert batch[0].partition.committable() == batch[0].record.offset + 1
+
+
+def test_observe_many_is_observe_of_each() -> None:
+    values = [0.0, 0.004, 0.005, 0.0051, 0.3, 7.0, 1e9, float("nan"), 1, 1]
+    one, many = (StageMetrics("toy") for _ in range(2))
+    for value in values:
+        one.latency.observe(value)
+    observe_many(many.latency, values)
+
+    def samples(metrics: StageMetrics) -> list[tuple[str, dict[str, str], float]]:
+        found = metrics.registry.get_sample_value
+        assert found("genseg_stage_latency_seconds_count", {"stage": "toy"}) == len(values) - 1
+        [metric] = [m for m in metrics.registry.collect() if m.name.endswith("latency_seconds")]
+        return [(s.name, s.labels, s.value) for s in metric.samples if "created" not in s.name]
+
+    left, right = samples(one), samples(many)
+    assert [x[:2] for x in left] == [x[:2] for x in right]
+    for (_, _, a), (_, _, b) in zip(left, right, strict=True):
+        assert a == b or (a != a and b != b)  # the sum is NaN in both
 
 
 async def test_take_ready_takes_only_batches_that_need_no_wait() -> None:
