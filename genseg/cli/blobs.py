@@ -102,9 +102,11 @@ def gc(
                 sys.stdout.flush()
 
         report = collect(store, keep, dry_run=dry_run, on_unit=on_unit)
-    kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(report.by_kind.items())) or "nothing"
+    kinds = ", ".join(
+        f"{n} {kind}{'' if n == 1 else 's'}" for kind, n in sorted(report.by_kind.items())
+    )
     console.print(
-        f"{verb} {kinds}: {report.blobs_deleted} blobs, {_size(report.bytes_deleted)} "
+        f"{verb} {kinds or 'nothing'}: {report.blobs_deleted} blobs, {_size(report.bytes_deleted)} "
         f"older than {ttl or configured.blob_ttl} in {store.url}; kept "
         f"{report.units_seen - report.units_deleted} of {report.units_seen}",
         markup=False,
