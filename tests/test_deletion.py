@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from consumers.deletion import ANY_TENANT, delete_request
@@ -31,6 +32,7 @@ from plumbing.kafka import ensure_topics
 from plumbing.settings import Settings
 from producers.publisher import Publisher
 from scene_worker import SceneStage
+from scene_worker.state import SceneState
 from schemas import (
     BlobRef,
     DeadLetterEvent,
@@ -45,6 +47,7 @@ from schemas import (
 from seg_worker.handler import ForgetDeleted, SegStage
 from tests.kafka_utils import TopicReader, eventually
 from tests.rel_utils import run_cli, worker_env
+from tests.s3_server import MotoServer
 
 TENANT = "acme"
 
@@ -319,3 +322,30 @@ async def test_replay_keeps_the_tenant_and_skips_deleted_requests(settings: Sett
     async with TopicReader(settings, "prompts") as reader:
         await reader.until(lambda: reader.keys("prompts") == ["failed-1"])
     assert reader.values("prompts")[0]["tenant"] == TENANT
+
+
+# --- on S3 ----------------------------------------------------------------------------------
+
+
+def test_deletion_on_s3_erases_the_request_and_its_scene_state(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with MotoServer() as moto:
+        for name, value in moto.obstore_env().items():
+            monkeypatch.setenv(name, value)
+        store = BlobStore.from_url(f"s3://{moto.create_bucket('del')}/blobs")
+        outputs = [blob_key("v0", 0, "gen", "image.png", tenant=TENANT)]
+        others = [
+            blob_key("v1", 0, "gen", "image.png", tenant=TENANT),
+            blob_key("v0x", 0, "gen", "image.png"),
+        ]
+        for key in [*outputs, *others]:
+            store.put(key, b"pixels", PNG)
+        SceneState(store, TENANT).record_view(_view("v0", "0"))
+        SceneState(store, TENANT).record_view(_view("v1", "90"))
+        before = {i.key for i in store.list_info()}
+        outcome = delete_request_blobs(store, "v0")  # the tenant found by looking
+        assert outcome is not None and outcome.tenant == TENANT
+        mine = {k for k in before if "/v0/" in f"/{k}" or k.endswith("/views/0/0.json")}
+        assert len(mine) == 3 and set(outcome.erased.keys) == mine
+        assert {i.key for i in store.list_info()} == (before - mine) | {tombstone_key("v0")}
