@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from urllib.parse import unquote
 
-from plumbing.blobkeys import TENANTS, blob_key, kind_of, request_prefix, tombstone_key
+from plumbing.blobkeys import SCENES, TENANTS, blob_key, kind_of, request_prefix, tombstone_key
 from plumbing.blobstore import BlobInfo, BlobNotFound, BlobStore
 
 log = logging.getLogger(__name__)
@@ -38,12 +38,10 @@ class Erased:
 
     keys: list[str] = field(default_factory=list)
     bytes: int = 0
-    tenants: list[str | None] = field(default_factory=list)  # where blobs were found
 
     def add(self, other: Erased) -> None:
         self.keys += other.keys
         self.bytes += other.bytes
-        self.tenants += [t for t in other.tenants if t not in self.tenants]
 
 
 def scene_backref_key(request_id: str, image_index: int, *, tenant: str | None) -> str:
@@ -109,14 +107,8 @@ def erase_request(store: BlobStore, request_id: str, *, tenant: str | None) -> E
     """Delete every blob of ``request_id`` under ``tenant``'s root, and the scene state
     its back references name."""
     blobs = request_blobs(store, request_id, tenant=tenant)
-    erased = Erased(tenants=[tenant] if blobs else [])
-    state = []
-    for info in blobs:
-        if kind_of(info.key).kind == "request" and info.key.split("/")[-2:] == [
-            "scene",
-            "view.json",
-        ]:
-            state += _backref(store, info.key)
+    erased = Erased()
+    state = [key for info in blobs if _is_backref(info.key) for key in _backref(store, info.key)]
     for key in state:  # scene state first: the back reference must outlive what it names
         try:
             size = len(store.get_key(key, max_bytes=_SMALL))
@@ -135,17 +127,24 @@ def erase_request(store: BlobStore, request_id: str, *, tenant: str | None) -> E
     return erased
 
 
+def _is_backref(key: str) -> bool:
+    return key.endswith("/scene/view.json")  # scene_backref_key's stage and name
+
+
 def _backref(store: BlobStore, key: str) -> list[str]:
+    """The scene state keys a back reference names: scene keys of its own root only."""
     try:
         data = json.loads(store.get_key(key, max_bytes=_SMALL))
     except (BlobNotFound, ValueError):
         return []
     keys = data.get("scene_state") if isinstance(data, dict) else None
-    return (
-        [k for k in keys if isinstance(k, str) and kind_of(k).kind == "scene"]
-        if isinstance(keys, list)
-        else []
-    )
+    tenant = kind_of(key).tenant  # escaped, as in the key
+    root = f"{TENANTS}/{tenant}/" if tenant is not None else ""
+    return [
+        k
+        for k in (keys if isinstance(keys, list) else [])
+        if isinstance(k, str) and kind_of(k).kind == "scene" and k.startswith(root + SCENES + "/")
+    ]
 
 
 @dataclass
