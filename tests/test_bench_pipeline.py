@@ -12,12 +12,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_pipeline_bench_reports_both_parts(tmp_path: Path) -> None:
+def test_pipeline_bench_reports_every_part(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "GENSEG_", "OTEL_"))}
     env["TMPDIR"] = str(tmp_path)
     command = [
         sys.executable, "bench/pipeline.py", "--requests", "2", "--steps", "2",
-        "--repeats", "1", "--scale-requests", "4", "--scale-repeats", "2",
+        "--repeats", "2", "--scale-requests", "4", "--scale-repeats", "2",
+        "--flow-requests", "1", "--flow-size", "64", "--flow-repeats", "1",
     ]  # fmt: skip
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -25,11 +26,18 @@ def test_pipeline_bench_reports_both_parts(tmp_path: Path) -> None:
     assert result["bench"] == "pipeline"
 
     overhead = result["overhead"]
-    assert overhead["requests"] == 2
-    assert overhead["objects_per_run"]["pipeline"] == overhead["objects_per_run"]["direct"], (
-        "the same seeds cut out the same objects in both modes"
-    )
+    assert overhead["requests"] == 2 and overhead["gen_max_batch"] == 4
+    objects = overhead["objects_per_run"]
+    assert objects["pipeline"] == objects["direct"], "the same seeds cut out the same objects"
     assert overhead["pipeline_s_per_request"] > 0 and overhead["direct_s_per_request"] > 0
+    rounds = overhead["rounds"]
+    assert len(rounds) == 2 and list(rounds[0])[1:3] == ["direct", "pipeline"]
+    assert list(rounds[1])[1:3] == ["pipeline", "direct"], "the modes take turns"
+    for r in rounds:
+        assert r["wall_ratio"] == round(r["pipeline"]["s"] / r["direct"]["s"], 3)
+        assert "other_load_cores" in r["direct"] and r["pipeline"]["ours_cpu_s"] > 0
+    assert overhead["ratio_spread"]["min"] <= overhead["ratio"] <= overhead["ratio_spread"]["max"]
+    assert overhead["cpu_ratio"] > 0
 
     scale = result["scale"]
     assert scale["requests"] == 4 and scale["worker_max_in_flight"] == "default"
@@ -42,3 +50,10 @@ def test_pipeline_bench_reports_both_parts(tmp_path: Path) -> None:
         assert idle <= 0.03, f"the other group was frozen during the round: {idle} CPU-s"
         assert r["s"] >= max(r["finished_s"]) - 1e-3
     assert scale["throughput_ratio"] > 0
+
+    flow = result["flow"]
+    assert flow["requests"] == 1 and flow["size"] == 64
+    [row] = flow["rounds"]
+    assert row["loop"]["objects"] == row["pipeline"]["objects"]
+    assert row["loop"]["gen_s"] > 0 and row["ceiling"] >= 1.0
+    assert flow["throughput_ratio"] == row["ratio"] > 0
