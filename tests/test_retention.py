@@ -194,3 +194,17 @@ async def test_a_gc_killed_halfway_leaves_every_live_request_whole(moto: MotoSer
     finally:
         for name in moto.obstore_env():
             os.environ.pop(name, None)
+
+
+async def test_gc_says_when_the_store_cannot_be_reached() -> None:
+    from plumbing.broker import free_port
+
+    env = _cli_env(
+        GENSEG_BLOB_URL="s3://nowhere/blobs", GENSEG_BLOB_TTL="1d", AWS_ALLOW_HTTP="true",
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}", AWS_REGION="us-east-1",
+        AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="y",
+    )  # fmt: skip
+    result = await run_cli(["blobs", "gc"], env)
+    assert result.returncode == 1
+    assert result.stderr.startswith("the blob store failed: could not list s3://nowhere/blobs/")
+    assert "run it again" in result.stderr and "Traceback" not in result.stderr

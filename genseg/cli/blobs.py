@@ -7,10 +7,12 @@ publishes a deletion event, so it needs the broker. None imports torch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import sys
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
     from plumbing.settings import Settings
     from schemas import DeletionEvent
 
+_GC_AGAIN = "check GENSEG_BLOB_URL (and AWS_*), then run it again: it finishes the job"
 TENANT_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 #: How often a collection says how far it got (seconds), when not on a terminal.
 PROGRESS_EVERY_S = 1.0
@@ -48,6 +51,17 @@ def _ttl(given: str | None, configured: Settings) -> timedelta:
         return parse_duration(text)
     except ValueError as exc:
         raise Failure(str(exc), "write a number and one of s, m, h, d, w", exit_code=2) from None
+
+
+@contextlib.contextmanager
+def _store_errors(then: str) -> Iterator[None]:
+    """A blob store failure said in two lines (what failed, then ``then``)."""
+    from plumbing.blobstore import BlobError
+
+    try:
+        yield
+    except BlobError as exc:
+        raise Failure(f"the blob store failed: {exc}", then) from exc
 
 
 def _size(n: int) -> str:
@@ -91,7 +105,8 @@ def gc(
             def on_unit(report: GcReport, unit: Unit, deleted: bool) -> None:
                 bar.update(task, description=line(report))
 
-            report = collect(store, keep, dry_run=dry_run, on_unit=on_unit)
+            with _store_errors(_GC_AGAIN):
+                report = collect(store, keep, dry_run=dry_run, on_unit=on_unit)
     else:
 
         def on_unit(report: GcReport, unit: Unit, deleted: bool) -> None:
@@ -101,7 +116,8 @@ def gc(
                 sys.stdout.write(f"gc: {line(report)}\n")
                 sys.stdout.flush()
 
-        report = collect(store, keep, dry_run=dry_run, on_unit=on_unit)
+        with _store_errors(_GC_AGAIN):
+            report = collect(store, keep, dry_run=dry_run, on_unit=on_unit)
     kinds = ", ".join(
         f"{n} {kind}{'' if n == 1 else 's'}" for kind, n in sorted(report.by_kind.items())
     )
@@ -167,9 +183,10 @@ def delete(
             "ids are 1..128 characters of A-Z a-z 0-9 . _ : - (tenants: 1..64, no ':')",
             exit_code=2,
         )
-    event = asyncio.run(
-        _delete(configured, request_id, ANY_TENANT if tenant is None else tenant, force)
-    )
+    with _store_errors("check GENSEG_BLOB_URL (and AWS_*), then delete again: it resumes"):
+        event = asyncio.run(
+            _delete(configured, request_id, ANY_TENANT if tenant is None else tenant, force)
+        )
     if event is None:
         raise Failure(
             f"no request {request_id!r}: no blob and no tombstone of it in {configured.blob_url}",
