@@ -109,7 +109,9 @@ def test_the_last_view_publishes_and_a_redelivery_after_a_crash_publishes_once(
     caplog.set_level(logging.INFO, logger="scene_worker.stage")
     assert handle(SceneStage(settings), settings, last) == [], "found on the topic: not again"
     assert "found at" in caplog.text
-    marker = json.loads(blob.get_key(scene_key("room", "published.json", tenant="acme"), max_bytes=1000))
+    marker = json.loads(
+        blob.get_key(scene_key("room", "published.json", tenant="acme"), max_bytes=1000)
+    )
     assert marker == {"partition": partition, "offset": offset}
     # Later duplicates of any view stop at the marker, without reading the topic.
     caplog.clear()
