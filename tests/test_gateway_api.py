@@ -155,7 +155,8 @@ async def test_unknown_ids_routes_and_methods_are_json_errors(client: httpx.Asyn
     assert_json_error(await client.get("/v1/requests/no-such-id/events"), 404, "not_found")
     assert_json_error(await client.get("/v1/blobs/no-such-id/0/gen/image.png"), 404, "not_found")
     assert_json_error(await client.get("/v2/nothing"), 404)
-    assert_json_error(await client.delete("/v1/requests/x"), 405)
+    assert_json_error(await client.delete("/v1/requests/no-such-id"), 404, "not_found")
+    assert_json_error(await client.put("/v1/requests/x"), 405)
 
 
 async def raw_get(url: str, target: str) -> tuple[int, dict[str, Any]]:

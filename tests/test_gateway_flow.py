@@ -210,6 +210,34 @@ async def test_two_gateways_side_by_side_both_answer(
         await until_ok(client, "/v1/requests/flow-two-b")
 
 
+async def test_delete_erases_the_request_everywhere_and_for_good(
+    client: httpx.AsyncClient, flow_settings: Settings, tmp_path: Path
+) -> None:
+    """DELETE: every blob gone from the store, the request gone from this gateway and,
+    through the deletion event, from another one; a second DELETE is 404."""
+    status = await submit_and_wait(client, id="flow-delete")
+    async with gateway(flow_settings, tmp_path / "other.sqlite3") as (_gw, other):
+        await until_ok(other, "/v1/requests/flow-delete")
+        image_url = status["images"][0]["image_url"]
+        store = BlobStore.from_url(flow_settings.blob_url)
+        assert store.list_keys("flow-delete/"), "the request wrote blobs"
+
+        deleted = await client.delete("/v1/requests/flow-delete")
+        assert deleted.status_code == 200, deleted.text
+        assert deleted.json()["id"] == "flow-delete" and deleted.json()["blobs_deleted"] > 0
+        assert store.list_keys("flow-delete/") == []
+        assert (await client.get("/v1/requests/flow-delete")).status_code == 404
+        assert (await client.get(image_url)).status_code == 404
+        assert (await client.delete("/v1/requests/flow-delete")).status_code == 404
+
+        deadline = time.monotonic() + 60
+        while (await other.get("/v1/requests/flow-delete")).status_code != 404:
+            assert time.monotonic() < deadline, "the other gateway never forgot it"
+            await asyncio.sleep(0.1)
+    async with TopicReader(flow_settings, "deletions") as reader:
+        await reader.until(lambda: "flow-delete" in reader.keys("deletions"))
+
+
 async def test_status_survives_a_restart_and_a_lost_view_is_rebuilt(
     client: httpx.AsyncClient, flow_settings: Settings, tmp_path: Path
 ) -> None:
@@ -297,3 +325,12 @@ async def test_tenants_see_only_their_requests_and_blobs(
         # A blob of a request without a tenant (submitted on the open gateway) is nobody's.
         other = (await http.get("/v1/requests/flow-1", headers=acme)).status_code
         assert other == 404
+        # Another tenant cannot delete it (answered like a missing request); its own can,
+        # and its blobs, under the tenant's key prefix, are gone.
+        refused = await http.delete("/v1/requests/flow-acme", headers=globex)
+        assert refused.status_code == 404
+        assert (await http.get(urls[0], headers=acme)).status_code == 200
+        assert (await http.delete("/v1/requests/flow-acme", headers=acme)).status_code == 200
+        assert (await http.get(urls[0], headers=acme)).status_code == 404
+        store = BlobStore.from_url(flow_settings.blob_url)
+        assert store.list_keys("tenants/acme/flow-acme/") == []

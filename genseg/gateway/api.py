@@ -10,9 +10,17 @@ from aiokafka.errors import KafkaError
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from consumers.deletion import delete_request
 from genseg.gateway.auth import Caller
 from genseg.gateway.errors import ApiError
-from genseg.gateway.models import Accepted, ErrorBody, QueueView, RequestList, RequestStatus
+from genseg.gateway.models import (
+    Accepted,
+    Deleted,
+    ErrorBody,
+    QueueView,
+    RequestList,
+    RequestStatus,
+)
 from genseg.gateway.sse import event_stream, last_event_id
 from genseg.gateway.state import TERMINAL_STATES, GatewayState
 from genseg.gateway.status import request_status
@@ -146,6 +154,26 @@ def _own_request(gw: GatewayState, who: Caller, request_id: str) -> Any:
 async def status(request_id: str, request: Request, gw: Gateway, who: Who) -> RequestStatus:
     row = _own_request(gw, who, request_id)
     return request_status(gw.the_view(), row, gw.links(request))
+
+
+@router.delete("/requests/{request_id}", response_model=Deleted, summary="Delete a request")
+async def delete(request_id: str, gw: Gateway, who: Who) -> Deleted:
+    """Every blob of the request is removed and a deletion event published (workers drop
+    it, even in flight; every gateway's view forgets it); docs/deploy.md, Deletion."""
+    row = _own_request(gw, who, request_id)
+    try:
+        # ``force``: the view knows it, so even a request still queued (nothing stored
+        # yet) is deleted, and its late outputs are removed by the workers' check.
+        event = await delete_request(
+            gw.settings, request_id, tenant=row.tenant, force=True, blob=gw.blobs,
+            publisher=gw.publisher,
+        )  # fmt: skip
+    except (BlobError, KafkaError) as exc:
+        raise ApiError(503, "unavailable", f"the deletion did not finish: {exc}") from exc
+    assert event is not None  # forced: never "unknown"
+    gw.the_view().erase(request_id)  # read-your-writes; the event tells the other gateways
+    return Deleted(id=request_id, blobs_deleted=event.blobs_deleted,
+                   bytes_deleted=event.bytes_deleted)  # fmt: skip
 
 
 @router.get(

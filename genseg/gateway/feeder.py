@@ -27,7 +27,9 @@ from schemas import InvalidEvent, decode_record
 log = logging.getLogger(__name__)
 
 #: What the view is built from (short names).
-VIEW_TOPICS = ("prompts", "progress", "images", "masks", "assets", "dlq", "webhooks")
+VIEW_TOPICS = (
+    "prompts", "progress", "images", "masks", "assets", "dlq", "webhooks", "deletions",
+)  # fmt: skip
 #: How often the feeder looks for partitions added to its topics.
 REASSIGN_INTERVAL_S = 30.0
 

@@ -84,6 +84,15 @@ class RequestStatus(BaseModel):
     error: Failure | None = Field(default=None, description="A failure of every image")
 
 
+class Deleted(BaseModel):
+    """What ``DELETE /v1/requests/{id}`` did (the deletion event's figures)."""
+
+    id: str
+    deleted: bool = True
+    blobs_deleted: int
+    bytes_deleted: int
+
+
 class RequestList(BaseModel):
     requests: list[RequestStatus]
 

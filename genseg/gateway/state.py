@@ -54,7 +54,7 @@ class GatewayState:
         self.settings = settings
         self.config = config
         self.metrics = GatewayMetrics()
-        self.blobs = BlobStore.from_url(settings.blob_url)
+        self.blobs = BlobStore.from_settings(settings)
         self.keys = ApiKeys(settings.api_keys) if settings.api_keys else None
         self.policy = WebhookPolicy.from_setting(settings.webhook_allow)
         self.default_size = config.default_size or request_size(settings.models)

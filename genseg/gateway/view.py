@@ -24,6 +24,7 @@ from schemas import (
     AssetReadyEvent,
     BlobRef,
     DeadLetterEvent,
+    DeletionEvent,
     Event,
     ImageReadyEvent,
     InpaintEvent,
@@ -36,7 +37,7 @@ from schemas import (
 log = logging.getLogger(__name__)
 
 #: Bump when the tables change: an older file is then rebuilt from the topics.
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 
 _TABLES = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -61,8 +62,11 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_by_request ON events (id, seq);
 CREATE TABLE IF NOT EXISTS blobs (
     key TEXT PRIMARY KEY, id TEXT NOT NULL, ref TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS deleted (id TEXT PRIMARY KEY);
 """
-_DATA_TABLES = ("offsets", "requests", "images", "webhooks", "events", "blobs")
+_DATA_TABLES = ("offsets", "requests", "images", "webhooks", "events", "blobs", "deleted")
+#: The tables that hold what the view knows of one request (column ``id``).
+_REQUEST_TABLES = ("requests", "images", "webhooks", "events", "blobs")
 
 #: Request states, in the order a request goes through them.
 STATES = ("queued", "generating", "segmenting", "done", "failed")
@@ -185,6 +189,21 @@ class View:
                 (request_id,),
             )
 
+    def erase(self, request_id: str) -> None:
+        """Forget ``request_id`` for good: what the view knew of it, and any record of it
+        read later (its deletion event, or a gateway's own DELETE)."""
+        with self.db:
+            self._erase(request_id)
+
+    def _erase(self, request_id: str) -> None:
+        for table in _REQUEST_TABLES:
+            self.db.execute(f"DELETE FROM {table} WHERE id = ?", (request_id,))
+        self.db.execute("INSERT OR IGNORE INTO deleted (id) VALUES (?)", (request_id,))
+
+    def is_deleted(self, request_id: str) -> bool:
+        found = self.db.execute("SELECT 1 FROM deleted WHERE id = ?", (request_id,)).fetchone()
+        return found is not None
+
     def apply(
         self, records: list[Record], ends: dict[tuple[str, int], int], blob_key: Any
     ) -> tuple[dict[str, list[StoredEvent]], set[str]]:
@@ -222,6 +241,11 @@ class View:
         request_id = getattr(event, "id", None)
         if not isinstance(request_id, str):
             return None  # a dead letter of a record without a usable id: nobody's request
+        if isinstance(event, DeletionEvent):
+            self._erase(request_id)
+            return None
+        if self.is_deleted(request_id):
+            return None  # a late record of a deleted request must not bring it back
         self._ensure(request_id, getattr(event, "tenant", None), record.timestamp_ms)
         kind: str | None = None
         if isinstance(event, PromptEvent | InpaintEvent):
