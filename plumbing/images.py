@@ -35,10 +35,18 @@ def png_byte_limit(max_pixels: int) -> int:
     return max_pixels * 8 + 2**20
 
 
+#: zlib level of every PNG the workers write. Level 1 encodes a 512x512 photo-like image
+#: about 45 % faster than Pillow's default 6 (35 against 62 ms on the 2-core bench machine),
+#: for files about 13 % larger; decoding is as fast. A worker on a GPU makes such an image
+#: in a few hundred ms, so the encoding was a tenth of its time.
+PNG_COMPRESS_LEVEL = 1
+
+
 def encode_png(image: Image.Image) -> bytes:
-    """PNG bytes of ``image``; deterministic for the same pixels."""
+    """PNG bytes of ``image``; deterministic for the same pixels (and the same Pillow and
+    zlib: the bytes, not the pixels, change with :data:`PNG_COMPRESS_LEVEL`)."""
     buf = io.BytesIO()
-    image.save(buf, format="PNG", optimize=False)
+    image.save(buf, format="PNG", optimize=False, compress_level=PNG_COMPRESS_LEVEL)
     return buf.getvalue()
 
 
