@@ -2,32 +2,47 @@
 
 Side by side in one run, on one machine, with the same loaded models:
 
-- ``direct``: :meth:`gen_worker.generate.Generator.generate` in one process, the
-  requests in batches of ``--max-batch`` (the worker's best case);
+- ``direct``: :meth:`gen_worker.generate.Generator.generate` on the requests in batches
+  of the gen worker's default ``max_batch`` (4), in a thread of this process (the
+  event loop stays free);
 - ``worker``: the same requests published to Kafka (the embedded tansu broker unless
-  ``KAFKA_BOOTSTRAP_SERVERS`` is set), consumed by a :class:`GenStage` inside the stage
-  runtime (micro-batching, blob store writes, image-ready and progress events), timed
-  from the first publish to the last image-ready event received.
+  ``KAFKA_BOOTSTRAP_SERVERS`` is set), consumed by a :class:`GenStage` inside a stage
+  runtime in this process at ``genseg worker``'s default configuration
+  (micro-batching, image and heat-map PNGs, blob writes, image-ready and progress
+  events). A client in a process of its own (as clients are: a
+  :class:`~producers.publisher.Publisher` and a :class:`~consumers.subscriber.Subscriber`
+  with the default fetch wait) times it from its first publish until it has read the
+  last image-ready event.
 
-Modes alternate ``--repeats`` times; the best run of each counts. Wall-clock seconds
-per image give the headline ratio; this process's CPU seconds per image are reported
-too, being less sensitive to other load on a shared machine. Prints the machine
-and, as the last line, one JSON object ``{"bench": "gen", ...}``.
+The runtime and the client exist only during worker rounds: they start and join
+their groups before the clock and stop after it, so a direct round runs beside
+nothing but the idle broker, and a worker round beside an idle thread pool. Modes
+alternate for ``--repeats`` rounds (the order flips each round; the same seeds in
+both modes of a round). Per round: the worker's wall seconds over the direct run's,
+and its CPU seconds (this process, which holds the worker, and the broker) over the
+direct run's (this process); the client's own CPU is reported apart. The medians of
+those ratios and their spread count; the target is <= 1.10 for both. Each round also
+records the machine's other load. Prints the machine and, as the last line, one JSON
+object ``{"bench": "gen", ...}``.
 
-    python bench/gen.py                 # 32 requests, tiny profile, 64x64, 20 steps
+    python bench/gen.py                 # 32 requests, tiny profile, 64x64, 20 steps, 5 rounds
+    python bench/gen.py --profile-worker /tmp/gen.pstats  # cProfile of the worker rounds
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import json
 import logging
+import multiprocessing as mp
 import os
-import platform
+import statistics
 import sys
 import tempfile
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -35,31 +50,25 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from consumers.runtime import RuntimeConfig, StageRuntime
+from bench.machine import LoadMeter, describe, load_average, spread
+from consumers.runtime import StageRuntime
 from consumers.subscriber import Subscriber
 from gen_worker.generate import Generator, Sample
 from gen_worker.handler import GenStage, batch_spec, image_seeds
 from gen_worker.profiles import GenModels
+from genseg.workers import runtime_config
 from plumbing.broker import EmbeddedBroker
+from plumbing.kafka import ensure_topics
 from plumbing.settings import Settings
 from producers.publisher import Publisher
 from schemas import ImageReadyEvent, PromptEvent
 
 log = logging.getLogger("bench.gen")
 
-
-def machine() -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
+TARGET = 1.10
 
 
-def requests(n: int, size: int, steps: int, run: str) -> list[PromptEvent]:
+def requests(n: int, size: int, steps: int, run: str, seed0: int = 1000) -> list[PromptEvent]:
     return [
         PromptEvent(
             id=f"bench-{run}-{i:03d}",
@@ -68,7 +77,7 @@ def requests(n: int, size: int, steps: int, run: str) -> list[PromptEvent]:
             width=size,
             height=size,
             steps=steps,
-            seed=1000 + i,
+            seed=seed0 + i,
         )
         for i in range(n)
     ]
@@ -88,32 +97,82 @@ def run_direct(generator: Generator, events: list[PromptEvent], max_batch: int) 
     return time.perf_counter() - started
 
 
-async def run_worker(
-    rt: StageRuntime, settings: Settings, events: list[PromptEvent], timeout_s: float
-) -> float:
-    """Seconds from the first publish to the last image-ready event, through the worker."""
-    wanted = {e.id for e in events}
-    seen: set[str] = set()
-    strays = 0
+async def wait_assigned(rt: StageRuntime, timeout: float) -> None:
+    deadline = time.perf_counter() + timeout
+    while not rt.committed_offsets():
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"no partitions after {timeout} s")
+        await asyncio.sleep(0.05)
+
+
+def client_main(settings: dict[str, Any], events: list[str], conn: Connection) -> None:
+    """The client process: connect, say ready, on "go" publish ``events`` (JSON) and read
+    image-ready events until every request has one; send back the seconds that took."""
+    logging.basicConfig(level=logging.WARNING)
+    conn.send(asyncio.run(_client(Settings(**settings), events, conn)))
+
+
+async def _client(settings: Settings, events: list[str], conn: Connection) -> float:
+    prompts = [PromptEvent.model_validate_json(e) for e in events]
+    wanted, seen = {e.id for e in prompts}, set[str]()
     async with Subscriber(settings, ["images", "dlq"]) as sub, Publisher(settings) as pub:
+        conn.send("ready")
+        await asyncio.to_thread(conn.recv)  # "go"
         started = time.perf_counter()
-        await asyncio.gather(*(pub.publish(settings.topics.prompts, e) for e in events))
-        deadline = started + timeout_s
+        await asyncio.gather(*(pub.publish(settings.topics.prompts, e) for e in prompts))
         while not wanted <= seen:
-            if time.perf_counter() > deadline:
-                raise TimeoutError(f"{len(wanted - seen)} images missing after {timeout_s} s")
             for topic, event in await sub.next_events(0.2):
                 if getattr(event, "id", None) not in wanted:
-                    strays += 1
                     continue
                 if topic != settings.topics.images:
                     raise RuntimeError(f"dead-lettered: {event}")
                 assert isinstance(event, ImageReadyEvent)
                 seen.add(event.id)
-        elapsed = time.perf_counter() - started
-    if strays:
-        log.warning("%d events of earlier runs arrived during this run", strays)
-    return elapsed
+        return time.perf_counter() - started
+
+
+async def run_worker(
+    stage: GenStage,
+    settings: Settings,
+    events: list[PromptEvent],
+    meter: LoadMeter,
+    timeout_s: float,
+    profiler: cProfile.Profile | None = None,
+) -> tuple[float, StageRuntime]:
+    """Seconds from the client's first publish until it read the last image-ready event,
+    through a runtime started (and joined) for this round; ``meter`` covers that span
+    (the client's pid is added to it as ``client``)."""
+    rt = StageRuntime(stage, settings, runtime_config(stage, create_topics=False))
+    ctx = mp.get_context("spawn")
+    here, there = ctx.Pipe()
+    fields = {"kafka_bootstrap_servers", "topic_prefix", "blob_url"}
+    client = ctx.Process(
+        target=client_main,
+        args=(settings.model_dump(include=fields), [e.model_dump_json() for e in events], there),
+        daemon=True,
+    )
+    async with rt:
+        await wait_assigned(rt, timeout_s)
+        client.start()
+        try:
+            if not await asyncio.to_thread(here.poll, timeout_s):
+                raise TimeoutError("the client did not start")
+            assert here.recv() == "ready"
+            meter.roles["client"] = [client.pid or 0]
+            if profiler is not None:
+                profiler.enable()
+            with meter:
+                here.send("go")
+                if not await asyncio.to_thread(here.poll, timeout_s):
+                    raise TimeoutError(f"images missing after {timeout_s} s")
+                elapsed = float(here.recv())
+            if profiler is not None:
+                profiler.disable()
+        finally:
+            await asyncio.to_thread(client.join, 30)
+            if client.is_alive():
+                client.kill()
+    return elapsed, rt
 
 
 def histogram_totals(histogram: Any) -> tuple[float, float]:
@@ -122,7 +181,9 @@ def histogram_totals(histogram: Any) -> tuple[float, float]:
     return values["_count"], values["_sum"]
 
 
-async def bench(args: argparse.Namespace, bootstrap: str, blob_dir: str) -> dict[str, Any]:
+async def bench(
+    args: argparse.Namespace, bootstrap: str, blob_dir: str, broker_pid: int | None
+) -> dict[str, Any]:
     settings = Settings(
         kafka_bootstrap_servers=bootstrap,
         topic_prefix=f"bench{os.getpid()}",
@@ -130,39 +191,58 @@ async def bench(args: argparse.Namespace, bootstrap: str, blob_dir: str) -> dict
         models=args.profile,
         device=args.device,
     )
+    await ensure_topics(settings)
     models = GenModels.from_settings(settings)
     generator = Generator(models)
     # Built here, not by genseg.workers: the stage shares its models with the direct path.
     stage = GenStage(settings, generator=generator)
-    config = RuntimeConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
-    direct: list[float] = []
-    worker: list[float] = []
-    # CPU seconds of this process (all threads): less sensitive than wall time to other
-    # load on a shared machine. The broker is another process and is not counted.
-    direct_cpu: list[float] = []
-    worker_cpu: list[float] = []
-    async with StageRuntime(stage, settings, config) as rt:
-        # Warm up both paths (group join, topic metadata, first-call allocations).
-        await run_worker(rt, settings, requests(2, args.size, 2, "warm"), args.timeout)
-        run_direct(generator, requests(2, args.size, 2, "warm"), args.max_batch)
-        # The fixed cost of one round trip (two consumer fetch waits, publish, commit):
-        # paid once per run below, as pipeline fill and drain.
-        round_trip = await run_worker(rt, settings, requests(1, args.size, 1, "rtt"), args.timeout)
-        count0, sum0 = histogram_totals(rt.metrics.batch_size)
-        for r in range(args.repeats):
-            events = requests(args.requests, args.size, args.steps, f"r{r}")
-            cpu = time.process_time()
-            direct.append(run_direct(generator, events, args.max_batch))
-            direct_cpu.append(time.process_time() - cpu)
-            log.info("direct run %d: %.2f s", r, direct[-1])
-            cpu = time.process_time()
-            worker.append(await run_worker(rt, settings, events, args.timeout))
-            worker_cpu.append(time.process_time() - cpu)
-            log.info("worker run %d: %.2f s", r, worker[-1])
-        count1, sum1 = histogram_totals(rt.metrics.batch_size)
+    config = runtime_config(stage)
+    roles = {"bench": [os.getpid()], "broker": [broker_pid] if broker_pid else []}
+    # The warm-up and each round get a meter (and a client pid) of their own.
+    profiler = cProfile.Profile() if args.profile_worker else None
+    rounds: list[dict[str, Any]] = []
+    batches = [0.0, 0.0]
     n = args.requests
-    direct_spi, worker_spi = min(direct) / n, min(worker) / n
-    ratio = worker_spi / direct_spi
+    # Warm up both paths (topic metadata, first-call allocations).
+    await run_worker(
+        stage, settings, requests(2, args.size, 2, "warm"), LoadMeter({}), args.timeout
+    )
+    await asyncio.to_thread(
+        run_direct, generator, requests(2, args.size, 2, "warm"), config.max_batch
+    )
+    for r in range(args.repeats):
+        seed0 = 1000 + 100 * r
+        row: dict[str, Any] = {"round": r}
+        for mode in ("direct", "worker") if r % 2 == 0 else ("worker", "direct"):
+            events = requests(n, args.size, args.steps, f"{mode[0]}{r}", seed0)
+            meter = LoadMeter(dict(roles))
+            if mode == "direct":
+                with meter:
+                    seconds = await asyncio.to_thread(
+                        run_direct, generator, events, config.max_batch
+                    )
+            else:
+                seconds, rt = await run_worker(
+                    stage, settings, events, meter, args.timeout, profiler
+                )
+                count, total = histogram_totals(rt.metrics.batch_size)
+                batches[0] += count
+                batches[1] += total
+            # What the mode costs: this process, and for the worker the broker too.
+            cpu = meter.by_role["bench"] + meter.by_role.get("broker", 0.0)
+            row[mode] = {"s": round(seconds, 3), "cpu_s": round(cpu, 3), **meter.report()}
+        row["ratio"] = round(row["worker"]["s"] / row["direct"]["s"], 3)
+        row["cpu_ratio"] = round(row["worker"]["cpu_s"] / max(row["direct"]["cpu_s"], 1e-9), 3)
+        rounds.append(row)
+        log.info("round %d: %s", r, json.dumps(row))
+    if profiler is not None:
+        profiler.dump_stats(args.profile_worker)
+    wall = spread([r["ratio"] for r in rounds])
+    cpu = spread([r["cpu_ratio"] for r in rounds])
+
+    def per_image(mode: str, key: str) -> float:
+        return round(statistics.median(r[mode][key] for r in rounds) / n, 4)
+
     return {
         "bench": "gen",
         "profile": args.profile,
@@ -170,24 +250,30 @@ async def bench(args: argparse.Namespace, bootstrap: str, blob_dir: str) -> dict
         "size": args.size,
         "steps": args.steps,
         "requests": n,
-        "max_batch": args.max_batch,
+        "config": {
+            "max_batch": config.max_batch,
+            "max_wait_ms": config.max_wait_ms,
+            "max_in_flight": config.max_in_flight,
+            "fetch_max_wait_ms": settings.kafka_fetch_max_wait_ms,
+        },
         "repeats": args.repeats,
-        "direct_s_per_image": round(direct_spi, 4),
-        "worker_s_per_image": round(worker_spi, 4),
-        "ratio": round(ratio, 3),
-        "target_ratio": 1.10,
-        "ok": ratio <= 1.10,
-        "round_trip_1_step_s": round(round_trip, 3),
-        # Throughput without the one-time fill and drain latency of a run (about one
-        # round trip: the consumers' fetch waits), which a steady stream does not pay.
-        "ratio_excl_round_trip": round((min(worker) - round_trip) / min(direct), 3),
-        "direct_cpu_s_per_image": round(min(direct_cpu) / n, 4),
-        "worker_cpu_s_per_image": round(min(worker_cpu) / n, 4),
-        "cpu_ratio": round(min(worker_cpu) / min(direct_cpu), 3),
-        "mean_batch": round((sum1 - sum0) / max(count1 - count0, 1), 2),
-        "direct_runs_s": [round(x, 3) for x in direct],
-        "worker_runs_s": [round(x, 3) for x in worker],
-        "machine": machine(),
+        "direct_s_per_image": per_image("direct", "s"),
+        "worker_s_per_image": per_image("worker", "s"),
+        "direct_cpu_s_per_image": per_image("direct", "cpu_s"),
+        "worker_cpu_s_per_image": per_image("worker", "cpu_s"),
+        "ratio": wall["median"],
+        "ratio_spread": wall,
+        "cpu_ratio": cpu["median"],
+        "cpu_ratio_spread": cpu,
+        "target_ratio": TARGET,
+        "ok": wall["median"] <= TARGET and cpu["median"] <= TARGET,
+        "mean_batch": round(batches[1] / max(batches[0], 1), 2),
+        "other_load_cores": spread(
+            [r[m].get("other_load_cores") or 0.0 for r in rounds for m in ("direct", "worker")], 2
+        ),
+        "load_avg_after": load_average(),
+        "rounds": rounds,
+        "machine": {**describe(), "cuda": torch.cuda.is_available()},
     }
 
 
@@ -198,29 +284,30 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--profile", default="tiny", choices=["tiny", "random", "pretrained"])
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--max-batch", type=int, default=4)
-    parser.add_argument("--max-wait-ms", type=int, default=50)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="alternating rounds")
+    parser.add_argument("--torch-threads", type=int, default=None, help="default: torch's")
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--profile-worker", help="write a cProfile of the worker rounds here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("aiokafka", "diffusers", "transformers", "consumers", "gen_worker"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
 
-    print("machine:", json.dumps(machine()))
+    print("machine:", json.dumps(describe()))
     with tempfile.TemporaryDirectory(prefix="genseg-bench-") as tmp:
         bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
         if bootstrap:
-            result = asyncio.run(bench(args, bootstrap, tmp))
+            result = asyncio.run(bench(args, bootstrap, tmp, None))
         else:
             with EmbeddedBroker(log_path=Path(tmp) / "tansu.log") as broker:
-                result = asyncio.run(bench(args, broker.bootstrap_servers, tmp + "/blobs"))
+                result = asyncio.run(
+                    bench(args, broker.bootstrap_servers, tmp + "/blobs", broker.pid)
+                )
     print(
-        f"direct {result['direct_s_per_image']:.4f} s/image, "
-        f"worker {result['worker_s_per_image']:.4f} s/image, "
-        f"ratio {result['ratio']:.3f} (target <= 1.10; "
-        f"{result['ratio_excl_round_trip']:.3f} without one round trip of "
-        f"{result['round_trip_1_step_s']:.2f} s), mean batch {result['mean_batch']}"
+        f"worker / direct, median of {result['repeats']} rounds: wall {result['ratio']:.3f}, "
+        f"CPU {result['cpu_ratio']:.3f} (target <= {TARGET}); mean batch {result['mean_batch']}"
     )
     print(json.dumps(result))
 
