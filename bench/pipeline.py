@@ -31,7 +31,8 @@
     take ``--scale-requests`` prompts in alternating rounds (request ids chosen so that
     every partition holds the same number), timed from the first publish to the
     timestamp of the last image-ready event; every process is warmed up (one request
-    per partition) first, the best round of each counts. The group whose turn it is not
+    per partition) first; the median round of each counts (the best rounds' ratio is
+    reported beside it). The group whose turn it is not
     is frozen (SIGSTOP) meanwhile: a deployment of either size has no second group
     polling the broker. Each round reports its batches per process, when each process
     sent its last image, and the CPU seconds of each group, the driver and the broker.
@@ -755,7 +756,9 @@ async def bench_scale(
                     }
                 )
                 log.info("%d gen process(es), run %d: %.2f s %s", count, r, elapsed, loads[-1])
-    one, two = min(results[1]), min(results[2])
+    # The median round of each count (the project's rule for a headline); the best
+    # rounds, which this part used to report, are kept beside it.
+    one, two = statistics.median(results[1]), statistics.median(results[2])
     ratio = one / two
     return {
         "requests": n,
@@ -770,6 +773,7 @@ async def bench_scale(
         "one_process_req_per_s": round(n / one, 3),
         "two_processes_req_per_s": round(n / two, 3),
         "throughput_ratio": round(ratio, 3),
+        "best_rounds_ratio": round(min(results[1]) / min(results[2]), 3),
         "target_ratio": 1.7,
         "ok": ratio >= 1.7,
         "one_process_runs_s": [round(x, 3) for x in results[1]],

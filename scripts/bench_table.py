@@ -102,7 +102,7 @@ def pipeline(r: dict[str, Any]) -> list[Row]:
     if b := r.get("scale"):
         rows.append(
             Row(
-                f"(b) 2 vs 1 generator processes, {b['requests']} requests, best of "
+                f"(b) 2 vs 1 generator processes, {b['requests']} requests, median of "
                 f"{b['repeats']} rounds each",
                 "bench/pipeline.py",
                 f"{b['throughput_ratio']:.2f} ({b['two_processes_req_per_s']:.2f} vs "
