@@ -66,6 +66,8 @@ from schemas import ImageReadyEvent, PromptEvent
 log = logging.getLogger("bench.gen")
 
 TARGET = 1.10
+#: A worker does the direct call's work and more: a ratio under this is a disturbed run.
+PLAUSIBLE = 0.95
 
 
 def requests(n: int, size: int, steps: int, run: str, seed0: int = 1000) -> list[PromptEvent]:
@@ -95,6 +97,15 @@ def run_direct(generator: Generator, events: list[PromptEvent], max_batch: int) 
         ]
         generator.generate(batch_spec(chunk[0]), samples)
     return time.perf_counter() - started
+
+
+async def verdict(wall: float, cpu: float) -> bool | None:
+    """Whether the target is met; None (no verdict) when the worker measured clearly
+    faster than the call it wraps: the direct run was disturbed (on a loaded machine,
+    torch's intra-op threads of a one-thread process can spin for minutes)."""
+    if min(wall, cpu) < PLAUSIBLE:
+        return None
+    return wall <= TARGET and cpu <= TARGET
 
 
 async def wait_assigned(rt: StageRuntime, timeout: float) -> None:
@@ -266,7 +277,7 @@ async def bench(
         "cpu_ratio": cpu["median"],
         "cpu_ratio_spread": cpu,
         "target_ratio": TARGET,
-        "ok": wall["median"] <= TARGET and cpu["median"] <= TARGET,
+        "ok": verdict(wall["median"], cpu["median"]),
         "mean_batch": round(batches[1] / max(batches[0], 1), 2),
         "other_load_cores": spread(
             [r[m].get("other_load_cores") or 0.0 for r in rounds for m in ("direct", "worker")], 2

@@ -478,7 +478,11 @@ async def bench_overhead(
         "cpu_ratio": cpu["median"],
         "cpu_ratio_spread": cpu,
         "target_cpu_ratio": 1.25,
-        "ok": wall["median"] <= 1.15 and cpu["median"] <= 1.25,
+        # None (no verdict) when the pipeline measured clearly faster than the same work
+        # done directly with the same threads: the direct rounds were disturbed.
+        "ok": None
+        if min(wall["median"], cpu["median"]) < 0.95
+        else wall["median"] <= 1.15 and cpu["median"] <= 1.25,
         "mean_gen_batch": round(batches[1] / max(batches[0], 1), 2),
         "objects_per_run": {
             "direct": [r["direct"]["objects"] for r in rounds],

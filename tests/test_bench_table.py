@@ -98,3 +98,9 @@ def test_the_readme_gets_the_table_between_its_markers(logs: Path, tmp_path: Pat
     assert out.read_text().startswith("# Latest benchmark figures")
     with pytest.raises(SystemExit, match="markers"):
         bench_table.into_readme("no markers here", "table")
+
+
+def test_genseg_faster_than_the_work_it_wraps_gets_no_verdict() -> None:
+    disturbed = {**RESULTS["gen"], "ratio_spread": spread(0.15, 0.11, 0.62), "ok": True}
+    [row] = bench_table.gen(disturbed)
+    assert row.met is None and row.cells()[-1] == "no verdict (a disturbed run)"
