@@ -112,7 +112,8 @@ def run(stage: SegStage, store: LocalBlobStore, event: ImageReadyEvent) -> dict[
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     if isinstance(result, BaseException):
         raise result
-    asset = result[1].event
+    # The terminal output: the asset-ready event (a scene view has its record before it).
+    asset = next(out.event for out in result if out.terminal)
     assert isinstance(asset, AssetReadyEvent)
     return {
         "wall_ms": wall * 1000,
