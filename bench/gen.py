@@ -195,6 +195,7 @@ def histogram_totals(histogram: Any) -> tuple[float, float]:
 async def bench(
     args: argparse.Namespace, bootstrap: str, blob_dir: str, broker_pid: int | None
 ) -> dict[str, Any]:
+    info = {**describe(), "cuda": torch.cuda.is_available()}  # the commit as the run starts
     settings = Settings(
         kafka_bootstrap_servers=bootstrap,
         topic_prefix=f"bench{os.getpid()}",
@@ -284,7 +285,7 @@ async def bench(
         ),
         "load_avg_after": load_average(),
         "rounds": rounds,
-        "machine": {**describe(), "cuda": torch.cuda.is_available()},
+        "machine": info,
     }
 
 

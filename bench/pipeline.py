@@ -792,7 +792,8 @@ async def bench_scale(
 async def bench(
     args: argparse.Namespace, bootstrap: str, tmp: Path, broker_pid: int | None
 ) -> dict[str, Any]:
-    out: dict[str, Any] = {"bench": "pipeline", "profile": "tiny"}
+    # The machine and the commit when the run starts (the code that runs is loaded now).
+    out: dict[str, Any] = {"bench": "pipeline", "profile": "tiny", "machine": machine()}
     load_before = load_average()
     if not args.skip_overhead:
         out["overhead"] = await bench_overhead(args, bootstrap, str(tmp / "blobs-a"), broker_pid)
@@ -802,7 +803,6 @@ async def bench(
         out["flow"] = await bench_flow(args, bootstrap, str(tmp / "blobs-c"), broker_pid)
     out["loadavg_before"] = load_before
     out["loadavg_after"] = load_average()
-    out["machine"] = machine()
     return out
 
 
