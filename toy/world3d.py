@@ -12,14 +12,15 @@ with the same cameras.
 Two layouts:
 
 - ``canonical`` (the generator's world): **the caption fixes the scene**. The k-th named
-  solid stands on slot ``SLOTS[k]``, with its shape's fixed size and turn; only the
-  floor's grey varies. A view is then a function of caption and azimuth, so views
+  solid stands on slot ``SLOTS[k]``, with its shape's fixed size and turn, on a floor of
+  grey :data:`CANONICAL_FLOOR`. A view is then a function of caption and azimuth, so views
   generated one by one (one request per view) can agree: a diffusion model maps
   noise to *some* layout, and nothing would make four independent samples pick the
   same one. The slots are placed so that no solid hides another from 0, 45, 90 or 135
   degrees.
 - ``random`` (the depth model's world): any positions in a disc, turns and sizes, any
-  azimuth, so depth is learnt from geometry rather than from the slots.
+  floor grey (100 to 190) and azimuth, so depth is learnt from geometry rather than
+  from the slots.
 
 Units: world units ("metres"); depth is z-depth along the camera's axis (see
 :mod:`scene_worker.camera`). Everything follows from one seed (:func:`make_scene3d`).
@@ -52,6 +53,8 @@ DIMENSIONS: dict[str, tuple[float, float]] = {
 }
 #: Turn of a canonical cube about the vertical, degrees (so no face is square-on to 0).
 CUBE_YAW = 20.0
+#: The floor's grey in canonical scenes: fixed, so a caption and a view fix the image.
+CANONICAL_FLOOR = 150.0
 #: Evaluation seeds (benches) start here; training seeds stay below.
 EVAL_SEED_BASE = 1_000_000
 #: The light: a direction towards it (world), ambient and diffuse shares.
@@ -226,6 +229,7 @@ def make_scene3d(
     joiner = " next to " if rng.random() < 0.3 else " and "
     floor = float(rng.uniform(100, 190))
     if layout == "canonical":
+        floor = CANONICAL_FLOOR
         solids = canonical_solids(chosen)
         azimuths = tuple(views) if views is not None else VIEWS
     elif layout == "random":
@@ -422,6 +426,7 @@ def _downsample(
 
 
 __all__ = [
+    "CANONICAL_FLOOR",
     "DIMENSIONS",
     "EVAL_SEED_BASE",
     "SLOTS",

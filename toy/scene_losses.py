@@ -1,0 +1,106 @@
+"""Training parts of the scene denoiser beyond the diffusion loss: cross-attention capture
+and the attention loss on it, min-SNR weights, the EMA of the weights.
+
+The same method as the flat generator's (:mod:`toy.gen_losses`, TokenCompose's loss),
+kept apart on purpose: the shipped scene weights must not change when the flat
+recipe does.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+
+
+class AttentionCapture:
+    """Cross-attention processor (``attn2``) that keeps its head-averaged probabilities
+    ``[B, Q, T]`` in :attr:`maps` (explicit softmax; the same output as SDPA)."""
+
+    def __init__(self) -> None:
+        self.maps: list[torch.Tensor] = []
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        # Adapted from diffusers.models.attention_processor.AttnProcessor2_0.__call__
+        # (diffusers 0.42.1): the toy UNet's cross-attention path only (no norms, no mask,
+        # no residual), with an explicit softmax in place of SDPA.
+        assert encoder_hidden_states is not None, "only for cross-attention layers"
+        batch = hidden_states.shape[0]
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        q = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        k = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        v = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(dim=-1)  # [B, heads, Q, T]
+        self.maps.append(probs.mean(dim=1))
+        out = (probs @ v).transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out / attn.rescale_output_factor
+
+
+def attention_loss(
+    maps: Sequence[torch.Tensor], token_object: torch.Tensor, masks: torch.Tensor
+) -> torch.Tensor:
+    """Mean over layers and object tokens of ``1 - share inside`` + ``(map - mask)^2``.
+
+    ``maps``: per layer ``[B, Q, T]``; ``token_object`` ``[B, T]`` (-1: no object);
+    ``masks`` ``[B, K, 16, 16]`` each object's coverage of the latent cells.
+    """
+    valid = token_object >= 0
+    if not bool(valid.any()):
+        return torch.zeros((), device=masks.device)
+    b_idx, t_idx = valid.nonzero(as_tuple=True)
+    total = torch.zeros((), device=masks.device)
+    for layer in maps:
+        side = math.isqrt(layer.shape[1])
+        cells = masks if side == masks.shape[-1] else F.adaptive_avg_pool2d(masks, side)
+        target = cells[b_idx, token_object[b_idx, t_idx]].flatten(1)  # [n, Q]
+        attn = layer[b_idx, :, t_idx]  # [n, Q]
+        inside = (attn * target).sum(dim=1) / attn.sum(dim=1).clamp_min(1e-8)
+        peaked = attn / attn.amax(dim=1, keepdim=True).clamp_min(1e-8)
+        total = total + (1.0 - inside).mean() + ((peaked - target) ** 2).mean()
+    return total / len(maps)
+
+
+def min_snr_weights(
+    timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float
+) -> torch.Tensor:
+    """Min-SNR-gamma loss weights for v-prediction: ``min(snr, gamma) / (snr + 1)``."""
+    a = alphas_cumprod[timesteps]
+    snr = a / (1.0 - a)
+    return snr.clamp(max=gamma) / (snr + 1.0)
+
+
+class EMA:
+    """Exponential moving average of a module's parameters (with warm-up)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float) -> None:
+        self.shadow = copy.deepcopy(module).eval().requires_grad_(False)
+        self.decay = decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for s, p in zip(self.shadow.parameters(), module.parameters(), strict=True):
+            s.lerp_(p.detach(), 1.0 - d)
+
+
+__all__ = ["EMA", "AttentionCapture", "attention_loss", "min_snr_weights"]
