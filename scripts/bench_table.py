@@ -232,9 +232,12 @@ def _find(value: Any, key: str) -> list[Any]:
 
 
 def _commits(results: dict[str, dict[str, Any]]) -> str:
-    commits = sorted({c for r in results.values() for c in _find(r, "commit") if c})
-    if commits:
-        return ", ".join(commits)
+    """The commit each bench ran at (``+dirty``: the working tree had changes)."""
+    found = {name: next(iter(_find(r, "commit")), None) for name, r in results.items()}
+    if len({c for c in found.values() if c}) == 1:
+        return next(c for c in found.values() if c)
+    if any(found.values()):
+        return ", ".join(f"{name} {commit}" for name, commit in found.items() if commit)
     done = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
     )
@@ -261,7 +264,7 @@ def table(results: dict[str, dict[str, Any]], *, date: str, load: str | None = N
         for row in rows_of(results[name])
     ]
     lines = [
-        f"Measured by `make bench` at commit {_commits(results)} on {date} (UTC); machine: "
+        f"Measured by `make bench` at commit {_commits(results)}, on {date} (UTC); machine: "
         f"{_machine(results)}; other load (cores busy with other processes, median of the "
         f"rounds, the worst bench's): {_other_load(results)}"
         + (f"; load average {load}" if load else "")

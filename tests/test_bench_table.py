@@ -79,7 +79,7 @@ def test_one_row_per_figure_with_the_verdict(logs: Path) -> None:
     assert len(rows) == 1 + 1 + 1 + 3 + 1, text  # header, event plane, gen, (a)(b)(c), quality
     assert "0.480 (0.300-0.610)" in text and "**missed**" in rows[1]
     assert "1.050 (1.010-1.120) / 1.040 (1.000-1.090)" in rows[2] and "**met**" in rows[2]
-    assert "at commit abc1234 on 2026-11-30 12:00" in text
+    assert "at commit abc1234, on 2026-11-30 12:00" in text
     assert "event_plane 0.02" in text and "gen 0.01" in text and "load average 0.10" in text
 
 
