@@ -8,6 +8,8 @@ a thread pool, and rebalances. Each other concern has a module of its own:
   records held; then the partitions pause);
 - :mod:`consumers.batching`: the ready queue and micro-batching (``max_batch``,
   ``max_wait_ms``);
+- :mod:`consumers.handoff`: handler calls in the thread pool, several batches a trip
+  for a handler whose calls take microseconds;
 - :mod:`consumers.outputs`: publishing outputs in order, the terminal one last;
 - :mod:`consumers.failures`: retries with backoff, dead letters;
 - :mod:`consumers.offsets`: contiguous-prefix commits (at-least-once), lag;
@@ -37,13 +39,13 @@ from opentelemetry import trace
 
 from consumers.batching import Job, ReadyQueue
 from consumers.config import RuntimeConfig
-from consumers.failures import Failures, JobTimeout, tenant_of
+from consumers.failures import Failures, tenant_of
 from consumers.fetcher import Fetcher, InFlight
+from consumers.handoff import Handoff
 from consumers.metrics import StageMetrics, observe_many
 from consumers.offsets import Offsets
 from consumers.outputs import OutputSender
 from consumers.stage import ItemResult, Output, Stage, StageContext
-from consumers.tombstones import handle_checked
 from consumers.topic_log import KafkaTopicLog
 from consumers.tracing import RecordTracing
 from plumbing.blobstore import BlobStore
@@ -56,27 +58,18 @@ log = logging.getLogger(__name__)
 
 __all__ = ["RuntimeConfig", "StageRuntime", "until_signalled"]
 
-#: A cheap handler is called for many batches in one trip to the worker thread: as many
-#: as its recent calls say fit this many seconds (a batch's outputs then wait at most
-#: about this long for its chain mates), and fetching may run that far ahead (two such
-#: trips a worker, like ``max_in_flight``'s two batches a slot). Model work takes far
-#: longer a call: one batch a trip and ``max_in_flight`` as configured, as before.
-CHAIN_BUDGET_S = 0.002
-#: At most this many batches in one trip.
-CHAIN_MAX_BATCHES = 256
-
 
 async def until_signalled() -> None:
-    """Wait for SIGTERM or SIGINT (the process's graceful stop); handlers removed after."""
+    """Wait for SIGTERM or SIGINT: the process's graceful stop.
+
+    The handlers stay installed until the event loop closes: a second Ctrl-C while the
+    caller drains and stops must not raise KeyboardInterrupt in the middle of it.
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+    await stop.wait()
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -161,14 +154,15 @@ class StageRuntime(AsyncService):
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Rounds of the periodic commit loop so far (whether or not they had news).
         self.commit_rounds = 0
-        #: Seconds a handler call takes lately (``_follow_pace``); unknown at first.
-        self._handler_pace_s = float("inf")
-        #: Batches a trip to the worker thread may carry (``_follow_pace``). Only with one
-        #: worker: with several, a batch must stay free for whichever is free first (behind
-        #: an unexpectedly slow call in a chain it would wait for it); and never for a
-        #: sequential stage, whose records' outputs must be acknowledged one by one.
-        self._chain_batches = 1
-        self._may_chain = self.config.concurrency == 1 and not stage.sequential
+        self.handoff = Handoff(
+            stage,
+            self.config,
+            self._executor,
+            self.tracing,
+            self.metrics,
+            self.in_flight_records,
+            self._context,
+        )
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -286,7 +280,7 @@ class StageRuntime(AsyncService):
             if batch is None:
                 return
             batches = [batch]
-            if more := self._chain_room():
+            if more := self.handoff.room():
                 batches += self.queue.take_ready(more)
             live: list[list[Job]] = []
             for candidate in batches:
@@ -302,7 +296,7 @@ class StageRuntime(AsyncService):
             for job in jobs:
                 job.partition.running += 1
             try:
-                results = await self._run_batches(live)
+                results = await self.handoff.run(live)
             except BaseException:
                 self._end_running(jobs)
                 raise
@@ -313,31 +307,6 @@ class StageRuntime(AsyncService):
                 # Publishing and waiting for the broker's acks go on in a tracked task while
                 # this worker takes its next batch; the records stay in flight until acked.
                 self._spawn(self._complete(jobs, results))
-
-    def _chain_room(self) -> int:
-        """How many more ready batches this worker may take along in one trip to its
-        thread (see :data:`CHAIN_BUDGET_S`)."""
-        return self._chain_batches - 1
-
-    def _follow_pace(self, seconds: list[float]) -> None:
-        """Follow the handler's pace, the mean seconds of a call in each trip: up at
-        once, down slowly (a slow trip stops chaining; it resumes only after many fast
-        ones), and size the chains and the fetch bound to it."""
-        mean = sum(seconds) / len(seconds)
-        pace = self._handler_pace_s
-        if mean >= pace or pace == float("inf"):
-            pace = mean
-        else:
-            pace += (mean - pace) * 0.1
-        self._handler_pace_s = pace
-        chain = 1
-        if self._may_chain and 2 * pace <= CHAIN_BUDGET_S:
-            chain = min(int(CHAIN_BUDGET_S / max(pace, 1e-6)), CHAIN_MAX_BATCHES)
-        if chain != self._chain_batches:
-            self._chain_batches = chain
-            config = self.config
-            stretched = 2 * chain * config.max_batch if chain > 1 else 0
-            self.in_flight_records.set_limit(max(config.in_flight_limit, stretched))
 
     def _end_running(self, jobs: list[Job]) -> None:
         for job in jobs:
@@ -353,72 +322,6 @@ class StageRuntime(AsyncService):
             attempt=jobs[0].attempts if len(jobs) == 1 else max(j.attempts for j in jobs),
             topic_log=self.topic_log,
         )
-
-    def _call_handlers(
-        self, calls: list[tuple[list[Any], StageContext]]
-    ) -> list[tuple[list[ItemResult] | BaseException, float]]:
-        """In the worker thread: the handler on each batch in turn; per batch its results
-        (or what it raised) and its seconds."""
-        out: list[tuple[list[ItemResult] | BaseException, float]] = []
-        stage, clock = self.stage, time.perf_counter
-        for events, ctx in calls:
-            started = clock()
-            try:
-                # The handler, then the check that no output of a deleted request goes out.
-                out.append((list(handle_checked(stage, events, ctx)), clock() - started))
-            except Exception as exc:
-                out.append((exc, clock() - started))
-        return out
-
-    async def _run_batches(self, batches: list[list[Job]]) -> list[ItemResult]:
-        """Run the handler on each batch, in one trip to the thread pool; one result per
-        job, in order."""
-        assert self._loop is not None
-        recording = self.tracing.recording()
-        contexts = []
-        spans = []
-        for jobs in batches:
-            for job in jobs:
-                job.attempts += 1
-            spans.append(self.tracing.batch_span(jobs) if recording else None)
-            contexts.append(self._context(jobs))
-        calls = [([j.event for j in b], ctx) for b, ctx in zip(batches, contexts, strict=True)]
-        started = time.monotonic()
-        call = self._loop.run_in_executor(self._executor, self._call_handlers, calls)
-        try:
-            outcomes = await asyncio.wait_for(call, self.config.job_timeout_s)
-        except TimeoutError:
-            timeout = JobTimeout(f"handler ran past {self.config.job_timeout_s}s")
-            elapsed = (time.monotonic() - started) / len(batches)
-            outcomes = [(timeout, elapsed)] * len(batches)
-        finally:
-            for span in spans:
-                if span is not None:
-                    span.end()
-        seconds = [s for _, s in outcomes]
-        self._follow_pace(seconds)
-        observe_many(self.metrics.batch_size, [len(jobs) for jobs in batches])
-        observe_many(self.metrics.handler_seconds, seconds)
-        results: list[ItemResult] = []
-        for jobs, ctx, (outcome, _) in zip(batches, contexts, outcomes, strict=True):
-            if isinstance(outcome, list) and len(outcome) != len(jobs):
-                outcome = RuntimeError(
-                    f"handler returned {len(outcome)} results for {len(jobs)} events"
-                )
-            if isinstance(outcome, BaseException):
-                if not isinstance(outcome, JobTimeout):
-                    log.warning(
-                        "stage %s handler raised for a batch of %d: %r",
-                        self.stage.name,
-                        len(jobs),
-                        outcome,
-                    )
-                results += [outcome] * len(jobs)
-            else:
-                results += outcome
-            if recording and ctx.phases:
-                self.tracing.replay_phases(ctx, jobs)
-        return results
 
     def _emit_threadsafe(self, output: Output, jobs: list[Job], item: int | None) -> None:
         """Called from the handler thread: publish a side record, fire-and-forget."""

@@ -21,9 +21,10 @@ from opentelemetry.trace import INVALID_SPAN, NoOpTracerProvider
 
 from consumers.batching import Job, ReadyQueue
 from consumers.fetcher import InFlight
+from consumers.handoff import CHAIN_BUDGET_S
 from consumers.metrics import StageMetrics, observe_many
 from consumers.offsets import PartitionState
-from consumers.runtime import CHAIN_BUDGET_S, RuntimeConfig, StageRuntime
+from consumers.runtime import RuntimeConfig, StageRuntime
 from consumers.stage import ItemResult, Output, StageContext
 from plumbing.kafka import ensure_topics
 from plumbing.settings import Settings
@@ -371,19 +372,19 @@ async def test_a_fast_handler_shares_trips_and_a_slow_call_stops_it(settings: Se
     together, and fetching may run that far ahead; one slow trip restores one batch a
     trip and ``max_in_flight``. Several workers never share trips."""
     rt = StageRuntime(ToyStage(), settings, RuntimeConfig())
-    assert rt._chain_room() == 0, "unknown pace: one batch a trip"
+    assert rt.handoff.room() == 0, "unknown pace: one batch a trip"
     assert rt.in_flight_records.limit == 8
-    rt._follow_pace([20e-6] * 8)
-    assert rt._chain_room() == round(CHAIN_BUDGET_S / 20e-6) - 1
+    rt.handoff.follow_pace([20e-6] * 8)
+    assert rt.handoff.room() == round(CHAIN_BUDGET_S / 20e-6) - 1
     assert rt.in_flight_records.limit == 2 * round(CHAIN_BUDGET_S / 20e-6)
-    rt._follow_pace([0.5])
-    assert rt._chain_room() == 0 and rt.in_flight_records.limit == 8
-    rt._follow_pace([20e-6] * 8)
-    assert rt._chain_room() == 0, "it comes back only slowly"
+    rt.handoff.follow_pace([0.5])
+    assert rt.handoff.room() == 0 and rt.in_flight_records.limit == 8
+    rt.handoff.follow_pace([20e-6] * 8)
+    assert rt.handoff.room() == 0, "it comes back only slowly"
 
     several = StageRuntime(ToyStage(), settings, RuntimeConfig(concurrency=2))
-    several._follow_pace([20e-6] * 8)
-    assert several._chain_room() == 0 and several.in_flight_records.limit == 8
+    several.handoff.follow_pace([20e-6] * 8)
+    assert several.handoff.room() == 0 and several.in_flight_records.limit == 8
 
 
 # --- worker processes -------------------------------------------------------------------
