@@ -48,7 +48,10 @@ def handle_checked(stage: Stage[Any], events: list[Any], ctx: StageContext) -> l
             checked[request_id] = _deleted(stage, event, request_id, ctx)
         verdict = checked[request_id]
         if isinstance(verdict, BaseException):  # the store did not answer: retried
-            out[i] = verdict
+            # The handler's own failure says more (it is usually the same outage, met
+            # first, on the write that matters); the failed check says why otherwise.
+            if not isinstance(out[i], BaseException):
+                out[i] = verdict
         elif verdict:
             out[i] = (
                 RequestDeleted(f"request {request_id} was deleted; its outputs were removed")
