@@ -98,3 +98,27 @@ def decode_heatmap(data: bytes, *, max_pixels: int = 4096 * 4096) -> np.ndarray:
         raise InvalidImage(f"heat map must be single-channel, got mode {image.mode}")
     peak = 65535.0 if pixels.max(initial=0) > 255 or image.mode.startswith("I") else 255.0
     return (pixels / peak).astype(np.float32)
+
+
+def mask_bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """``(x, y, w, h)`` of the set pixels of ``mask`` ``[H, W]``; None when empty."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
+    return x0, y0, x1 - x0 + 1, y1 - y0 + 1
+
+
+def rgba_asset(
+    image: np.ndarray, mask: np.ndarray, crop: tuple[int, int, int, int] | None
+) -> np.ndarray:
+    """RGBA ``[h, w, 4]`` uint8 cut-out of ``image`` ``[H, W, 3]``: alpha = 255 * mask,
+    colour zeroed outside; cropped to ``crop`` = (x, y, w, h) when given."""
+    rgba = np.zeros((*mask.shape, 4), np.uint8)
+    rgba[mask, :3] = image[mask]
+    rgba[mask, 3] = 255
+    if crop is not None:
+        x, y, w, h = crop
+        rgba = rgba[y : y + h, x : x + w]
+    return rgba

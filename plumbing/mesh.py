@@ -34,7 +34,7 @@ from PIL import Image
 from trimesh.visual import TextureVisuals
 from trimesh.visual.material import PBRMaterial
 
-from seg_worker.finishing import mask_bbox, rgba_asset
+from plumbing.images import mask_bbox, rgba_asset
 
 GLB_MEDIA_TYPE = "model/gltf-binary"
 BACKGROUND = "background"

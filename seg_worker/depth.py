@@ -11,7 +11,9 @@ for ``DEPTH_MODEL``); the built-in profiles:
 - ``random``: the Depth-Anything-V2-Small architecture (DINOv2-S, 518 px) with seeded
   random weights: the real compute cost without a download.
 - ``pretrained``: ``from_pretrained(DEPTH_MODEL)``, a Hugging Face id or a local
-  directory (model and, when present, its preprocessor config).
+  directory (model and, when present, its preprocessor config). A plug-in profile may
+  ship its own trained model (``SegProfile.default_depth_model``, e.g. ``toy``'s metric
+  model of the 3D toy world), loaded the same way unless ``DEPTH_MODEL`` is set.
 
 Units. Relative models (Depth Anything's default, DPT/MiDaS) predict *relative inverse
 depth* (disparity: larger is nearer) up to an unknown scale and shift. genseg reports
@@ -48,6 +50,7 @@ from transformers import (
 )
 
 from plumbing.images import decode_image
+from plumbing.settings import Settings
 from seg_worker.profiles import resolve_device, seg_profile
 
 log = logging.getLogger(__name__)
@@ -194,6 +197,15 @@ class DepthEstimator:
             # disparity: larger is nearer, so nearest -> 0 and farthest -> 1
             values = 1.0 - (raw - lo) / (hi - lo) if hi > lo else np.zeros_like(raw)
         return DepthMap(values.astype(np.float32), self.units, self.scale)
+
+
+def depth_model_of(settings: Settings) -> str:
+    """The pretrained depth model the worker loads: ``DEPTH_MODEL`` when it is set, else
+    the profile's own (``SegProfile.default_depth_model``), else ``DEPTH_MODEL``'s
+    default."""
+    explicit = "depth_model" in settings.model_fields_set and settings.depth_model
+    default = seg_profile(settings.models).default_depth_model
+    return settings.depth_model if explicit or default is None else default
 
 
 def load_depth(

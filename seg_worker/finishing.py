@@ -7,6 +7,15 @@ edges. The RGBA asset's alpha is exactly this smoothed binary mask (0 or 255):
 the mask PNG, its RLE, ``area``, ``bbox`` and the asset's opaque pixels always
 agree, and colour outside the mask is zeroed, so nothing of the background
 leaks into a cut-out.
+
+Duplicates: several prompts of one target (two hot regions of one heat map, the crop
+retry, pyramid scales) and the automatic mode's grid points can each find the same
+object. :func:`select_objects` keeps an object only when its smoothed mask overlaps no
+better-ranked kept object *of the same label* with IoU above :data:`DUPLICATE_IOU`
+(non-maximum suppression per label). Objects of different labels are never merged: a
+target the request names (a heat-map target, a box, a point) always gets its own best
+answer, even when two of them land on one object, so a client that asked for two
+things finds both labels in the result.
 """
 
 from __future__ import annotations
@@ -21,7 +30,10 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from scipy import ndimage
 
-from plumbing.images import encode_png
+from plumbing.images import encode_png, mask_bbox, rgba_asset
+
+#: Two objects of one image whose masks overlap with a larger IoU are one object twice.
+DUPLICATE_IOU = 0.5
 
 
 @dataclass(eq=False)
@@ -56,16 +68,6 @@ def passes(candidate: Candidate, min_confidence: float) -> bool:
     return candidate.score >= min_confidence and bool(candidate.mask.any())
 
 
-def mask_bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:
-    """``(x, y, w, h)`` of the set pixels of ``mask`` ``[H, W]``; None when empty."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    if rows.size == 0:
-        return None
-    cols = np.flatnonzero(mask.any(axis=0))
-    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
-    return x0, y0, x1 - x0 + 1, y1 - y0 + 1
-
-
 def smooth_mask(mask: np.ndarray, smooth_px: float) -> np.ndarray:
     """Gaussian blur (sigma ``smooth_px`` px) and re-threshold at 0.5; bool ``[H, W]``.
 
@@ -91,16 +93,39 @@ def smooth_mask(mask: np.ndarray, smooth_px: float) -> np.ndarray:
     return out
 
 
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two bool masks ``[H, W]`` (0 when both are empty)."""
+    union = int(np.count_nonzero(a | b))
+    return int(np.count_nonzero(a & b)) / union if union else 0.0
+
+
+def _duplicates(obj: SegObject, kept: Iterable[SegObject], max_iou: float) -> bool:
+    """Whether ``obj`` overlaps one of ``kept`` with IoU above ``max_iou``."""
+    x, y, w, h = obj.bbox
+    for other in kept:
+        ox, oy, ow, oh = other.bbox
+        if x >= ox + ow or ox >= x + w or y >= oy + oh or oy >= y + h:
+            continue  # disjoint boxes: IoU 0, no pixel count needed
+        small, large = sorted((obj.area, other.area))
+        if small <= max_iou * large:
+            continue  # IoU <= small / large whatever the overlap
+        if mask_iou(obj.mask, other.mask) > max_iou:
+            return True
+    return False
+
+
 def select_objects(
     candidates: Iterable[Candidate],
     *,
     min_confidence: float,
     max_objects: int,
     smooth_px: float,
+    max_iou: float = DUPLICATE_IOU,
 ) -> list[SegObject]:
     """Objects from ``candidates``: score >= ``min_confidence``, highest score (or
     ``rank`` when set) first, ties keep candidate order, smoothed, empty ones dropped,
-    at most ``max_objects``."""
+    duplicates dropped (smoothed-mask IoU above ``max_iou`` with a kept object of the
+    same label: the better-ranked one stays), at most ``max_objects``."""
     kept = [c for c in candidates if c.score >= min_confidence]
     kept.sort(key=lambda c: -c.order)
     objects: list[SegObject] = []
@@ -111,7 +136,9 @@ def select_objects(
         box = mask_bbox(mask)
         if box is None:
             continue
-        objects.append(SegObject(cand.label, float(cand.score), mask, box, int(mask.sum())))
+        obj = SegObject(cand.label, float(cand.score), mask, box, int(mask.sum()))
+        if not _duplicates(obj, (o for o in objects if o.label == obj.label), max_iou):
+            objects.append(obj)
     return objects
 
 
@@ -133,20 +160,6 @@ def decode_rle(rle: dict[str, object]) -> np.ndarray:
 def mask_png(mask: np.ndarray) -> bytes:
     """PNG (mode L) of ``mask``: 255 inside, 0 outside."""
     return encode_png(Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)))
-
-
-def rgba_asset(
-    image: np.ndarray, mask: np.ndarray, crop: tuple[int, int, int, int] | None
-) -> np.ndarray:
-    """RGBA ``[h, w, 4]`` uint8 cut-out of ``image`` ``[H, W, 3]``: alpha = 255 * mask,
-    colour zeroed outside; cropped to ``crop`` = (x, y, w, h) when given."""
-    rgba = np.zeros((*mask.shape, 4), np.uint8)
-    rgba[mask, :3] = image[mask]
-    rgba[mask, 3] = 255
-    if crop is not None:
-        x, y, w, h = crop
-        rgba = rgba[y : y + h, x : x + w]
-    return rgba
 
 
 def rgba_png(image: np.ndarray, mask: np.ndarray, crop: tuple[int, int, int, int] | None) -> bytes:

@@ -25,7 +25,7 @@ the backend and checkpoint in ``segmenter``.
 Scene views (``event.scene`` set): after the masks, when ``scene.outputs`` asks, the
 depth model runs (``depth``: a 16-bit depth PNG and each object's ``depth_median``;
 see :mod:`seg_worker.depth`) and the view is exported as one textured ``.glb``
-(``mesh``; see :mod:`seg_worker.mesh`). Every scene view also gets a "view done"
+(``mesh``; see :mod:`plumbing.mesh`). Every scene view also gets a "view done"
 record on ``{prefix}.scene-views`` for the scene stage (:mod:`scene_worker`).
 """
 
@@ -43,6 +43,7 @@ import numpy as np
 from consumers.stage import ItemResult, Output, Stage, StageContext
 from plumbing.blobstore import blob_key
 from plumbing.images import PNG, decode_heatmap, decode_image, png_byte_limit
+from plumbing.mesh import GLB_MEDIA_TYPE, MeshPart, view_glb
 from plumbing.revisions import model_revision, revision_of
 from plumbing.settings import Settings
 from schemas import (
@@ -64,12 +65,12 @@ from seg_worker.depth import (
     DEPTH_MEDIA_TYPE,
     DepthEstimator,
     DepthUnits,
+    depth_model_of,
     encode_depth_png,
     load_depth,
 )
 from seg_worker.depth import median_depth as object_depth
 from seg_worker.finishing import SegObject, encode_rle, mask_png, rgba_png
-from seg_worker.mesh import GLB_MEDIA_TYPE, MeshPart, view_glb
 from seg_worker.profiles import seg_profile
 from seg_worker.segment import Plan, Segmenter
 
@@ -169,14 +170,11 @@ class SegStage(Stage[ImageReadyEvent]):
         with self._setup_lock:
             if self._depth is None:
                 s = self.settings
-                self._depth = load_depth(
-                    s.models, s.depth_model, device=s.device, seed=self.config.seed
-                )
+                source = depth_model_of(s)
+                self._depth = load_depth(s.models, source, device=s.device, seed=self.config.seed)
                 log.info("depth model ready: profile %s, %s units", s.models, self._depth.units)
                 seeded = seg_profile(s.models).depth_arch is not None  # as load_depth builds it
-                self.depth_revision = (
-                    f"seed:{self.config.seed}" if seeded else revision_of(s.depth_model)
-                )
+                self.depth_revision = f"seed:{self.config.seed}" if seeded else revision_of(source)
         return self._depth
 
     def parse(self, raw: bytes) -> ImageReadyEvent:

@@ -203,8 +203,11 @@ class SegProfile:
     #: :class:`~seg_worker.config.SegConfig` fields this profile sets (field -> value).
     config: Mapping[str, Any] = field(default_factory=dict)
     #: Depth model of scene views: a :data:`seg_worker.depth.ARCHS` name, built with
-    #: seeded random weights; None: ``DEPTH_MODEL`` (a pretrained model).
+    #: seeded random weights; None: a pretrained model, ``DEPTH_MODEL`` when it is set,
+    #: else :attr:`default_depth_model`, else ``DEPTH_MODEL``'s default.
     depth_arch: str | None = None
+    #: The profile's own trained depth model (a ``save_pretrained`` directory).
+    default_depth_model: str | None = None
 
 
 BUILTIN_PROFILES: dict[str, SegProfile] = {

@@ -21,6 +21,7 @@ from transformers import DepthAnythingForDepthEstimation
 from consumers.stage import StageContext
 from plumbing.blobstore import LocalBlobStore
 from plumbing.images import encode_png
+from plumbing.mesh import GLB_MEDIA_TYPE, MeshOptions, MeshPart, load_glb, view_glb
 from plumbing.settings import Settings
 from schemas import (
     AssetReadyEvent,
@@ -45,7 +46,6 @@ from seg_worker.depth import (
     load_depth,
     median_depth,
 )
-from seg_worker.mesh import GLB_MEDIA_TYPE, MeshOptions, MeshPart, load_glb, view_glb
 
 torch.set_num_threads(2)
 

@@ -27,10 +27,10 @@ from PIL import Image
 from plumbing.blobstore import LocalBlobStore, blob_key
 from plumbing.images import encode_png
 from plumbing.kafka import ensure_topics
+from plumbing.mesh import load_glb
 from plumbing.settings import Settings
 from producers.publisher import Publisher
 from schemas import ImageReadyEvent, ResolvedParams, SceneOptions, SceneReadyEvent, SceneViewRecord
-from seg_worker.mesh import load_glb
 from tests.kafka_utils import TopicReader, committed_offsets, eventually
 
 ANGLES = (0, 45, 90, 135)

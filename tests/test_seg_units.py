@@ -9,13 +9,14 @@ import pytest
 import torch
 from segment_anything import sam_model_registry
 
+from plumbing.images import mask_bbox, rgba_asset
 from schemas import Point
 from seg_worker.finishing import (
+    DUPLICATE_IOU,
     Candidate,
     decode_rle,
     encode_rle,
-    mask_bbox,
-    rgba_asset,
+    mask_iou,
     select_objects,
     smooth_mask,
 )
@@ -127,6 +128,44 @@ def test_select_objects_filters_orders_and_caps() -> None:
     out = select_objects(cands, min_confidence=0.0, max_objects=2, smooth_px=0)
     assert [o.label for o in out] == ["b", "c"]  # highest first, empty skipped, capped
     assert select_objects(cands, min_confidence=1.0, max_objects=5, smooth_px=0) == []
+
+
+def test_select_objects_drops_duplicates_of_one_label() -> None:
+    """Two prompts of one target on one object give one object (the better-scored), as
+    do two automatic-mode grid points; objects of different labels are never merged, and
+    an object overlapping another at exactly IoU 0.5 stays."""
+
+    def box(x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        m = np.zeros((40, 40), bool)
+        m[y0:y1, x0:x1] = True
+        return m
+
+    body = box(5, 5, 25, 25)  # 400 px
+    cands = [
+        Candidate("red circle", 0.90, box(5, 5, 25, 24)),  # heat region 1: IoU 0.95
+        Candidate("red circle", 0.93, body),  # heat region 2, the best on the body
+        Candidate("red circle", 0.89, box(5, 5, 25, 15)),  # IoU 0.5: not a duplicate
+        Candidate("blue square", 0.91, box(6, 6, 24, 24)),  # another target on the body
+        Candidate("object", 0.95, box(30, 30, 38, 38)),  # automatic mode, twice
+        Candidate("object", 0.85, box(30, 30, 38, 37)),
+    ]
+    assert mask_iou(cands[2].mask, body) == DUPLICATE_IOU
+    out = select_objects(cands, min_confidence=0.8, max_objects=9, smooth_px=0)
+    assert [(o.label, o.score) for o in out] == [
+        ("object", 0.95),
+        ("red circle", 0.93),
+        ("blue square", 0.91),
+        ("red circle", 0.89),
+    ]
+    for i, a in enumerate(out):
+        same = [b for b in out[i + 1 :] if b.label == a.label]
+        assert all(mask_iou(a.mask, b.mask) <= DUPLICATE_IOU for b in same)
+    # The cap counts objects kept, not duplicates dropped.
+    capped = select_objects(cands[:2] + cands[3:4], min_confidence=0.8, max_objects=2, smooth_px=0)
+    assert [(o.label, o.score) for o in capped] == [("red circle", 0.93), ("blue square", 0.91)]
+    # max_iou 1.0 turns suppression off: every candidate is an object.
+    every = select_objects(cands, min_confidence=0.8, max_objects=9, smooth_px=0, max_iou=1.0)
+    assert len(every) == 6
 
 
 def test_rle_round_trip() -> None:
