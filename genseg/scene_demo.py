@@ -3,13 +3,19 @@
 
 Runs like the single-request demo (:mod:`genseg.demo`): the embedded broker unless
 ``KAFKA_BOOTSTRAP_SERVERS`` is set, then a generator, a segmenter and the scene stage in
-this process. The views are submitted together and share their parameters, so the
-generator draws them as one batch.
+this process. The views are submitted together and share their parameters (the seed
+too), so the generator draws them as one batch.
+
+The scene stage's merged scene ``.glb`` (every object once, placed where its views
+agree; metric depth only, e.g. the ``toy`` profile) is saved as ``scene.glb``, and the
+contact sheet ends with a top view of it: each object at its fused position, the
+cameras of the views around.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,8 +81,8 @@ async def _run_scene(
     await ensure_topics(settings, partitions=1)
     # The views arrive together and share their parameters: one generator batch.
     runtimes = [
-        *build_runtimes("gen", settings, max_batch=max(4, len(views)), max_wait_ms=500,
-                        tracer_provider=tracer_provider, **QUICK_JOIN),
+        *build_runtimes("gen", settings, max_batch=max(4, len(views)),
+                        max_wait_ms=500, tracer_provider=tracer_provider, **QUICK_JOIN),
         *build_runtimes("seg", settings, tracer_provider=tracer_provider, **QUICK_JOIN),
     ]  # fmt: skip
     scene_id = new_request_id("scene")
@@ -196,6 +202,10 @@ def _write_scene(
                 decode_image(asset_data, max_pixels=limit, mode="RGBA")
             )))  # fmt: skip
         rows.append((f"{view.view}", tiles))
+    merged = _merged_glb(blob, scene)
+    if merged is not None:
+        save(out_dir / "scene.glb", merged)
+        rows.append(("scene", [("merged scene, top view", top_view(merged, scene))]))
     sheet_path = out_dir / "contact_sheet.png"
     scene_sheet(rows).save(sheet_path)
     files.append(sheet_path)
@@ -206,6 +216,40 @@ def _write_scene(
     }
     save(out_dir / "events.json", json.dumps(dump, indent=2).encode())
     return files
+
+
+def _merged_glb(blob: BlobStore, scene: SceneReadyEvent) -> bytes | None:
+    """The scene stage's merged ``.glb``; None when the scene got none (relative depth)."""
+    return blob.get(scene.mesh, max_bytes=1 << 26) if scene.mesh is not None else None
+
+
+def top_view(glb: bytes, scene: SceneReadyEvent, size: int = 256) -> Image.Image:
+    """The merged scene seen from above: each object a disc of its texture's mean colour
+    at its fused position (x right, z down), named; the views' cameras as dots on the
+    rim, in the direction they look from."""
+    from scene_worker.merge import read_scene_objects
+
+    objects = read_scene_objects(glb)
+    picture = Image.new("RGB", (size, size), (235, 235, 235))
+    draw = ImageDraw.Draw(picture)
+    reach = max([2.0, *(math.hypot(o.position[0], o.position[2]) + 0.6 for o in objects)])
+    scale = (size / 2 - 16) / reach
+
+    def at(x: float, z: float) -> tuple[float, float]:
+        return size / 2 + x * scale, size / 2 + z * scale
+
+    for view in scene.views:
+        if view.angle is not None:
+            a = math.radians(view.angle)
+            cx, cy = at(math.sin(a) * reach, math.cos(a) * reach)
+            draw.ellipse((cx - 4, cy - 4, cx + 4, cy + 4), fill=(90, 90, 90))
+            draw.text((cx + 6, cy - 6), view.view, fill=(60, 60, 60))
+    for obj in objects:
+        cx, cy = at(obj.position[0], obj.position[2])
+        r = max(6.0, 0.4 * scale)
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=obj.colour, outline=(0, 0, 0))
+        draw.text((cx - r, cy + r + 2), obj.label, fill=(0, 0, 0))
+    return picture
 
 
 def scene_sheet(rows: list[tuple[str, list[tuple[str, Image.Image | None]]]]) -> Image.Image:

@@ -21,8 +21,7 @@ def manifest(
     scene_id: str, records: list[SceneViewRecord], mesh: BlobRef | None = None
 ) -> SceneReadyEvent:
     """The scene-ready event: views ordered by angle (then name), images by index, and
-    ``mesh``, the merged scene ``.glb`` (an addition: ignored until the contract's
-    ``SceneReadyEvent`` has the field, as every unknown field is)."""
+    ``mesh``, the merged scene ``.glb``."""
     views = sorted(
         (r.view for r in records),
         key=lambda v: (v.angle is None, v.angle or 0.0, v.view, v.image_index),

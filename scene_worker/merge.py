@@ -24,7 +24,10 @@ to the fused position, textured by that view's RGBA cut-out (alpha = mask). Its
 
 from __future__ import annotations
 
+import io
+import json
 import re
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -32,9 +35,9 @@ import numpy as np
 import trimesh
 from scipy import ndimage
 
+from plumbing.images import rgba_asset
+from plumbing.mesh import MaskGrid, corner_values, cutout_material, grid_faces, textured_mesh
 from scene_worker.camera import DEFAULT_ORBIT, OrbitCamera
-from seg_worker.finishing import rgba_asset
-from seg_worker.mesh import MaskGrid, corner_values, cutout_material, grid_faces, textured_mesh
 
 #: How far behind its visible surface an object's middle is (horizontally, away from the
 #: camera), in half-widths of that surface: calibrated on exact views of the toy world
@@ -208,14 +211,54 @@ def scene_glb(
     return scene.export(file_type="glb")
 
 
+@dataclass(frozen=True)
+class SceneObject:
+    """An object of a merged ``.glb`` as read back: its node ``name``, ``label``,
+    ``position`` ``[3]`` (world), ``spread``, and its texture's mean visible ``colour``."""
+
+    name: str
+    label: str
+    position: tuple[float, float, float]
+    spread: float
+    colour: tuple[int, int, int]
+
+
+def read_scene_objects(glb: bytes) -> list[SceneObject]:
+    """The objects of a merged scene ``.glb`` (from its nodes' ``extras``, which trimesh
+    does not load, and its textures)."""
+    (length,) = struct.unpack("<I", glb[12:16])
+    nodes = json.loads(glb[20 : 20 + length]).get("nodes", [])
+    geometry = trimesh.load(io.BytesIO(glb), file_type="glb", force="scene").geometry
+    objects = []
+    for node in nodes:
+        extras = node.get("extras") or {}
+        if "position" not in extras or node.get("name") not in geometry:
+            continue
+        texture = np.asarray(geometry[node["name"]].visual.material.baseColorTexture)
+        seen = texture[texture[..., 3] >= 128][:, :3]
+        colour = tuple(int(c) for c in seen.mean(axis=0)) if len(seen) else (128, 128, 128)
+        objects.append(
+            SceneObject(
+                node["name"],
+                extras["label"],
+                tuple(float(v) for v in extras["position"]),  # type: ignore[arg-type]
+                float(extras["spread"]),
+                colour,  # type: ignore[arg-type]
+            )
+        )
+    return objects
+
+
 __all__ = [
     "DEPTH_OFFSET",
     "GENERIC_LABEL",
     "MergedObject",
+    "SceneObject",
     "Sighting",
     "ViewInput",
     "ViewObject",
     "fuse",
+    "read_scene_objects",
     "scene_glb",
     "sight",
 ]

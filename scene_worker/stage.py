@@ -32,8 +32,10 @@ import time
 from collections.abc import Hashable
 
 from consumers.stage import ItemResult, Output, Stage, StageContext, TopicLog
+from plumbing.errors import TransientError
 from plumbing.settings import Settings
 from scene_worker.manifest import is_complete, manifest
+from scene_worker.scene_mesh import merged_glb
 from scene_worker.state import SceneState
 from schemas import SceneViewRecord, parse_event
 
@@ -86,13 +88,12 @@ class SceneStage(Stage[SceneViewRecord]):
         if not is_complete(records, rec.views_total):
             return []
         topic = ctx.topics.scenes
-        output = Output(topic, manifest(scene_id, records), key=scene_id)
         log_ = _topic_log(ctx)
         since = state.intent(scene_id)
         if since is None:  # the first publish: remember where the topic ended before it
             state.write_intent(scene_id, log_.end_offsets(topic))
             log.info("scene %s complete: %d view images", scene_id, len(records))
-            return [output]
+            return [self._event(scene_id, records, state, ctx)]
         started = time.monotonic()
         found = log_.find(topic, scene_id, since)
         log.info(
@@ -102,9 +103,25 @@ class SceneStage(Stage[SceneViewRecord]):
             f"found at {found}" if found else "absent, publishing",
         )
         if found is None:
-            return [output]
+            return [self._event(scene_id, records, state, ctx)]
         state.mark_published(scene_id, *found)
         return []
+
+    def _event(
+        self, scene_id: str, records: list[SceneViewRecord], state: SceneState, ctx: StageContext
+    ) -> Output:
+        """The scene-ready output, after writing the merged scene ``.glb`` (deterministic:
+        a second publish writes the same bytes)."""
+        mesh = None
+        try:
+            data = merged_glb(ctx.blob, records)
+            if data is not None:
+                mesh = state.write_mesh(scene_id, data)
+        except TransientError:
+            raise  # the store is away: the runtime retries the record
+        except Exception:  # the merged mesh is an extra: it must not hold the event back
+            log.exception("scene %s: no merged mesh", scene_id)
+        return Output(ctx.topics.scenes, manifest(scene_id, records, mesh=mesh), key=scene_id)
 
 
 def _topic_log(ctx: StageContext) -> TopicLog:

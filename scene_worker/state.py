@@ -13,11 +13,12 @@ import logging
 
 from plumbing.blobstore import BlobNotFound, BlobStore, scene_key
 from plumbing.erasure import write_scene_backref
-from schemas import SceneViewRecord, parse_event
+from schemas import BlobRef, SceneViewRecord, parse_event
 
 log = logging.getLogger(__name__)
 
 JSON = "application/json"
+GLB = "model/gltf-binary"
 #: Largest scene state blob read back (a view record is about 1 KiB).
 _STATE_LIMIT = 1 << 20
 
@@ -63,6 +64,10 @@ class SceneState:
     def mark_published(self, scene_id: str, partition: int, offset: int) -> None:
         body = {"partition": partition, "offset": offset}
         self.blob.put(self._key(scene_id, "published.json"), json.dumps(body).encode(), JSON)
+
+    def write_mesh(self, scene_id: str, data: bytes) -> BlobRef:
+        """Write the merged scene ``.glb`` (``scene.glb``) and return its reference."""
+        return self.blob.put(self._key(scene_id, "scene.glb"), data, GLB)
 
     def _key(self, scene_id: str, *names: str) -> str:
         return scene_key(scene_id, *names, tenant=self.tenant)

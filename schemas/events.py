@@ -474,6 +474,9 @@ class SceneReadyEvent(Event):
     scene_id: RequestId
     views: list[SceneView]
     tenant: TenantId | None = None
+    #: *Addition.* The merged scene: one binary glTF with every object once, placed by
+    #: its views' depth (see ``scene_worker.merge``); absent when no view had depth.
+    mesh: BlobRef | None = None
 
 
 class DeletionEvent(Event):
