@@ -6,8 +6,11 @@ through the ``toy`` generator and segmenter (the workers' own classes, in proces
 :class:`gen_worker.generate.Generator`, the heat map's PNG round trip,
 :class:`seg_worker.segment.Segmenter`). See :mod:`toy.quality` for what is measured.
 
-Prints the machine, one line per prompt (with ``--verbose``), a table, and as the
-last line one JSON object ``{"bench": "quality", ...}``.
+Prints the machine, one line per prompt (with ``--verbose``), a table, the attention
+mode's mean IoU over all targets and over generated ones beside the oracle box's, each
+with its 95 % confidence interval and number of prompts, and as the last line one JSON
+object ``{"bench": "quality", ...}`` (``duplicate_pairs``: objects of one image's
+result overlapping with IoU > 0.5, over all modes).
 
     python bench/quality.py                         # 300 prompts, shipped weights
     python bench/quality.py --prompts 5             # the CI smoke size
@@ -103,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                         "generated": o.generated,
                         "shape": o.shape,
                         "heat_peak_inside": o.heat_peak_inside,
+                        "duplicate_pairs": o.duplicates,
                         "iou": ious,
                     }
                 )
@@ -115,11 +119,20 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         f"colour found {report.colour_found_rate:.3f}  heat peak inside "
         f"{figures['heat_peak_inside_rate']}"
     )
-    print(f"{'mode':<10} {'mean IoU':>9} {'IoU>=0.5':>9} {'no match':>9}")
+    print(f"{'mode':<10} {'mean IoU':>9} {'IoU>=0.5':>9} {'no match':>9} {'dup pairs':>9}")
     for mode, f in report.modes.items():
         print(
-            f"{mode:<10} {f['mean_iou']:>9.3f} {f['success_rate']:>9.3f} {f['no_match_rate']:>9.3f}"
+            f"{mode:<10} {f['mean_iou']:>9.3f} {f['success_rate']:>9.3f} "
+            f"{f['no_match_rate']:>9.3f} {report.duplicates.get(mode, 0):>9d}"
         )
+    for name, mean in (
+        ("attention, all targets", report.attention_all),
+        ("attention, generated", report.attention_drawn),
+        ("oracle box, generated", report.oracle_drawn),
+        ("oracle - attention", report.oracle_gap),
+    ):
+        if mean.n:
+            print(f"{name:<24} {mean.value:.3f} +- {mean.ci95:.3f} (95 % CI, n={mean.n})")
     result: dict[str, object] = {
         "bench": "quality",
         **figures,

@@ -22,7 +22,7 @@ from plumbing.settings import Settings
 from schemas import ImageReadyEvent, PromptEvent, Topics
 from toy.gen_losses import attention_loss
 from toy.gen_model import MAX_TOKENS, TOY_WORDS, TrainConfig, build_models, toy_tokenizer
-from toy.train_gen import train
+from toy.train_gen import edge_weights, train
 from toy.weights import SD_DIR
 from toy.world import find_object, make_scene
 
@@ -87,6 +87,33 @@ def test_training_runs_and_saves_a_loadable_pipeline(tmp_path: Path, restore_thr
     )
     assert result.image.size == (64, 64)
     assert result.heatmaps["red circle"].shape == (16, 16)
+
+
+def test_experiment_options_train_and_load(tmp_path: Path, restore_threads) -> None:
+    """The recipe's experiment options (bf16 autocast, edge-weighted VAE loss, 8 latent
+    channels) train a pipeline that loads and draws like the default one."""
+    cfg = TrainConfig(
+        scenes=8, threads=1, vae_steps=2, vae_batch=4, unet_steps=2, batch=4, warmup=1,
+        log_every=1, precision="bf16", vae_edge_weight=2.0, latent_channels=8,
+    )  # fmt: skip
+    pipe = train(tmp_path / "sd", cfg)
+    assert pipe.unet.config.in_channels == pipe.vae.config.latent_channels == 8
+    assert all(torch.isfinite(p).all() for p in pipe.unet.parameters())
+    models = GenModels.from_settings(
+        Settings(models="toy", toy_sd_model=str(tmp_path / "sd")), RuntimeOptions(device="cpu")
+    )
+    spec = BatchSpec("txt2img", 64, 64, steps=2, guidance_scale=7.5, sampler="dpmpp_2m")
+    [result] = Generator(models).generate(spec, [Sample("a red circle", seed=1)])
+    assert result.image.size == (64, 64)
+
+
+def test_edge_weights_count_shape_edges_not_gradients() -> None:
+    ramp = torch.linspace(-1, 1, 16).repeat(1, 3, 16, 1)  # a background gradient
+    assert torch.equal(edge_weights(ramp, 4.0), torch.ones(1, 1, 16, 16))
+    square = -torch.ones(1, 3, 16, 16)
+    square[..., 4:12, 4:12] = 1.0
+    weights = edge_weights(square, 4.0)
+    assert weights[0, 0, 4, 4] == 5.0 and weights[0, 0, 8, 8] == 1.0 and weights[0, 0, 0, 0] == 1.0
 
 
 @pytest.fixture(scope="module")

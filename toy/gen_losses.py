@@ -68,6 +68,7 @@ def attention_loss(
     b_idx, t_idx = valid.nonzero(as_tuple=True)
     total = torch.zeros((), device=masks.device)
     for layer in maps:
+        layer = layer.float()  # bf16 under autocast
         side = math.isqrt(layer.shape[1])
         cells = masks if side == masks.shape[-1] else F.adaptive_avg_pool2d(masks, side)
         target = cells[b_idx, token_object[b_idx, t_idx]].flatten(1)  # [n, Q]

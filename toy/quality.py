@@ -16,8 +16,14 @@ The truth is the object the generated image actually contains, found by colour
 (:func:`toy.world.find_object`; of two regions of the asked colour, the one of the
 asked shape): the generator may put it anywhere. A target is
 *generated* when that region exists and :func:`toy.world.classify_shape` names the
-asked shape; IoU figures are over generated targets (a mode that returns nothing
-scores 0 there, and counts as a no-match).
+asked shape. IoU figures are over generated targets (a mode that returns nothing
+scores 0 there, and counts as a no-match); the attention mode is also scored over
+*all* targets, where one that was not generated counts 0. Means come with a 95 %
+confidence interval (normal approximation) and the number of prompts they are over.
+
+Duplicates: within one mode's result for one image, two objects whose masks overlap
+with IoU above :data:`seg_worker.finishing.DUPLICATE_IOU` (the segmenter's
+non-maximum suppression should leave none).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from PIL import Image
 from gen_worker.generate import BatchSpec, Generator, Sample, SampleResult
 from plumbing.images import decode_heatmap, encode_heatmap
 from schemas import SegmentationOptions
+from seg_worker.finishing import DUPLICATE_IOU
 from seg_worker.prompts import resize_heatmap
 from seg_worker.segment import Segmenter
 from toy.world import (
@@ -81,6 +88,8 @@ class Outcome:
     ious: dict[str, float | None] = field(default_factory=dict)
     matched: dict[str, bool] = field(default_factory=dict)
     heat_peak_inside: bool | None = None
+    #: Per mode, pairs of returned objects overlapping with IoU > DUPLICATE_IOU.
+    duplicates: dict[str, int] = field(default_factory=dict)
     image: np.ndarray | None = field(default=None, repr=False)
     heatmap: np.ndarray | None = field(default=None, repr=False)
     masks: dict[str, np.ndarray | None] = field(default_factory=dict, repr=False)
@@ -98,7 +107,11 @@ class GenParams:
 def generate(
     generator: Generator, prompts: Sequence[Prompt], params: GenParams
 ) -> list[SampleResult]:
-    """The images and heat maps of ``prompts`` (seed = the prompt's index), in order."""
+    """The images and heat maps of ``prompts``, in order.
+
+    Each sample's seed is its prompt's scene seed: distinct for every prompt, and the
+    same whatever the batch size or the chunk the prompt falls in.
+    """
     spec = BatchSpec(
         mode="txt2img",
         width=params.size,
@@ -110,10 +123,7 @@ def generate(
     results: list[SampleResult] = []
     for start in range(0, len(prompts), params.batch):
         chunk = prompts[start : start + params.batch]
-        samples = [
-            Sample(prompt=p.caption, seed=start + i, targets=(p.target,))
-            for i, p in enumerate(chunk)
-        ]
+        samples = [Sample(prompt=p.caption, seed=p.seed, targets=(p.target,)) for p in chunk]
         results += generator.generate(spec, samples)
     return results
 
@@ -123,6 +133,11 @@ def _first(objects: Sequence[Any], label: str | None = None) -> np.ndarray | Non
         if label is None or obj.label == label:
             return obj.mask
     return None
+
+
+def duplicate_pairs(masks: Sequence[np.ndarray], max_iou: float = DUPLICATE_IOU) -> int:
+    """Pairs among ``masks`` (bool ``[H, W]``) overlapping with IoU above ``max_iou``."""
+    return sum(iou(a, b) > max_iou for i, a in enumerate(masks) for b in masks[i + 1 :])
 
 
 def evaluate(
@@ -169,6 +184,7 @@ def evaluate(
         )
         mask = _first(objects, prompt.target if mode == "attention" else None)
         outcome.masks[mode] = mask
+        outcome.duplicates[mode] = duplicate_pairs([o.mask for o in objects])
         outcome.matched[mode] = mask is not None
         if generated:
             outcome.ious[mode] = iou(mask, truth) if mask is not None else 0.0
@@ -178,19 +194,49 @@ def evaluate(
     return outcome
 
 
+@dataclass(frozen=True)
+class Mean:
+    """A mean over ``n`` values with the half-width of its 95 % confidence interval
+    (normal approximation: 1.96 standard errors)."""
+
+    value: float
+    n: int
+    ci95: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Mean:
+        v = np.asarray(values, np.float64)
+        if len(v) == 0:
+            return cls(float("nan"), 0, float("nan"))
+        half = 1.96 * float(v.std(ddof=1)) / np.sqrt(len(v)) if len(v) > 1 else float("nan")
+        return cls(float(v.mean()), len(v), half)
+
+
 @dataclass
 class Report:
-    """Figures over all prompts (rates in 0..1)."""
+    """Figures over all prompts (rates in 0..1).
+
+    ``modes[mode]``: over generated targets. ``attention_all``: the attention IoU over
+    every prompt (0 where the target was not generated); ``attention_drawn`` and
+    ``oracle_drawn``: over generated targets; ``oracle_gap``: oracle minus attention,
+    paired per generated target. ``duplicates``: duplicate pairs per mode, all prompts.
+    """
 
     prompts: int
     generation_accuracy: float
     colour_found_rate: float
     heat_peak_inside_rate: float | None
     modes: dict[str, dict[str, float]]
+    attention_all: Mean
+    attention_drawn: Mean
+    oracle_drawn: Mean
+    oracle_gap: Mean
+    duplicates: dict[str, int]
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "prompts": self.prompts,
+            "generated": self.attention_drawn.n,
             "generation_accuracy": round(self.generation_accuracy, 4),
             "colour_found_rate": round(self.colour_found_rate, 4),
             "heat_peak_inside_rate": (
@@ -200,7 +246,21 @@ class Report:
         for mode, figures in self.modes.items():
             for key, value in figures.items():
                 out[f"{mode}_{key}"] = round(value, 4)
+        for name in ("attention_all", "attention_drawn", "oracle_drawn", "oracle_gap"):
+            mean: Mean = getattr(self, name)
+            out[f"{name}_miou" if name != "oracle_gap" else name] = _rounded(mean.value)
+            out[f"{name}_ci95"] = _rounded(mean.ci95)
+            out[f"{name}_n"] = mean.n
+        out["duplicate_pairs"] = sum(self.duplicates.values())
+        for mode, count in self.duplicates.items():
+            out[f"{mode}_duplicate_pairs"] = count
         return out
+
+
+def _rounded(value: float) -> float | None:
+    """``value`` to 4 places; None for NaN (no value, or no interval from one value),
+    which JSON cannot hold."""
+    return round(value, 4) if np.isfinite(value) else None
 
 
 def summarise(outcomes: Sequence[Outcome]) -> Report:
@@ -218,12 +278,27 @@ def summarise(outcomes: Sequence[Outcome]) -> Report:
             "success_rate": float((values >= 0.5).mean()),
             "no_match_rate": float(np.mean([not o.matched.get(mode, False) for o in generated])),
         }
+    scored = [o for o in generated if "attention" in o.ious and "oracle" in o.ious]
+    attention = [float(o.ious["attention"] or 0.0) for o in scored]
+    oracle = [float(o.ious["oracle"] or 0.0) for o in scored]
+    # Over every prompt the segmenter ran on (not in a generation-only run).
+    segmented = [o for o in outcomes if "attention" in o.matched]
+    every = [float(o.ious.get("attention") or 0.0) if o.generated else 0.0 for o in segmented]
+    duplicates: dict[str, int] = {}
+    for o in outcomes:
+        for mode, count in o.duplicates.items():
+            duplicates[mode] = duplicates.get(mode, 0) + count
     return Report(
         prompts=n,
         generation_accuracy=len(generated) / n if n else 0.0,
         colour_found_rate=sum(o.colour_found for o in outcomes) / n if n else 0.0,
         heat_peak_inside_rate=(sum(inside) / len(inside)) if inside else None,
         modes=modes,
+        attention_all=Mean.of(every),
+        attention_drawn=Mean.of(attention),
+        oracle_drawn=Mean.of(oracle),
+        oracle_gap=Mean.of([b - a for a, b in zip(attention, oracle, strict=True)]),
+        duplicates=duplicates,
     )
 
 
@@ -278,10 +353,12 @@ def contact_sheet(outcomes: Sequence[Outcome], *, scale: int = 2, columns: int =
 __all__ = [
     "MODES",
     "GenParams",
+    "Mean",
     "Outcome",
     "Prompt",
     "Report",
     "contact_sheet",
+    "duplicate_pairs",
     "eval_prompts",
     "evaluate",
     "generate",
