@@ -68,7 +68,11 @@ class SceneTrainConfig:
     lr: float = 8e-4
     warmup: int = 100
     cfg_dropout: float = 0.1
-    min_snr_gamma: float = 5.0
+    #: 0: the plain v-loss. Min-SNR-5 (the flat recipe's) weights a v-prediction step by
+    #: ``min(snr, 5) / (snr + 1)``: under 0.1 above t = 800, the steps that decide where
+    #: each solid goes and what colour it is; with it, 12 % of held-out solids landed in
+    #: place after 1,800 steps, without it 38 %.
+    min_snr_gamma: float = 0.0
     attn_weight: float = 0.5
     ema_decay: float = 0.998
     log_every: int = 50
