@@ -40,3 +40,13 @@ def settings(broker: EmbeddedBroker, blob_dir: Path) -> Settings:
         blob_url=str(blob_dir),
         models="tiny",
     )
+
+
+@pytest.fixture
+def restore_threads() -> Iterator[None]:
+    """Give torch back its thread count after a test that trains with its own."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

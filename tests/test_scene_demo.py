@@ -20,9 +20,11 @@ from typer.testing import CliRunner
 from genseg.cli import app
 from genseg.demo import DemoRun
 from genseg.scene_demo import run_scene_demo, scene_prompt
+from plumbing.mesh import load_glb
 from plumbing.settings import Settings
+from scene_worker.merge import read_scene_objects
 from schemas import ImageReadyEvent, SceneOptions, SceneReadyEvent
-from seg_worker.mesh import load_glb
+from seg_worker.depth import decode_depth_png
 
 runner = CliRunner()
 
@@ -99,3 +101,26 @@ async def test_scene_demo(
             assert Image.open(path).mode == "RGBA"
     sheet = np.asarray(Image.open(out / "contact_sheet.png"))
     assert sheet.shape[0] > 4 * 256, "one row per view"
+    assert scene.mesh is None and not (out / "scene.glb").exists(), "relative depth: no merge"
+
+
+async def test_toy_scene_demo_merges_the_scene_in_metres(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the toy profile the depth model is metric, so the scene stage merges the views:
+    the scene-ready event references the merged .glb, which the demo saves and draws."""
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", settings.kafka_bootstrap_servers)
+    torch.set_num_threads(2)
+    out = tmp_path / "out"
+    toy = settings.model_copy(update={"models": "toy"})
+    run = DemoRun.of(toy, out, console=Console(file=io.StringIO()))
+    prompt = "a red circle next to a blue square"
+    result = await run_scene_demo(prompt, [0, 90], ["red circle"], run)
+    assert result.scene.mesh is not None
+    assert result.scene.mesh.media_type == "model/gltf-binary"
+    for view in ("0", "90"):
+        depth = decode_depth_png((out / f"view-{view}" / "depth.png").read_bytes())
+        assert depth.units == "metres"
+    merged = (out / "scene.glb").read_bytes()
+    labels = [o.label for o in read_scene_objects(merged)]
+    assert len(labels) == len(set(labels)), "each object once"

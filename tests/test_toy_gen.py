@@ -55,13 +55,6 @@ def test_attention_loss_rewards_attention_on_the_object() -> None:
     assert float(none) == 0.0
 
 
-@pytest.fixture
-def restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_training_runs_and_saves_a_loadable_pipeline(tmp_path: Path, restore_threads) -> None:
     cfg = TrainConfig(
         scenes=16, threads=1, vae_steps=2, vae_batch=4, unet_steps=3, batch=4, warmup=1,

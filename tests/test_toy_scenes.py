@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from gen_worker.generate import BatchSpec, Generator, Sample
@@ -64,13 +63,6 @@ def test_training_rows_name_each_solid_in_its_view() -> None:
         not held_out([(s.colour, s.shape) for s in make_scene3d(seed, views=()).solids])
         for seed in training_seeds(40)
     )
-
-
-@pytest.fixture
-def restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_training_runs_and_saves_a_loadable_pipeline(tmp_path: Path, restore_threads) -> None:

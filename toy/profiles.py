@@ -8,12 +8,16 @@ there and never import this package by name. ``GENSEG_MODELS=toy`` then runs:
   shipped in ``toy/weights/sd`` (or ``TOY_SD_MODEL``), loaded exactly like
   ``pretrained``; inpainting with the same UNet (diffusers blends the kept region in
   at every step). 64x64 images only: the worker refuses other sizes
-  (``unsupported_size``), since the models never saw them.
+  (``unsupported_size``), since the models never saw them. Views of multi-view scenes
+  are drawn by this flat generator too: the scene generator of the 3D toy world
+  (``python -m toy.train_scene``) is not shipped yet (docs/toy.md);
 - segmenter: :data:`TOY_SAM_ARCH` with the weights trained on the toy world
   (``python -m toy.train_sam``), ``toy/weights/sam.safetensors`` unless
   ``SAM_CHECKPOINT`` names another file, loaded strictly like ``pretrained``;
-- depth (scene views): no depth model is trained for the toy world, so it runs the
-  tiny random one, like the ``tiny`` profile.
+- depth (scene views): the Depth Anything model trained on the 3D toy world's exact
+  depth maps (``python -m toy.train_depth``, ``toy/weights/depth``, metric), loaded
+  through the ``pretrained`` depth path (``SegProfile.default_depth_model``) unless
+  ``DEPTH_MODEL`` names another.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from gen_worker.registry import GenPipelines, GenProfile
 from seg_worker.profiles import SamArch, SegProfile
+from toy.scene_weights import DEPTH_DIR
 from toy.weights import SAM_WEIGHTS, SD_DIR
 from toy.world import WorldConfig
 
@@ -89,7 +94,14 @@ SEG_PROFILE = SegProfile(
     # inside the smallest toy object), and the stability filter stays: the trained
     # model's logits are sharp, so its masks are stable.
     config={"auto_points_per_side": 16, "auto_stability_thresh": 0.92},
-    depth_arch="tiny",
+    # Metric depth of the 3D toy world's views, trained on its exact depth maps.
+    default_depth_model=str(DEPTH_DIR),
 )
 
-__all__ = ["GEN_PROFILE", "SEG_PROFILE", "SIZE", "TOY_SAM_ARCH", "load_toy_pipelines"]
+__all__ = [
+    "GEN_PROFILE",
+    "SEG_PROFILE",
+    "SIZE",
+    "TOY_SAM_ARCH",
+    "load_toy_pipelines",
+]

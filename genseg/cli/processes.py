@@ -184,19 +184,20 @@ def train_toy(
     out: Annotated[
         Path | None,
         typer.Option(
-            help="Directory of the weights: sd/ and sam.safetensors (default: toy/weights)."
+            help="Directory of the weights: sd/, sam.safetensors and depth/ (default: toy/weights)."
         ),
     ] = None,
     quick: Annotated[
         bool, typer.Option(help="A few steps of each (a smoke test of the loops, useless weights).")
     ] = False,
 ) -> None:
-    """Train the toy profile's models on the synthetic world, on the CPU (about 40 minutes).
+    """Train the toy profile's models on the synthetic worlds, on the CPU (about an hour).
 
-    Runs ``python -m toy.train_gen`` (VAE, text encoder, UNet) then ``python -m
-    toy.train_sam`` with their default recipes, which reproduce the shipped weights.
+    Runs ``python -m toy.train_gen`` (VAE, text encoder, UNet), ``python -m toy.train_sam``
+    and the scene path's depth model, ``python -m toy.train_depth`` (on the 3D world),
+    with their default recipes (docs/toy.md says which shipped files they reproduce).
     """
-    from toy import train_gen, train_sam
+    from toy import train_depth, train_gen, train_sam
     from toy.weights import SD_DIR
 
     # The package's own weights directory, wherever the command runs from.
@@ -204,13 +205,22 @@ def train_toy(
     started = time.monotonic()
     gen_args = ["--out", str(out / "sd")]
     sam_args = ["--out", str(out / "sam.safetensors")]
+    depth_args = ["--out", str(out / "depth")]
     if quick:
         gen_args += ["--scenes", "64", "--vae-steps", "4", "--unet-steps", "4", "--log-every", "1"]
         sam_args += ["--scenes", "64", "--steps", "4"]
-    console.print(f"[bold]1/2[/] generator -> {out / 'sd'}")
-    train_gen.main(gen_args)
-    console.print(f"[bold]2/2[/] segment anything -> {out / 'sam.safetensors'}")
-    train_sam.main(sam_args)
+        depth_args += ["--random-views", "32", "--canonical-scenes", "4", "--steps", "4",
+                       "--eval-views", "4", "--log-every", "1"]  # fmt: skip
+    steps = [
+        ("generator", out / "sd", train_gen.main, gen_args),
+        ("segment anything", out / "sam.safetensors", train_sam.main, sam_args),
+        ("depth", out / "depth", train_depth.main, depth_args),
+    ]
+    for k, (name, path, run, args) in enumerate(steps, 1):
+        console.print(f"[bold]{k}/{len(steps)}[/] {name} -> {path}")
+        step_started = time.monotonic()
+        run(args)
+        console.print(f"  {name}: {(time.monotonic() - step_started) / 60:.1f} min")
     console.print(f"trained in {(time.monotonic() - started) / 60:.1f} min")
 
 
