@@ -25,6 +25,16 @@ those ratios and their spread count; the target is <= 1.10 for both. Each round 
 records the machine's other load. Prints the machine and, as the last line, one JSON
 object ``{"bench": "gen", ...}``.
 
+Threads: torch runs, at any time, on one thread of this process only, as in a
+``genseg worker`` process (whose runtime loads the models and runs the handler on its
+one executor thread). The models are built, and each direct round runs, on a thread
+that exits afterwards, and a worker round starts only once the previous runtime's
+thread is gone. Why it matters: libgomp (torch's OpenMP) stops spin-waiting at its
+barriers when more of its threads exist than the machine has cores, so a second live
+thread that once ran a parallel torch op (its idle OpenMP team stays) made every
+parallel region on this 2-core machine sleep on a futex: the same generation 3.7x
+slower in wall time and 1.7x in CPU, whichever side it hit.
+
     python bench/gen.py                 # 32 requests, tiny profile, 64x64, 20 steps, 5 rounds
     python bench/gen.py --profile-worker /tmp/gen.pstats  # cProfile of the worker rounds
 """
@@ -41,10 +51,13 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -64,6 +77,7 @@ from producers.publisher import Publisher
 from schemas import ImageReadyEvent, PromptEvent
 
 log = logging.getLogger("bench.gen")
+T = TypeVar("T")
 
 TARGET = 1.10
 #: A worker does the direct call's work and more: a ratio under this is a disturbed run.
@@ -85,6 +99,21 @@ def requests(n: int, size: int, steps: int, run: str, seed0: int = 1000) -> list
     ]
 
 
+async def in_fresh_thread(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on a new thread, joined before returning (see "Threads" above)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-torch") as pool:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+
+async def until_runtime_threads_gone(prefix: str, timeout_s: float = 30.0) -> None:
+    """Wait until the stopped runtime's executor thread (``prefix``...) has exited."""
+    deadline = time.perf_counter() + timeout_s
+    while any(t.name.startswith(prefix) for t in threading.enumerate()):
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"thread {prefix}* still alive after {timeout_s} s")
+        await asyncio.sleep(0.01)
+
+
 def run_direct(generator: Generator, events: list[PromptEvent], max_batch: int) -> float:
     """Seconds for generating every request with the generator alone."""
     started = time.perf_counter()
@@ -99,7 +128,7 @@ def run_direct(generator: Generator, events: list[PromptEvent], max_batch: int) 
     return time.perf_counter() - started
 
 
-async def verdict(wall: float, cpu: float) -> bool | None:
+def verdict(wall: float, cpu: float) -> bool | None:
     """Whether the target is met; None (no verdict) when the worker measured clearly
     faster than the call it wraps: the direct run was disturbed (on a loaded machine,
     torch's intra-op threads of a one-thread process can spin for minutes)."""
@@ -183,6 +212,7 @@ async def run_worker(
             await asyncio.to_thread(client.join, 30)
             if client.is_alive():
                 client.kill()
+    await until_runtime_threads_gone(f"genseg-{stage.name}")
     return elapsed, rt
 
 
@@ -204,7 +234,7 @@ async def bench(
         device=args.device,
     )
     await ensure_topics(settings)
-    models = GenModels.from_settings(settings)
+    models = await in_fresh_thread(GenModels.from_settings, settings)
     generator = Generator(models)
     # Built here, not by genseg.workers: the stage shares its models with the direct path.
     stage = GenStage(settings, generator=generator)
@@ -219,7 +249,7 @@ async def bench(
     await run_worker(
         stage, settings, requests(2, args.size, 2, "warm"), LoadMeter({}), args.timeout
     )
-    await asyncio.to_thread(
+    await in_fresh_thread(
         run_direct, generator, requests(2, args.size, 2, "warm"), config.max_batch
     )
     for r in range(args.repeats):
@@ -230,9 +260,7 @@ async def bench(
             meter = LoadMeter(dict(roles))
             if mode == "direct":
                 with meter:
-                    seconds = await asyncio.to_thread(
-                        run_direct, generator, events, config.max_batch
-                    )
+                    seconds = await in_fresh_thread(run_direct, generator, events, config.max_batch)
             else:
                 seconds, rt = await run_worker(
                     stage, settings, events, meter, args.timeout, profiler
