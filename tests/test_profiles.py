@@ -19,10 +19,11 @@ import pytest
 from gen_worker import registry
 from gen_worker.profiles import BUILTIN_PROFILES as GEN_BUILTINS
 from gen_worker.profiles import GenModels, RuntimeOptions, gen_profile, known_profiles
+from plumbing.settings import Settings
 from seg_worker import profiles as seg
 from seg_worker.config import SegConfig
 from seg_worker.depth import ARCHS as DEPTH_ARCHS
-from seg_worker.depth import load_depth
+from seg_worker.depth import depth_model_of, load_depth
 from toy import profiles as toy
 from toy.weights import SAM_WEIGHTS
 
@@ -80,8 +81,9 @@ def test_profile_settings_of_the_segmenter() -> None:
     )
     assert SegConfig.for_profile("random") == SegConfig()
     assert SegConfig.for_profile("toy", crop_retry=False).crop_retry is False
-    # No depth model is trained for the toy world: it runs the tiny random one.
-    hidden = load_depth("toy", "unused").model.config.backbone_config.hidden_size
+    # The toy profile runs its own trained depth model (metric), the tiny one its random one.
+    assert load_depth("toy", depth_model_of(Settings(models="toy"))).units == "metres"
+    hidden = load_depth("tiny", "unused").model.config.backbone_config.hidden_size
     assert hidden == DEPTH_ARCHS["tiny"].hidden_size
 
 
