@@ -22,13 +22,11 @@ import os
 # toy/train_gen.py: on 2 shared cores spinning made steps many times slower).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse
 import json
 import logging
-import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -39,17 +37,10 @@ from seg_worker.depth import DepthEstimator
 from toy.depth_data import ViewData, depth_views
 from toy.depth_eval import depth_errors
 from toy.depth_model import DepthTrainConfig, build_depth_model, depth_processor, normalise
+from toy.recipe import recipe_main, warmup_cosine
 from toy.world3d import EVAL_SEED_BASE
 
 log = logging.getLogger(__name__)
-
-
-def _schedule(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to a tenth."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(total - warmup, 1)
-    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def degrade(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -83,7 +74,7 @@ def train_model(
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: _schedule(s, cfg.steps, min(cfg.warmup, cfg.steps))
+        opt, lambda s: warmup_cosine(s, cfg.steps, min(cfg.warmup, cfg.steps))
     )
     started, running, last = time.monotonic(), 0.0, {}
     for step in range(cfg.steps):
@@ -149,20 +140,7 @@ def train(out: Path, cfg: DepthTrainConfig | None = None) -> dict[str, float]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
-    defaults = DepthTrainConfig()
-    for f in fields(DepthTrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        parser.add_argument(flag, type=type(getattr(defaults, f.name)), default=None)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    overrides = {
-        f.name: getattr(args, f.name)
-        for f in fields(DepthTrainConfig)
-        if getattr(args, f.name) is not None
-    }
-    train(args.out, DepthTrainConfig(**overrides))
+    recipe_main(argv, __doc__, DepthTrainConfig, train, "output directory")
 
 
 if __name__ == "__main__":

@@ -32,14 +32,13 @@ import os
 # On 2 cores shared with anything else, spinning made training steps 8x slower.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,11 +49,12 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.models.attention_processor import AttnProcessor2_0
-from transformers import CLIPTextModel
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from toy.gen_data import WorldData, load_or_build_data
 from toy.gen_losses import EMA, AttentionCapture, attention_loss, min_snr_weights
 from toy.gen_model import TOY_SCHEDULER_CONFIG, TrainConfig, build_models, toy_tokenizer
+from toy.recipe import LossMeter, recipe_main, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +67,6 @@ def autocast(cfg: TrainConfig) -> torch.autocast:
 
 
 # --- phase 2: VAE -----------------------------------------------------------------------
-
-
-def _schedule(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to a tenth."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(total - warmup, 1)
-    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def edge_weights(images: torch.Tensor, edge_weight: float) -> torch.Tensor:
@@ -107,9 +99,9 @@ def train_vae(
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: _schedule(s, cfg.vae_steps, min(100, cfg.vae_steps))
+        opt, lambda s: warmup_cosine(s, cfg.vae_steps, min(100, cfg.vae_steps))
     )
-    meter = _Meter("vae", cfg.vae_steps, cfg.log_every)
+    meter = LossMeter("vae", cfg.vae_steps, cfg.log_every)
     device = next(vae.parameters()).device
     for step in range(cfg.vae_steps):
         x = images[torch.randint(len(images), (cfg.vae_batch,), generator=rng)].to(device)
@@ -183,10 +175,10 @@ def train_denoiser(
     params = [*unet.parameters(), *text_encoder.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: _schedule(s, cfg.unet_steps, cfg.warmup)
+        opt, lambda s: warmup_cosine(s, cfg.unet_steps, cfg.warmup)
     )
     ema_unet, ema_text = EMA(unet, cfg.ema_decay), EMA(text_encoder, cfg.ema_decay)
-    meter = _Meter("unet", cfg.unet_steps, cfg.log_every)
+    meter = LossMeter("unet", cfg.unet_steps, cfg.log_every)
     for step in range(cfg.unet_steps):
         idx = torch.randint(len(latents), (cfg.batch,), generator=rng)
         z0 = latents[idx]
@@ -226,31 +218,35 @@ def train_denoiser(
     return ema_unet.shadow, ema_text.shadow
 
 
-class _Meter:
-    """Running means of losses, logged every ``every`` steps with the step rate."""
-
-    def __init__(self, name: str, total: int, every: int) -> None:
-        self.name, self.total, self.every = name, total, every
-        self.sums: dict[str, float] = {}
-        self.count = 0
-        self.last: dict[str, float] = {}
-        self.started = time.monotonic()
-
-    def update(self, step: int, **values: float) -> None:
-        for key, value in values.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value
-        self.count += 1
-        if (step + 1) % self.every == 0 or step + 1 == self.total:
-            self.last = {k: v / self.count for k, v in self.sums.items()}
-            rate = (step + 1) / (time.monotonic() - self.started)
-            losses = " ".join(f"{k} {v:.4f}" for k, v in self.last.items())
-            log.info(
-                "%s step %d/%d  %s  (%.2f steps/s)", self.name, step + 1, self.total, losses, rate
-            )
-            self.sums, self.count = {}, 0
-
-
 # --- the whole recipe ---------------------------------------------------------------------
+
+
+def save_pipeline(
+    out: Path,
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    tokenizer: CLIPTokenizer,
+    unet: UNet2DConditionModel,
+    scheduler_config: dict[str, Any],
+    recipe: dict[str, Any],
+) -> StableDiffusionPipeline:
+    """Assemble the trained parts into a pipeline, save it to ``out`` with fp16 weights and
+    ``train_config.json`` (``recipe``), and return it in fp32."""
+    pipe = StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=DDIMScheduler.from_config(scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    # fp16 halves the shipped size; the pipeline loads it back in the dtype it is asked for.
+    pipe.to("cpu", torch.float16).save_pretrained(out, safe_serialization=True)
+    (out / "train_config.json").write_text(json.dumps(recipe, indent=2) + "\n", encoding="utf-8")
+    return pipe.to(torch.float32)
 
 
 def train(out: Path, cfg: TrainConfig | None = None) -> StableDiffusionPipeline:
@@ -273,42 +269,13 @@ def train(out: Path, cfg: TrainConfig | None = None) -> StableDiffusionPipeline:
     log.info("phase: text encoder + unet: %d steps", cfg.unet_steps)
     unet, text_encoder = train_denoiser(unet, text_encoder, latents, data, cfg, rng)
 
-    pipe = StableDiffusionPipeline(
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        unet=unet.eval(),
-        scheduler=DDIMScheduler.from_config(TOY_SCHEDULER_CONFIG),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    # fp16 halves the shipped size; the pipeline loads it back in the dtype it is asked for.
-    pipe.to("cpu", torch.float16).save_pretrained(out, safe_serialization=True)
-    (out / "train_config.json").write_text(
-        json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8"
-    )
-    pipe.to(torch.float32)
+    pipe = save_pipeline(out, vae, text_encoder, tokenizer, unet, TOY_SCHEDULER_CONFIG, asdict(cfg))
     log.info("phase: saved to %s after %.0f s", out, time.monotonic() - started)
     return pipe
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="output diffusers directory")
-    defaults = TrainConfig()
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        parser.add_argument(flag, type=type(getattr(defaults, f.name)), default=None)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    overrides = {
-        f.name: getattr(args, f.name)
-        for f in fields(TrainConfig)
-        if getattr(args, f.name) is not None
-    }
-    train(args.out, TrainConfig(**overrides))
+    recipe_main(argv, __doc__, TrainConfig, train, "output diffusers directory")
 
 
 if __name__ == "__main__":

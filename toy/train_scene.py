@@ -28,13 +28,10 @@ import os
 # toy/train_gen.py: on 2 shared cores spinning made steps many times slower).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse
-import json
 import logging
-import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -43,48 +40,18 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from diffusers.models.attention_processor import AttnProcessor2_0
 from transformers import CLIPTextModel
 
+from toy.gen_losses import EMA, AttentionCapture, attention_loss, min_snr_weights
+from toy.recipe import LossMeter, recipe_main, warmup_cosine
 from toy.scene_data import SceneData, build_scene_data
-from toy.scene_losses import EMA, AttentionCapture, attention_loss, min_snr_weights
 from toy.scene_model import (
     SCENE_SCHEDULER_CONFIG,
     SceneTrainConfig,
     build_scene_models,
     scene_tokenizer,
 )
+from toy.train_gen import encode_latents, save_pipeline
 
 log = logging.getLogger(__name__)
-
-
-def _schedule(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to a tenth."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(total - warmup, 1)
-    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-class _Meter:
-    """Running means of losses, logged every ``every`` steps with the step rate."""
-
-    def __init__(self, name: str, total: int, every: int) -> None:
-        self.name, self.total, self.every = name, total, every
-        self.sums: dict[str, float] = {}
-        self.count = 0
-        self.last: dict[str, float] = {}
-        self.started = time.monotonic()
-
-    def update(self, step: int, **values: float) -> None:
-        for key, value in values.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value
-        self.count += 1
-        if (step + 1) % self.every == 0 or step + 1 == self.total:
-            self.last = {k: v / self.count for k, v in self.sums.items()}
-            rate = (step + 1) / (time.monotonic() - self.started)
-            losses = " ".join(f"{k} {v:.4f}" for k, v in self.last.items())
-            log.info(
-                "%s step %d/%d  %s  (%.2f steps/s)", self.name, step + 1, self.total, losses, rate
-            )
-            self.sums, self.count = {}, 0
 
 
 def train_vae(
@@ -94,9 +61,9 @@ def train_vae(
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: _schedule(s, cfg.vae_steps, min(100, cfg.vae_steps))
+        opt, lambda s: warmup_cosine(s, cfg.vae_steps, min(100, cfg.vae_steps))
     )
-    meter = _Meter("vae", cfg.vae_steps, cfg.log_every)
+    meter = LossMeter("vae", cfg.vae_steps, cfg.log_every)
     for step in range(cfg.vae_steps):
         x = images[torch.randint(len(images), (cfg.vae_batch,), generator=rng)]
         posterior = vae.encode(x).latent_dist
@@ -114,18 +81,6 @@ def train_vae(
         meter.update(step, l1=l1.item(), mse=mse.item(), kl=kl.item())
     vae.eval()
     return meter.last
-
-
-@torch.no_grad()
-def encode_latents(vae: AutoencoderKL, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """Latent means ``[N, 4, 16, 16]``, scaled; sets ``vae.config.scaling_factor``."""
-    means = torch.cat(
-        [vae.encode(images[i : i + batch]).latent_dist.mean for i in range(0, len(images), batch)]
-    )
-    scale = 1.0 / float(means.std())
-    vae.register_to_config(scaling_factor=scale)
-    log.info("latents: scaling_factor %.4f", scale)
-    return means * scale
 
 
 def train_denoiser(
@@ -151,10 +106,10 @@ def train_denoiser(
     params = [*unet.parameters(), *text_encoder.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: _schedule(s, cfg.unet_steps, min(cfg.warmup, cfg.unet_steps))
+        opt, lambda s: warmup_cosine(s, cfg.unet_steps, min(cfg.warmup, cfg.unet_steps))
     )
     ema_unet, ema_text = EMA(unet, cfg.ema_decay), EMA(text_encoder, cfg.ema_decay)
-    meter = _Meter("unet", cfg.unet_steps, cfg.log_every)
+    meter = LossMeter("unet", cfg.unet_steps, cfg.log_every)
     for step in range(cfg.unet_steps):
         idx = torch.randint(len(latents), (cfg.batch,), generator=rng)
         z0 = latents[idx]
@@ -213,42 +168,15 @@ def train(out: Path, cfg: SceneTrainConfig | None = None) -> StableDiffusionPipe
     log.info("phase: text encoder + unet: %d steps", cfg.unet_steps)
     unet, text_encoder = train_denoiser(unet, text_encoder, latents, data, cfg, rng)
 
-    pipe = StableDiffusionPipeline(
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        unet=unet.eval(),
-        scheduler=DDIMScheduler.from_config(SCENE_SCHEDULER_CONFIG),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    pipe = save_pipeline(
+        out, vae, text_encoder, tokenizer, unet, SCENE_SCHEDULER_CONFIG, asdict(cfg)
     )
-    out.mkdir(parents=True, exist_ok=True)
-    # fp16 halves the shipped size; the pipeline loads it back in the dtype asked for.
-    pipe.to("cpu", torch.float16).save_pretrained(out, safe_serialization=True)
-    (out / "train_config.json").write_text(
-        json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8"
-    )
-    pipe.to(torch.float32)
     log.info("phase: saved to %s after %.0f s", out, time.monotonic() - started)
     return pipe
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="output diffusers directory")
-    defaults = SceneTrainConfig()
-    for f in fields(SceneTrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        parser.add_argument(flag, type=type(getattr(defaults, f.name)), default=None)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    overrides = {
-        f.name: getattr(args, f.name)
-        for f in fields(SceneTrainConfig)
-        if getattr(args, f.name) is not None
-    }
-    train(args.out, SceneTrainConfig(**overrides))
+    recipe_main(argv, __doc__, SceneTrainConfig, train, "output diffusers directory")
 
 
 if __name__ == "__main__":
