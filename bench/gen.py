@@ -50,7 +50,6 @@ import multiprocessing as mp
 import os
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -63,6 +62,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.harness import on_broker, quiet_logs
 from bench.machine import LoadMeter, describe, load_average, spread
 from consumers.runtime import StageRuntime
 from consumers.subscriber import Subscriber
@@ -70,7 +70,6 @@ from gen_worker.generate import Generator, Sample
 from gen_worker.handler import GenStage, batch_spec, image_seeds
 from gen_worker.profiles import GenModels
 from genseg.workers import runtime_config
-from plumbing.broker import EmbeddedBroker
 from plumbing.kafka import ensure_topics
 from plumbing.settings import Settings
 from producers.publisher import Publisher
@@ -329,22 +328,12 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--profile-worker", help="write a cProfile of the worker rounds here")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    for noisy in ("aiokafka", "diffusers", "transformers", "consumers", "gen_worker"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_logs(("aiokafka", "diffusers", "transformers", "consumers", "gen_worker"))
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
 
     print("machine:", json.dumps(describe()))
-    with tempfile.TemporaryDirectory(prefix="genseg-bench-") as tmp:
-        bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-        if bootstrap:
-            result = asyncio.run(bench(args, bootstrap, tmp, None))
-        else:
-            with EmbeddedBroker(log_path=Path(tmp) / "tansu.log") as broker:
-                result = asyncio.run(
-                    bench(args, broker.bootstrap_servers, tmp + "/blobs", broker.pid)
-                )
+    result = on_broker(lambda bootstrap, blobs, pid: bench(args, bootstrap, blobs, pid))
     print(
         f"worker / direct, median of {result['repeats']} rounds: wall {result['ratio']:.3f}, "
         f"CPU {result['cpu_ratio']:.3f} (target <= {TARGET}); mean batch {result['mean_batch']}"

@@ -48,7 +48,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -61,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aiokafka import AIOKafkaProducer
 
+from bench.harness import on_broker, quiet_logs
 from bench.machine import LoadMeter, describe, load_average, spread
 from bench.pipeline import (
     PARTITIONS,
@@ -76,7 +76,6 @@ from gen_worker.generate import Generator
 from gen_worker.handler import GenStage
 from gen_worker.profiles import GenModels
 from genseg.workers import running, runtime_config
-from plumbing.broker import EmbeddedBroker
 from plumbing.kafka import ensure_topics
 from plumbing.settings import Settings
 from schemas import ImageReadyEvent, PromptEvent
@@ -479,29 +478,11 @@ def main() -> None:
     if args.sam_dtype is None:
         cuda = args.device != "cpu" and torch.cuda.is_available()
         args.sam_dtype = "bf16" if cuda else "fp32"
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    for noisy in (
-        "aiokafka",
-        "diffusers",
-        "transformers",
-        "consumers",
-        "gen_worker",
-        "seg_worker",
-        "genseg",
-    ):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_logs()
 
     info = machine(args.device)
     print("machine:", json.dumps(info))
-    with tempfile.TemporaryDirectory(prefix="genseg-bench-") as tmp:
-        bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-        if bootstrap:
-            result = asyncio.run(bench(args, bootstrap, tmp, None))
-        else:
-            with EmbeddedBroker(log_path=Path(tmp) / "tansu.log") as broker:
-                result = asyncio.run(
-                    bench(args, broker.bootstrap_servers, tmp + "/blobs", broker.pid)
-                )
+    result = on_broker(lambda bootstrap, blobs, pid: bench(args, bootstrap, blobs, pid))
     result["machine"] = info
     lat, sat = result["latency"], result["saturation"]
     p, d = lat["pipeline"], lat["direct"]

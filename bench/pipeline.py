@@ -95,6 +95,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from bench.harness import quiet_logs
 from bench.machine import LoadMeter, describe, load_average, spread
 from consumers.runtime import StageRuntime
 from consumers.subscriber import partition_for_key
@@ -836,17 +837,7 @@ def main() -> None:
     parser.add_argument("--skip-scale", action="store_true")
     parser.add_argument("--skip-flow", action="store_true")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    for noisy in (
-        "aiokafka",
-        "diffusers",
-        "transformers",
-        "consumers",
-        "gen_worker",
-        "seg_worker",
-        "genseg",
-    ):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_logs()
 
     torch.set_num_threads(args.torch_threads)
     print("machine:", json.dumps(machine()))

@@ -128,14 +128,15 @@ def build_depth_model(arch: str | DepthArch, *, seed: int = 0) -> DepthAnythingF
     return model
 
 
-def build_processor(input_size: int) -> DPTImageProcessor:
-    """Depth Anything's preprocessing: keep the aspect ratio, sides multiples of 14 near
-    ``input_size``, bicubic, ImageNet normalisation."""
+def build_processor(input_size: int, *, multiple_of: int = PATCH) -> DPTImageProcessor:
+    """Depth Anything's preprocessing: keep the aspect ratio, sides multiples of
+    ``multiple_of`` (the backbone's patch, 14) near ``input_size``, bicubic, ImageNet
+    normalisation."""
     return DPTImageProcessor(
         do_resize=True,
         size={"height": input_size, "width": input_size},
         keep_aspect_ratio=True,
-        ensure_multiple_of=PATCH,
+        ensure_multiple_of=multiple_of,
         resample=Image.Resampling.BICUBIC,
         do_rescale=True,
         do_normalize=True,

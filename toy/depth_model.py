@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
 from transformers import (
     DepthAnythingConfig,
     DepthAnythingForDepthEstimation,
@@ -27,7 +26,7 @@ from transformers import (
     DPTImageProcessor,
 )
 
-from seg_worker.depth import IMAGENET_MEAN, IMAGENET_STD
+from seg_worker.depth import IMAGENET_MEAN, IMAGENET_STD, build_processor
 from toy.scene_weights import DEPTH_DIR
 
 #: The farthest depth the model can predict (world units): the head's sigmoid scale.
@@ -89,20 +88,9 @@ def build_depth_model(cfg: DepthTrainConfig | None = None) -> DepthAnythingForDe
 
 
 def depth_processor() -> DPTImageProcessor:
-    """Depth Anything's preprocessing at the toy's 64 px: bicubic to a multiple of the
-    patch, ImageNet normalisation (64x64 views pass unchanged in size)."""
-    return DPTImageProcessor(
-        do_resize=True,
-        size={"height": INPUT_SIZE, "width": INPUT_SIZE},
-        keep_aspect_ratio=True,
-        ensure_multiple_of=PATCH,
-        resample=Image.Resampling.BICUBIC,
-        do_rescale=True,
-        do_normalize=True,
-        image_mean=list(IMAGENET_MEAN),
-        image_std=list(IMAGENET_STD),
-        do_pad=False,
-    )
+    """Depth Anything's preprocessing at the toy's 64 px and 8 px patches (64x64 views
+    pass unchanged in size)."""
+    return build_processor(INPUT_SIZE, multiple_of=PATCH)
 
 
 def normalise(images: torch.Tensor) -> torch.Tensor:
