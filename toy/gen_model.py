@@ -64,21 +64,43 @@ def toy_tokenizer() -> CLIPTokenizer:
     return local_clip_tokenizer(max_length=MAX_TOKENS, words=TOY_WORDS, whole_words=True)
 
 
-def _channels(text: str) -> tuple[int, ...]:
+def parse_channels(text: str) -> tuple[int, ...]:
+    """``"32,64,64"`` -> ``(32, 64, 64)`` (channel lists are text in the recipes)."""
     return tuple(int(c) for c in text.split(","))
 
 
 def build_models(
     tokenizer: CLIPTokenizer, cfg: TrainConfig
 ) -> tuple[AutoencoderKL, CLIPTextModel, UNet2DConditionModel]:
-    """Freshly initialised VAE, text encoder and UNet (fp32), seeded."""
-    torch.manual_seed(cfg.seed)
-    vae_channels = _channels(cfg.vae_channels)
-    unet_channels = _channels(cfg.unet_channels)
+    """Freshly initialised VAE, text encoder and UNet of the flat recipe (fp32), seeded."""
+    return build_toy_sd(
+        tokenizer,
+        seed=cfg.seed,
+        vae_channels=parse_channels(cfg.vae_channels),
+        unet_channels=parse_channels(cfg.unet_channels),
+        latent_channels=cfg.latent_channels,
+        max_tokens=MAX_TOKENS,
+    )
+
+
+def build_toy_sd(
+    tokenizer: CLIPTokenizer,
+    *,
+    seed: int,
+    vae_channels: tuple[int, ...],
+    unet_channels: tuple[int, ...],
+    latent_channels: int,
+    max_tokens: int,
+) -> tuple[AutoencoderKL, CLIPTextModel, UNet2DConditionModel]:
+    """The toy Stable Diffusion classes, freshly initialised (fp32) after
+    ``torch.manual_seed(seed)``: a VAE (64x64x3 <-> 16x16 x ``latent_channels``), a small
+    CLIP text encoder of ``max_tokens`` positions, a UNet with cross-attention at 16 and
+    8 cells. The flat and the scene generator differ only in these arguments."""
+    torch.manual_seed(seed)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        latent_channels=cfg.latent_channels,
+        latent_channels=latent_channels,
         block_out_channels=vae_channels,
         down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
         up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
@@ -94,7 +116,7 @@ def build_models(
             intermediate_size=128,
             num_hidden_layers=2,
             num_attention_heads=4,
-            max_position_embeddings=MAX_TOKENS,
+            max_position_embeddings=max_tokens,
             projection_dim=64,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
@@ -103,8 +125,8 @@ def build_models(
     )
     unet = UNet2DConditionModel(
         sample_size=16,
-        in_channels=cfg.latent_channels,
-        out_channels=cfg.latent_channels,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
         block_out_channels=unet_channels,
         layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),

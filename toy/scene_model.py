@@ -13,12 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from gen_worker.architectures import SD15_SCHEDULER_CONFIG
 from gen_worker.tokenizer import local_clip_tokenizer
+from toy.gen_model import build_toy_sd, parse_channels
 from toy.scene_weights import SCENE_SD_DIR
 from toy.world import PALETTE
 from toy.world3d import SOLIDS
@@ -83,56 +83,19 @@ def scene_tokenizer() -> CLIPTokenizer:
     return local_clip_tokenizer(max_length=SCENE_MAX_TOKENS, words=SCENE_WORDS, whole_words=True)
 
 
-def _channels(text: str) -> tuple[int, ...]:
-    return tuple(int(c) for c in text.split(","))
-
-
 def build_scene_models(
     tokenizer: CLIPTokenizer, cfg: SceneTrainConfig
 ) -> tuple[AutoencoderKL, CLIPTextModel, UNet2DConditionModel]:
-    """Freshly initialised VAE (64x64x3 <-> 16x16x4), text encoder and UNet (fp32), seeded."""
-    torch.manual_seed(cfg.seed)
-    vae_channels = _channels(cfg.vae_channels)
-    unet_channels = _channels(cfg.unet_channels)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
+    """Freshly initialised VAE (64x64x3 <-> 16x16x4), text encoder and UNet (fp32), seeded:
+    the flat generator's classes and sizes, with the scene vocabulary's prompt length."""
+    return build_toy_sd(
+        tokenizer,
+        seed=cfg.seed,
+        vae_channels=parse_channels(cfg.vae_channels),
+        unet_channels=parse_channels(cfg.unet_channels),
         latent_channels=4,
-        block_out_channels=vae_channels,
-        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
-        layers_per_block=1,
-        norm_num_groups=min(16, vae_channels[0]),
-        sample_size=64,
-        mid_block_add_attention=False,
+        max_tokens=SCENE_MAX_TOKENS,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=SCENE_MAX_TOKENS,
-            projection_dim=64,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=unet_channels,
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=64,
-        attention_head_dim=4,  # diffusers' name for the number of heads
-        norm_num_groups=min(32, unet_channels[0]),
-    )
-    return vae, text_encoder, unet
 
 
 __all__ = [
