@@ -66,6 +66,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--gen-only", action="store_true", help="skip the segmenter")
     parser.add_argument("--sheet", type=Path, help="write a contact sheet of the first 32")
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument(
+        "--probe", action="store_true",
+        help="also measure how much the denoiser uses the caption's shape words",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
@@ -95,6 +99,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     report, outcomes = quality.run(
         generator, segmenter, prompts, params, options, on_progress=progress
     )
+    ceiling = quality.vae_shape_ceiling(generator.models.txt2img.vae)
+    probe = quality.caption_sensitivity(generator.models.txt2img) if args.probe else None
     if args.verbose:
         for o in outcomes:
             ious = {m: None if v is None else round(v, 3) for m, v in o.ious.items()}
@@ -119,6 +125,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         f"colour found {report.colour_found_rate:.3f}  heat peak inside "
         f"{figures['heat_peak_inside_rate']}"
     )
+    print(f"the VAE's round trip keeps {ceiling:.3f} of the evaluation objects' shapes (ceiling)")
+    for t, losses in (probe or {}).items():
+        print(f"denoising error at t={t}: " + "  ".join(f"{k} {v:.4f}" for k, v in losses.items()))
     print(f"{'mode':<10} {'mean IoU':>9} {'IoU>=0.5':>9} {'no match':>9} {'dup pairs':>9}")
     for mode, f in report.modes.items():
         print(
@@ -136,6 +145,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     result: dict[str, object] = {
         "bench": "quality",
         **figures,
+        "vae_shape_ceiling": round(ceiling, 4),
+        **({"caption_sensitivity": probe} if probe is not None else {}),
         "steps": args.steps,
         "guidance_scale": args.guidance,
         "sampler": args.sampler,

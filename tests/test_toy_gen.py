@@ -20,8 +20,9 @@ from plumbing.blobstore import LocalBlobStore
 from plumbing.images import decode_image
 from plumbing.settings import Settings
 from schemas import ImageReadyEvent, PromptEvent, Topics
-from toy.gen_losses import attention_loss
+from toy.gen_losses import attention_loss, cell_weights
 from toy.gen_model import MAX_TOKENS, TOY_WORDS, TrainConfig, build_models, toy_tokenizer
+from toy.recipe import recipe_main
 from toy.train_gen import edge_weights, train
 from toy.weights import SD_DIR
 from toy.world import find_object, make_scene
@@ -84,13 +85,16 @@ def test_training_runs_and_saves_a_loadable_pipeline(tmp_path: Path, restore_thr
 
 def test_experiment_options_train_and_load(tmp_path: Path, restore_threads) -> None:
     """The recipe's experiment options (bf16 autocast, edge-weighted VAE loss, 8 latent
-    channels) train a pipeline that loads and draws like the default one."""
+    channels, weighted latent cells, the caption in the time embedding) train a pipeline
+    that loads and draws like the default one."""
     cfg = TrainConfig(
         scenes=8, threads=1, vae_steps=2, vae_batch=4, unet_steps=2, batch=4, warmup=1,
         log_every=1, precision="bf16", vae_edge_weight=2.0, latent_channels=8,
+        object_cell_weight=1.0, edge_cell_weight=4.0, text_time_embedding=True,
     )  # fmt: skip
     pipe = train(tmp_path / "sd", cfg)
     assert pipe.unet.config.in_channels == pipe.vae.config.latent_channels == 8
+    assert pipe.unet.config.addition_embed_type == "text"
     assert all(torch.isfinite(p).all() for p in pipe.unet.parameters())
     models = GenModels.from_settings(
         Settings(models="toy", toy_sd_model=str(tmp_path / "sd")), RuntimeOptions(device="cpu")
@@ -107,6 +111,19 @@ def test_edge_weights_count_shape_edges_not_gradients() -> None:
     square[..., 4:12, 4:12] = 1.0
     weights = edge_weights(square, 4.0)
     assert weights[0, 0, 4, 4] == 5.0 and weights[0, 0, 8, 8] == 1.0 and weights[0, 0, 0, 0] == 1.0
+
+
+def test_cell_weights_favour_object_edges_and_keep_the_loss_size() -> None:
+    masks = torch.zeros(1, 3, 16, 16)
+    masks[0, 0, 4:8, 4:8] = 1.0
+    masks[0, 0, 8, 4:8] = 0.5  # the object's edge row covers half of each cell
+    weights = cell_weights(masks, object_weight=1.0, edge_weight=4.0)
+    assert weights.shape == (1, 1, 16, 16)
+    assert torch.allclose(weights.mean(), torch.tensor(1.0))
+    edge, inside, outside = weights[0, 0, 8, 5], weights[0, 0, 5, 5], weights[0, 0, 0, 0]
+    assert edge > inside > outside
+    assert torch.allclose(torch.stack([edge, inside]) / outside, torch.tensor([5.5, 2.0]))
+    assert torch.equal(cell_weights(masks, 0.0, 0.0), torch.ones(1, 1, 16, 16))
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +196,14 @@ def test_training_is_reproducible(tmp_path: Path, restore_threads) -> None:
         other = dict(getattr(second, "text_encoder" if name == "text" else name).named_parameters())
         for key, value in module.named_parameters():
             assert torch.equal(value, other[key]), f"{name}.{key} differs"
+
+
+def test_recipe_flags_parse_booleans_and_keep_unset_defaults(tmp_path: Path) -> None:
+    seen: list[tuple[Path, TrainConfig]] = []
+    argv = ["--out", str(tmp_path), "--train-text-encoder", "false", "--unet-steps", "7"]
+    recipe_main(argv, None, TrainConfig, lambda out, cfg: seen.append((out, cfg)), "out")
+    [(out, cfg)] = seen
+    assert out == tmp_path and cfg.unet_steps == 7 and cfg.train_text_encoder is False
+    assert cfg.text_time_embedding is TrainConfig().text_time_embedding  # not given: default
+    with pytest.raises(SystemExit):  # argparse reports "expected true or false" and exits 2
+        recipe_main([*argv[:2], "--text-time-embedding", "maybe"], None, TrainConfig, print, "o")

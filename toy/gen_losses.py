@@ -79,6 +79,21 @@ def attention_loss(
     return total / len(maps)
 
 
+def cell_weights(masks: torch.Tensor, object_weight: float, edge_weight: float) -> torch.Tensor:
+    """Per-cell diffusion-loss weights ``[B, 1, 16, 16]`` from objects' coverage ``masks``
+    ``[B, K, 16, 16]``: 1, plus ``object_weight`` times the covered share, plus
+    ``edge_weight`` where an object covers a cell only in part; scaled to mean 1 per
+    sample, so that the loss keeps its size.
+
+    Objects are a few percent of the latent, and the cells where a star differs from a
+    circle fewer still: unweighted, the loss barely notices which shape was drawn.
+    """
+    covered = masks.sum(dim=1, keepdim=True).clamp(max=1.0)
+    partial = ((masks > 0) & (masks < 1)).any(dim=1, keepdim=True).float()
+    weights = 1.0 + object_weight * covered + edge_weight * partial
+    return weights / weights.mean(dim=(2, 3), keepdim=True)
+
+
 def min_snr_weights(
     timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float
 ) -> torch.Tensor:

@@ -55,6 +55,18 @@ class TrainConfig:
     cfg_dropout: float = 0.1
     min_snr_gamma: float = 5.0
     attn_weight: float = 0.5
+    #: Extra diffusion-loss weight of the latent cells an object covers, and of those on
+    #: an object's edge (partly covered); see ``gen_losses.cell_weights``.
+    object_cell_weight: float = 0.0
+    edge_cell_weight: float = 0.0
+    #: Also condition every UNet block on the whole caption (diffusers'
+    #: ``addition_embed_type="text"``: the caption attention-pooled into the time embedding).
+    text_time_embedding: bool = False
+    #: Train the text encoder with the UNet (True), or keep it as initialised, like SD's
+    #: frozen CLIP. Trained together, the attention loss made each shape word's state
+    #: its colour's (cosine 0.999 between "a red circle" and "a red square"), so the UNet
+    #: could not tell the shapes apart.
+    train_text_encoder: bool = True
     ema_decay: float = 0.999
     log_every: int = 50
 
@@ -80,6 +92,7 @@ def build_models(
         unet_channels=parse_channels(cfg.unet_channels),
         latent_channels=cfg.latent_channels,
         max_tokens=MAX_TOKENS,
+        text_time_embedding=cfg.text_time_embedding,
     )
 
 
@@ -91,6 +104,7 @@ def build_toy_sd(
     unet_channels: tuple[int, ...],
     latent_channels: int,
     max_tokens: int,
+    text_time_embedding: bool = False,
 ) -> tuple[AutoencoderKL, CLIPTextModel, UNet2DConditionModel]:
     """The toy Stable Diffusion classes, freshly initialised (fp32) after
     ``torch.manual_seed(seed)``: a VAE (64x64x3 <-> 16x16 x ``latent_channels``), a small
@@ -134,5 +148,10 @@ def build_toy_sd(
         cross_attention_dim=64,
         attention_head_dim=4,  # diffusers' name for the number of heads
         norm_num_groups=min(32, unet_channels[0]),
+        **(
+            {"addition_embed_type": "text", "addition_embed_type_num_heads": 4}
+            if text_time_embedding
+            else {}
+        ),
     )
     return vae, text_encoder, unet

@@ -54,6 +54,17 @@ class LossMeter:
             self.sums, self.count = {}, 0
 
 
+def _flag(text: str) -> bool:
+    """``true``/``false`` (or yes/no, 1/0) of a boolean recipe field; ``bool("false")``
+    would be True."""
+    value = text.strip().lower()
+    if value in ("true", "yes", "1"):
+        return True
+    if value in ("false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
 def recipe_main(
     argv: Sequence[str] | None,
     doc: str | None,
@@ -69,7 +80,8 @@ def recipe_main(
     defaults = recipe()
     for f in fields(recipe):  # type: ignore[arg-type]
         flag = "--" + f.name.replace("_", "-")
-        parser.add_argument(flag, type=type(getattr(defaults, f.name)), default=None)
+        kind = type(getattr(defaults, f.name))
+        parser.add_argument(flag, type=_flag if kind is bool else kind, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     overrides = {

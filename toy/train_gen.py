@@ -52,7 +52,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from toy.gen_data import WorldData, load_or_build_data
-from toy.gen_losses import EMA, AttentionCapture, attention_loss, min_snr_weights
+from toy.gen_losses import EMA, AttentionCapture, attention_loss, cell_weights, min_snr_weights
 from toy.gen_model import TOY_SCHEDULER_CONFIG, TrainConfig, build_models, toy_tokenizer
 from toy.recipe import LossMeter, recipe_main, warmup_cosine
 
@@ -156,7 +156,8 @@ def train_denoiser(
     rng: torch.Generator,
     on_step: Callable[[int, EMA, EMA], None] | None = None,
 ) -> tuple[UNet2DConditionModel, CLIPTextModel]:
-    """Train the UNet and text encoder together; returns their EMA copies.
+    """Train the UNet (and the text encoder, unless the recipe freezes it); returns their
+    EMA copies.
 
     ``on_step(step, ema_unet, ema_text)`` after every step (snapshots while exploring).
     """
@@ -171,8 +172,12 @@ def train_denoiser(
         }
     )
     unet.train()
-    text_encoder.train()
-    params = [*unet.parameters(), *text_encoder.parameters()]
+    params = list(unet.parameters())
+    if cfg.train_text_encoder:
+        text_encoder.train()
+        params += text_encoder.parameters()
+    else:
+        text_encoder.eval().requires_grad_(False)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: warmup_cosine(s, cfg.unet_steps, cfg.warmup)
@@ -197,7 +202,8 @@ def train_denoiser(
         with autocast(cfg):
             embeds = text_encoder(ids.to(device))[0]
             pred = unet(zt, t.to(device), encoder_hidden_states=embeds).sample.float()
-        per_sample = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+        cells = cell_weights(data.masks[idx], cfg.object_cell_weight, cfg.edge_cell_weight)
+        per_sample = ((pred - target) ** 2 * cells.to(device)).mean(dim=(1, 2, 3))
         diffusion = (per_sample * weights).mean()
         attn = attention_loss(capture.maps, token_object.to(device), data.masks[idx].to(device))
         loss = diffusion + cfg.attn_weight * attn
