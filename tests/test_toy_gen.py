@@ -20,12 +20,12 @@ from plumbing.blobstore import LocalBlobStore
 from plumbing.images import decode_image
 from plumbing.settings import Settings
 from schemas import ImageReadyEvent, PromptEvent, Topics
-from toy.gen_losses import attention_loss, cell_weights
+from toy.gen_losses import attention_loss, cell_weights, shape_contrast, shape_swap_table
 from toy.gen_model import MAX_TOKENS, TOY_WORDS, TrainConfig, build_models, toy_tokenizer
 from toy.recipe import recipe_main
 from toy.train_gen import edge_weights, train
 from toy.weights import SD_DIR
-from toy.world import find_object, make_scene
+from toy.world import SHAPES, find_object, make_scene
 
 
 def test_every_toy_word_is_one_token_and_captions_fit() -> None:
@@ -85,12 +85,13 @@ def test_training_runs_and_saves_a_loadable_pipeline(tmp_path: Path, restore_thr
 
 def test_experiment_options_train_and_load(tmp_path: Path, restore_threads) -> None:
     """The recipe's experiment options (bf16 autocast, edge-weighted VAE loss, 8 latent
-    channels, weighted latent cells, the caption in the time embedding) train a pipeline
-    that loads and draws like the default one."""
+    channels, weighted latent cells, the caption in the time embedding, the shape
+    contrast) train a pipeline that loads and draws like the default one."""
     cfg = TrainConfig(
         scenes=8, threads=1, vae_steps=2, vae_batch=4, unet_steps=2, batch=4, warmup=1,
         log_every=1, precision="bf16", vae_edge_weight=2.0, latent_channels=8,
         object_cell_weight=1.0, edge_cell_weight=4.0, text_time_embedding=True,
+        shape_contrast_weight=1.0,
     )  # fmt: skip
     pipe = train(tmp_path / "sd", cfg)
     assert pipe.unet.config.in_channels == pipe.vae.config.latent_channels == 8
@@ -124,6 +125,21 @@ def test_cell_weights_favour_object_edges_and_keep_the_loss_size() -> None:
     assert edge > inside > outside
     assert torch.allclose(torch.stack([edge, inside]) / outside, torch.tensor([5.5, 2.0]))
     assert torch.equal(cell_weights(masks, 0.0, 0.0), torch.ones(1, 1, 16, 16))
+
+
+def test_shape_swap_and_contrast_hinge() -> None:
+    tokenizer = toy_tokenizer()
+    table = shape_swap_table(tokenizer, SHAPES)
+    ids = tokenizer("a red circle next to a blue star", return_tensors="pt").input_ids[0]
+    assert tokenizer.decode(table[ids], skip_special_tokens=True) == (
+        "a red square next to a blue circle"
+    )
+    right = torch.tensor([1.0, 1.0], requires_grad=True)
+    swapped = torch.tensor([1.05, 2.0], requires_grad=True)
+    loss = shape_contrast(right, swapped, margin=0.1)
+    assert torch.isclose(loss, torch.tensor(0.025))  # only the first is inside the margin
+    loss.backward()
+    assert right.grad.tolist() == [0.5, 0.0] and swapped.grad.tolist() == [-0.5, 0.0]
 
 
 @pytest.fixture(scope="module")

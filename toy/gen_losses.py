@@ -94,6 +94,24 @@ def cell_weights(masks: torch.Tensor, object_weight: float, edge_weight: float) 
     return weights / weights.mean(dim=(2, 3), keepdim=True)
 
 
+def shape_swap_table(tokenizer: Any, shapes: Sequence[str]) -> torch.Tensor:
+    """``[vocab]`` token ids: each shape word's id maps to the next shape's, others to
+    themselves (index a caption's ids with it to swap every shape)."""
+    table = torch.arange(len(tokenizer))
+    ids = [tokenizer.convert_tokens_to_ids(tokenizer.tokenize(s))[0] for s in shapes]
+    for i, token in enumerate(ids):
+        table[token] = ids[(i + 1) % len(ids)]
+    return table
+
+
+def shape_contrast(right: torch.Tensor, swapped: torch.Tensor, margin: float) -> torch.Tensor:
+    """Mean hinge ``relu((1 + margin) * right - swapped)`` over samples: zero once the
+    denoiser's error ``swapped`` (per sample, shape words swapped) exceeds its error
+    ``right`` with the true caption by ``margin`` of it. The margin is taken from the
+    detached error, so the hinge only ever pushes the two apart."""
+    return F.relu(right + margin * right.detach() - swapped).mean()
+
+
 def min_snr_weights(
     timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float
 ) -> torch.Tensor:

@@ -34,9 +34,9 @@ class TrainConfig:
     device: str = "cpu"
     #: A file to keep the built world in (torch.save): later runs load it instead.
     world_cache: str = ""
-    #: ``fp32`` (the shipped weights' recipe) or ``bf16`` (autocast: about 1.5x faster
-    #: training steps on this CPU; an option for experiments, not yet the recipe).
-    precision: str = "fp32"
+    #: ``bf16`` (autocast, the recipe: about 1.5x faster training steps on this CPU) or
+    #: ``fp32``. Weights, optimiser and losses stay fp32 either way.
+    precision: str = "bf16"
     vae_channels: str = "16,32,32"
     latent_channels: int = 4
     unet_channels: str = "32,64,64"
@@ -45,8 +45,9 @@ class TrainConfig:
     vae_batch: int = 32
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
-    #: Extra reconstruction weight of shape-edge pixels (see ``train_gen.edge_weights``).
-    vae_edge_weight: float = 0.0
+    #: Extra reconstruction weight of shape-edge pixels (see ``train_gen.edge_weights``):
+    #: without it the VAE's round trip turned most stars into circles.
+    vae_edge_weight: float = 4.0
     # text encoder + UNet
     unet_steps: int = 3000
     batch: int = 32
@@ -56,17 +57,23 @@ class TrainConfig:
     min_snr_gamma: float = 5.0
     attn_weight: float = 0.5
     #: Extra diffusion-loss weight of the latent cells an object covers, and of those on
-    #: an object's edge (partly covered); see ``gen_losses.cell_weights``.
+    #: an object's edge (partly covered); see ``gen_losses.cell_weights``. Options tried
+    #: while looking for what makes shapes (off: they did not help, docs/toy.md).
     object_cell_weight: float = 0.0
     edge_cell_weight: float = 0.0
     #: Also condition every UNet block on the whole caption (diffusers'
     #: ``addition_embed_type="text"``: the caption attention-pooled into the time embedding).
     text_time_embedding: bool = False
     #: Train the text encoder with the UNet (True), or keep it as initialised, like SD's
-    #: frozen CLIP. Trained together, the attention loss made each shape word's state
-    #: its colour's (cosine 0.999 between "a red circle" and "a red square"), so the UNet
-    #: could not tell the shapes apart.
+    #: frozen CLIP. (Without the shape contrast, the trained encoder's state of a shape
+    #: word became its colour's, cosine 0.999; freezing kept them apart but did not by
+    #: itself make the UNet draw shapes: docs/toy.md.)
     train_text_encoder: bool = True
+    #: Weight of a hinge that asks the denoiser to do at least ``shape_contrast_margin``
+    #: (relative) worse when every shape word of the caption is swapped for another: a
+    #: training signal that depends on the shape words alone (``gen_losses.shape_contrast``).
+    shape_contrast_weight: float = 1.0
+    shape_contrast_margin: float = 0.1
     ema_decay: float = 0.999
     log_every: int = 50
 

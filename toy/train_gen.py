@@ -52,9 +52,18 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from toy.gen_data import WorldData, load_or_build_data
-from toy.gen_losses import EMA, AttentionCapture, attention_loss, cell_weights, min_snr_weights
+from toy.gen_losses import (
+    EMA,
+    AttentionCapture,
+    attention_loss,
+    cell_weights,
+    min_snr_weights,
+    shape_contrast,
+    shape_swap_table,
+)
 from toy.gen_model import TOY_SCHEDULER_CONFIG, TrainConfig, build_models, toy_tokenizer
 from toy.recipe import LossMeter, recipe_main, warmup_cosine
+from toy.world import SHAPES
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +192,7 @@ def train_denoiser(
         opt, lambda s: warmup_cosine(s, cfg.unet_steps, cfg.warmup)
     )
     ema_unet, ema_text = EMA(unet, cfg.ema_decay), EMA(text_encoder, cfg.ema_decay)
+    swap = shape_swap_table(toy_tokenizer(), SHAPES)
     meter = LossMeter("unet", cfg.unet_steps, cfg.log_every)
     for step in range(cfg.unet_steps):
         idx = torch.randint(len(latents), (cfg.batch,), generator=rng)
@@ -207,6 +217,17 @@ def train_denoiser(
         diffusion = (per_sample * weights).mean()
         attn = attention_loss(capture.maps, token_object.to(device), data.masks[idx].to(device))
         loss = diffusion + cfg.attn_weight * attn
+        if cfg.shape_contrast_weight > 0 and not bool(dropped.all()):
+            kept = ~dropped
+            capture.maps.clear()
+            with autocast(cfg):
+                other = text_encoder(swap[ids[kept]].to(device))[0]
+                pred_swapped = unet(zt[kept], t[kept].to(device), encoder_hidden_states=other)
+            swapped = (pred_swapped.sample.float() - target[kept]) ** 2 * cells[kept].to(device)
+            contrast = shape_contrast(
+                per_sample[kept], swapped.mean(dim=(1, 2, 3)), cfg.shape_contrast_margin
+            )
+            loss = loss + cfg.shape_contrast_weight * contrast
 
         opt.zero_grad(set_to_none=True)
         loss.backward()
