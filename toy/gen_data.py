@@ -37,6 +37,11 @@ class WorldData:
     empty_ids: torch.Tensor  # [L]: the empty caption (unconditional)
 
 
+def to_pixels(images: np.ndarray) -> torch.Tensor:
+    """``[N, H, W, 3]`` uint8 RGB -> ``[N, 3, H, W]`` float32 in -1..1 (what the VAE takes)."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
 def build_data(
     count: int, tokenizer: CLIPTokenizer, world: WorldConfig | None = None, processes: int = 1
 ) -> WorldData:
@@ -63,9 +68,8 @@ def build_data(
             cells[i, k] = obj.mask.reshape(16, factor, 16, factor).mean(axis=(1, 3))
             token_object[i, find_token_span(tokenizer, row, obj.name)] = k
     empty = tokenizer("", padding="max_length", max_length=MAX_TOKENS).input_ids
-    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return WorldData(
-        pixels,
+        to_pixels(images),
         torch.from_numpy(ids),
         torch.from_numpy(token_object),
         torch.from_numpy(cells),

@@ -45,6 +45,8 @@ from schemas import SegmentationOptions
 from seg_worker.finishing import DUPLICATE_IOU
 from seg_worker.prompts import resize_heatmap
 from seg_worker.segment import Segmenter
+from toy.gen_data import to_pixels
+from toy.gen_losses import shape_swap_table
 from toy.world import (
     EVAL_SEED_BASE,
     SHAPES,
@@ -339,7 +341,7 @@ def vae_shape_ceiling(vae: AutoencoderKL, count: int = 200) -> float:
     right = total = 0
     for i in range(count):
         scene = make_scene(EVAL_SEED_BASE + i)
-        pixels = torch.from_numpy(scene.image).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+        pixels = to_pixels(scene.image[None])
         with torch.no_grad():
             latent = vae.encode(pixels.to(device, dtype)).latent_dist.mean
             decoded = vae.decode(latent).sample[0].float().clamp(-1, 1)
@@ -349,13 +351,6 @@ def vae_shape_ceiling(vae: AutoencoderKL, count: int = 200) -> float:
             right += found is not None and classify_shape(found)[0] == obj.shape
             total += 1
     return right / total if total else 0.0
-
-
-def _swap_shapes(caption: str) -> str:
-    """``caption`` with every shape word replaced by the next shape of :data:`SHAPES`."""
-    words = caption.replace(",", " ,").split()
-    swapped = [SHAPES[(SHAPES.index(w) + 1) % len(SHAPES)] if w in SHAPES else w for w in words]
-    return " ".join(swapped).replace(" ,", ",")
 
 
 @torch.no_grad()
@@ -374,24 +369,19 @@ def caption_sensitivity(
     pipeline's scheduler trains (``prediction_type``).
     """
     scenes = [make_scene(EVAL_SEED_BASE + i) for i in range(count)]
-    pixels = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2)
-    vae, unet = pipe.vae, pipe.unet
+    vae, unet, tokenizer = pipe.vae, pipe.unet, pipe.tokenizer
+    device, dtype = unet.device, unet.dtype
     # The training-time noise arithmetic (the pipeline may hold a sampler without it).
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    latents = vae.encode(pixels.float() / 127.5 - 1.0).latent_dist.mean
-    latents = latents * vae.config.scaling_factor
-    captions = [s.caption for s in scenes]
-    variants = {"right": captions, "swapped": [_swap_shapes(c) for c in captions]}
-    variants["empty"] = [""] * count
-    embeds = {
-        name: pipe.text_encoder(
-            pipe.tokenizer(
-                texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                truncation=True, return_tensors="pt",
-            ).input_ids
-        )[0]
-        for name, texts in variants.items()
-    }  # fmt: skip
+    pixels = to_pixels(np.stack([s.image for s in scenes])).to(device, vae.dtype)
+    latents = vae.encode(pixels).latent_dist.mean.float().cpu() * vae.config.scaling_factor
+    ids = tokenizer(
+        [s.caption for s in scenes], padding="max_length",
+        max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt",
+    ).input_ids  # fmt: skip
+    empty = tokenizer([""] * count, padding="max_length", return_tensors="pt").input_ids
+    variants = {"right": ids, "swapped": shape_swap_table(tokenizer, SHAPES)[ids], "empty": empty}
+    embeds = {name: pipe.text_encoder(v.to(device))[0] for name, v in variants.items()}
     rng = torch.Generator().manual_seed(seed)
     out: dict[int, dict[str, float]] = {}
     for t in timesteps:
@@ -402,8 +392,13 @@ def caption_sensitivity(
             target = scheduler.get_velocity(latents, noise, steps)
         else:
             target = noise
+        noisy, steps = noisy.to(device, dtype), steps.to(device)
         out[t] = {
-            name: float(((unet(noisy, steps, encoder_hidden_states=e).sample - target) ** 2).mean())
+            name: float(
+                (
+                    (unet(noisy, steps, encoder_hidden_states=e).sample.float().cpu() - target) ** 2
+                ).mean()
+            )
             for name, e in embeds.items()
         }
     return out

@@ -12,6 +12,7 @@ from transformers import CLIPTokenizer
 
 from gen_worker.attention import find_token_span
 from toy.depth_data import render_scenes
+from toy.gen_data import to_pixels
 from toy.scene_model import SCENE_MAX_TOKENS
 from toy.world3d import Scene3D, draw_items, held_out
 
@@ -67,9 +68,8 @@ def scene_data(
             cells[r, k] = view.masks[k].reshape(16, factor, 16, factor).mean(axis=(1, 3))
             token_object[r, find_token_span(tokenizer, row, solid.name)] = k
     empty = tokenizer("", padding="max_length", max_length=SCENE_MAX_TOKENS).input_ids
-    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return SceneData(
-        pixels,
+        to_pixels(images),
         torch.from_numpy(ids),
         torch.from_numpy(token_object),
         torch.from_numpy(cells),

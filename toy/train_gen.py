@@ -192,7 +192,8 @@ def train_denoiser(
         opt, lambda s: warmup_cosine(s, cfg.unet_steps, cfg.warmup)
     )
     ema_unet, ema_text = EMA(unet, cfg.ema_decay), EMA(text_encoder, cfg.ema_decay)
-    swap = shape_swap_table(toy_tokenizer(), SHAPES)
+    # Token ids with every shape word swapped, for the shape contrast (when it is on).
+    swap = shape_swap_table(toy_tokenizer(), SHAPES) if cfg.shape_contrast_weight > 0 else None
     meter = LossMeter("unet", cfg.unet_steps, cfg.log_every)
     for step in range(cfg.unet_steps):
         idx = torch.randint(len(latents), (cfg.batch,), generator=rng)
@@ -217,7 +218,7 @@ def train_denoiser(
         diffusion = (per_sample * weights).mean()
         attn = attention_loss(capture.maps, token_object.to(device), data.masks[idx].to(device))
         loss = diffusion + cfg.attn_weight * attn
-        if cfg.shape_contrast_weight > 0 and not bool(dropped.all()):
+        if swap is not None and not bool(dropped.all()):
             kept = ~dropped
             capture.maps.clear()
             with autocast(cfg):
