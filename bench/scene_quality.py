@@ -92,7 +92,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     depth_s = time.monotonic() - started
     print(f"depth: {depth} ({depth_s:.0f} s)")
 
-    settings = Settings(models="toy", toy_sd_model=args.sd, device="cpu")
+    # The scene generator as the generator (the bench calls it directly, not the stage).
+    settings = Settings(
+        models="toy", toy_sd_model=args.sd, toy_scene_sd_model="none", device="cpu"
+    )
     generator = Generator(GenModels.from_settings(settings, RuntimeOptions(device="cpu")))
     params = scene_quality.GenParams(args.steps, args.guidance, args.sampler)
     scenes = scene_quality.eval_scenes(args.scenes)

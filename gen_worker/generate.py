@@ -60,6 +60,8 @@ class BatchSpec:
     ``strength``: how much of the input an inpaint pass regenerates (1.0 = all).
     ``progressive``: ``(draft_scale, strength)`` of draft-upscale-refine, or None.
     ``loras``: the LoRA adapters ``(name, scale)`` in name order (:func:`lora.adapter_set`).
+    ``scene``: views of multi-view scene requests (the gen stage draws them with the
+    profile's scene models, when it has them; :class:`Generator` does not read it).
     """
 
     mode: Mode
@@ -71,6 +73,7 @@ class BatchSpec:
     strength: float = 1.0
     progressive: tuple[float, float] | None = None
     loras: AdapterSet = ()
+    scene: bool = False
 
 
 @dataclass(frozen=True)

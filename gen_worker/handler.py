@@ -99,6 +99,7 @@ def batch_spec(event: GenEvent) -> BatchSpec:
         strength=float(event.strength) if isinstance(event, InpaintEvent) else 1.0,
         progressive=progressive,
         loras=adapter_set(event.loras),
+        scene=event.scene is not None and not isinstance(event, InpaintEvent),
     )
 
 
@@ -172,10 +173,13 @@ class GenStage(Stage[GenEvent]):
         #: The adapters of ``GENSEG_LORA_DIR`` requests may name.
         self.loras = LoraLibrary.from_settings(settings)
         self._generator = generator
+        self._scene_generator: Generator | None = None
         if generator is None and models is not None:
-            self._generator = Generator(models, loras=self.loras)
-        elif generator is not None and generator.loras is None:
-            generator.loras = self.loras  # a shared generator applies this stage's adapters
+            self._use(Generator(models, loras=self.loras))
+        elif generator is not None:
+            if generator.loras is None:
+                generator.loras = self.loras  # a shared generator applies this stage's adapters
+            self._use(generator)
         self._safety = safety
         self._safety_lock = threading.Lock()
         if settings.safety_checker and settings.models != "pretrained" and safety is None:
@@ -195,8 +199,8 @@ class GenStage(Stage[GenEvent]):
             )
         #: Token buckets per tenant, for the policy's rate limits (this process only).
         self.limiter = RateLimiter(clock=clock)
-        #: The weights' revision (plumbing.revisions), for txt2img (False) and inpaint (True).
-        self._revisions: dict[bool, str] = {}
+        #: The weights' revision (plumbing.revisions) per ``txt2img``, ``inpaint``, ``scene``.
+        self._revisions: dict[str, str] = {}
 
     @property
     def generator(self) -> Generator:
@@ -208,6 +212,22 @@ class GenStage(Stage[GenEvent]):
     @property
     def models(self) -> GenModels:
         return self.generator.models
+
+    def _use(self, generator: Generator) -> None:
+        """Draw with ``generator``, and scene views with its models' scene models if any."""
+        self._generator = generator
+        scene = generator.models.scene
+        self._scene_generator = (
+            None
+            if scene is None
+            else Generator(scene, batch_invariant=generator.batch_invariant, loras=self.loras)
+        )
+
+    def generator_for(self, spec: BatchSpec) -> Generator:
+        """The generator of a batch: the scene generator for views of scene requests when
+        the profile has one (the toy profile's knows the 3D world), else the generator."""
+        generator = self.generator  # loads the models on first use
+        return (self._scene_generator or generator) if spec.scene else generator
 
     @property
     def safety(self) -> SafetyChecker | None:
@@ -242,7 +262,7 @@ class GenStage(Stage[GenEvent]):
         if self._generator is None:
             started = time.perf_counter()
             models = GenModels.from_settings(self.settings, self.options)
-            self._generator = Generator(models, loras=self.loras)
+            self._use(Generator(models, loras=self.loras))
             log.info(
                 "gen models %s loaded on %s (%s) in %.1f s",
                 models.name,
@@ -253,21 +273,26 @@ class GenStage(Stage[GenEvent]):
         if self._safety_configured():
             _ = self.safety  # load now: not on the first batch
         self.revision(inpaint=False)  # hashed at load, not on the first batch
+        if self._scene_generator is not None:
+            self.revision(inpaint=False, scene=True)
 
-    def revision(self, *, inpaint: bool) -> str:
-        """The revision of the weights that make text-to-image (or inpainted) images."""
-        if inpaint not in self._revisions:
-            m = self.models
+    def revision(self, *, inpaint: bool, scene: bool = False) -> str:
+        """The revision of the weights that make text-to-image (or inpainted) images, or
+        (``scene``) the views of scene requests."""
+        key = "inpaint" if inpaint else "scene" if scene else "txt2img"
+        if key not in self._revisions:
+            generator = self.generator
+            m = (self._scene_generator or generator).models if key == "scene" else generator.models
             own = inpaint and m.inpaint_name != m.name  # an SDXL model inpaints with its own
             pipe = (lambda: m.inpaint) if inpaint else (lambda: m.txt2img)  # only if hashed
-            self._revisions[inpaint] = model_revision(
+            self._revisions[key] = model_revision(
                 m.profile,
                 self.settings.sd_inpaint_model if own else self.settings.sd_model,
                 seed=WEIGHTS_SEED,
                 modules=lambda: [pipe().unet, pipe().vae, pipe().text_encoder],
             )
-            log.info("gen weights revision %s (inpaint %s)", self._revisions[inpaint], inpaint)
-        return self._revisions[inpaint]
+            log.info("gen weights revision %s (%s)", self._revisions[key], key)
+        return self._revisions[key]
 
     def parse(self, raw: bytes) -> GenEvent:
         return parse_prompts_record(raw)
@@ -416,7 +441,7 @@ class GenStage(Stage[GenEvent]):
             progress = _ProgressEmitter(
                 ctx, events, [j.item for j in batch], self.progress_interval_s, self.clock
             )
-            return self.generator.generate(
+            return self.generator_for(spec).generate(
                 spec,
                 [j.sample for j in batch],
                 on_step=progress,
@@ -454,8 +479,10 @@ class GenStage(Stage[GenEvent]):
         """Write the PNGs of one event's images and build its image-ready events
         (``flags``: what the image check found per image; None: no check ran)."""
         inpaint = isinstance(event, InpaintEvent)
-        model = self.models.inpaint_name if inpaint else self.models.name
-        revision = self.revision(inpaint=inpaint)
+        spec = batch_spec(event)
+        models = self.generator_for(spec).models
+        model = models.inpaint_name if inpaint else models.name
+        revision = self.revision(inpaint=inpaint, scene=spec.scene)
         built: list[tuple[int, SampleResult, Any, dict[str, Any]]] = []
         with ctx.phase("blob_write", item=item):
             for k, result in enumerate(results):

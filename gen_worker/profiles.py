@@ -222,6 +222,9 @@ class GenModels:
     #: LoRA adapters loaded into these networks, by ``id`` of the UNet they were loaded
     #: into (pipelines sharing it share them): :class:`gen_worker.lora.AdapterCache`.
     adapters: dict[int, Any] = field(default_factory=dict, repr=False)
+    #: The models that draw the views of scene requests (:attr:`GenPipelines.scene`),
+    #: on the same device; None: these models draw them.
+    scene: GenModels | None = None
     _inpaint: StableDiffusionInpaintPipeline | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -276,17 +279,22 @@ class GenModels:
         device = opts.torch_device()
         dtype = opts.dtype_for(device)
         pipes = profile.load(settings, opts, dtype)
-        return cls(
-            profile=profile.name,
-            name=pipes.name,
-            device=device,
-            dtype=dtype,
-            txt2img=pipes.txt2img,
-            inpaint_name=pipes.inpaint_name,
-            inpaint_loader=pipes.inpaint_loader,
-            options=opts,
-            native_size=profile.native_size,
-        )
+
+        def models(p: GenPipelines, scene: GenModels | None = None) -> GenModels:
+            return cls(
+                profile=profile.name,
+                name=p.name,
+                device=device,
+                dtype=dtype,
+                txt2img=p.txt2img,
+                inpaint_name=p.inpaint_name,
+                inpaint_loader=p.inpaint_loader,
+                options=opts,
+                native_size=profile.native_size,
+                scene=scene,
+            )
+
+        return models(pipes, models(pipes.scene) if pipes.scene is not None else None)
 
 
 def enable_xformers(pipe: Any) -> bool:

@@ -46,6 +46,10 @@ class GenPipelines:
     inpaint_name: str
     #: Builds the ``StableDiffusionInpaintPipeline`` on the first inpaint request.
     inpaint_loader: Callable[[], Any]
+    #: The pipelines that draw the views of multi-view scene requests (text-to-image
+    #: events with a ``scene`` block), when the profile has a generator of its own for
+    #: them (the toy profile's, trained on its 3D world); None: ``txt2img`` draws them.
+    scene: GenPipelines | None = None
 
 
 #: ``load(settings, options, dtype)``: build or load a profile's pipelines.

@@ -79,6 +79,10 @@ class Settings(BaseSettings):
     #: The ``toy`` profile's generator: a diffusers directory; None: the shipped weights
     #: (toy/weights/sd, made by ``python -m toy.train_gen``).
     toy_sd_model: str | None = Field(default=None, validation_alias="TOY_SD_MODEL")
+    #: The ``toy`` profile's scene generator (views of scene requests): a diffusers
+    #: directory; None: the shipped weights (toy/weights/scene_sd, made by
+    #: ``python -m toy.train_scene``); ``none``: the generator draws scene views too.
+    toy_scene_sd_model: str | None = Field(default=None, validation_alias="TOY_SCENE_SD_MODEL")
     sam_model: Literal["vit_h", "vit_l", "vit_b"] = Field(
         default="vit_h", validation_alias="SAM_MODEL"
     )

@@ -1,7 +1,6 @@
-"""The toy scene generator: its tokenizer keeps the view, its training loop, and the
+"""The toy scene generator: its tokenizer keeps the view, its training loop, the gen
+stage drawing scene views with it (and everything else with the flat generator), and the
 scene bench at smoke size on what that loop saved.
-
-Its weights are not shipped yet (see docs/toy.md), so nothing here loads them.
 
 Real diffusers/transformers classes throughout; training runs the real recipe for a
 few steps only; the shipped weights load through the ``pretrained`` code path.
@@ -17,9 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from consumers.stage import StageContext
 from gen_worker.generate import BatchSpec, Generator, Sample
+from gen_worker.handler import GenStage
 from gen_worker.profiles import GenModels, RuntimeOptions
+from plumbing.blobstore import LocalBlobStore
 from plumbing.settings import Settings
+from schemas import ImageReadyEvent, PromptEvent, SceneOptions, Topics
 from toy.scene_data import scene_data, training_seeds
 from toy.scene_model import (
     SCENE_MAX_TOKENS,
@@ -29,6 +32,7 @@ from toy.scene_model import (
     scene_tokenizer,
 )
 from toy.train_scene import train
+from toy.weights import SD_DIR
 from toy.world3d import VIEWS, caption3d, held_out, make_scene3d, view_caption
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,6 +90,28 @@ def test_training_runs_and_saves_a_loadable_pipeline(tmp_path: Path, restore_thr
     [result] = Generator(models).generate(spec, [Sample(prompt, seed=1, targets=("blue sphere",))])
     assert result.image.size == (64, 64)
     assert result.heatmaps["blue sphere"].shape == (16, 16)
+
+    # The gen stage of the toy profile draws scene views with it, other requests (and a
+    # scene view with TOY_SCENE_SD_MODEL=none) with the flat generator.
+    view = SceneOptions(scene_id="s", view="45", views_total=4, angle=45)
+    events = [
+        PromptEvent(id="s.view-45", prompt=prompt, width=64, height=64, steps=2, scene=view),
+        PromptEvent(id="flat", prompt=prompt, width=64, height=64, steps=2),
+    ]
+    for scene_model, expected in ((str(out), [str(out), str(SD_DIR)]), ("none", [str(SD_DIR)] * 2)):
+        settings = Settings(models="toy", toy_scene_sd_model=scene_model, device="cpu")
+        ctx = StageContext(blob=LocalBlobStore(tmp_path / "blobs"), topics=Topics("t"))
+        results = GenStage(settings).handle(events, ctx)
+        ready = [r[0].event for r in results if isinstance(r, list)]
+        assert all(isinstance(e, ImageReadyEvent) for e in ready), results
+        assert [e.model for e in ready] == expected
+        assert len({e.model_revision for e in ready}) == len(set(expected))
+    assert (
+        GenModels.from_settings(
+            Settings(models="toy", toy_scene_sd_model="none"), RuntimeOptions(device="cpu")
+        ).scene
+        is None
+    )
 
     # bench/scene_quality.py at smoke size, on this pipeline and the shipped depth model.
     run = subprocess.run(

@@ -8,9 +8,11 @@ there and never import this package by name. ``GENSEG_MODELS=toy`` then runs:
   shipped in ``toy/weights/sd`` (or ``TOY_SD_MODEL``), loaded exactly like
   ``pretrained``; inpainting with the same UNet (diffusers blends the kept region in
   at every step). 64x64 images only: the worker refuses other sizes
-  (``unsupported_size``), since the models never saw them. Views of multi-view scenes
-  are drawn by this flat generator too: the scene generator of the 3D toy world
-  (``python -m toy.train_scene``) is not shipped yet (docs/toy.md);
+  (``unsupported_size``), since the models never saw them;
+- scene generator: the views of multi-view scene requests (prompt events with a
+  ``scene`` block) are drawn by a second pipeline, trained on the 3D toy world's views
+  (``python -m toy.train_scene``), shipped in ``toy/weights/scene_sd`` (or
+  ``TOY_SCENE_SD_MODEL``; ``none``: the flat generator draws them);
 - segmenter: :data:`TOY_SAM_ARCH` with the weights trained on the toy world
   (``python -m toy.train_sam``), ``toy/weights/sam.safetensors`` unless
   ``SAM_CHECKPOINT`` names another file, loaded strictly like ``pretrained``;
@@ -26,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from gen_worker.registry import GenPipelines, GenProfile
 from seg_worker.profiles import SamArch, SegProfile
-from toy.scene_weights import DEPTH_DIR
+from toy.scene_weights import DEPTH_DIR, SCENE_SD_DIR
 from toy.weights import SAM_WEIGHTS, SD_DIR
 from toy.world import WorldConfig
 
@@ -71,16 +73,31 @@ def load_toy_pipelines(
 
     from gen_worker.profiles import load_pretrained
 
-    source = settings.toy_sd_model or str(SD_DIR)
-    txt2img = load_pretrained(source, StableDiffusionPipeline, dtype=dtype)
-    return GenPipelines(
-        name=source,
-        txt2img=txt2img,
-        inpaint_name=source,
-        inpaint_loader=lambda: StableDiffusionInpaintPipeline(
-            **{**txt2img.components, "requires_safety_checker": False}
-        ),
+    def pipelines(source: str, scene: GenPipelines | None = None) -> GenPipelines:
+        txt2img = load_pretrained(source, StableDiffusionPipeline, dtype=dtype)
+        return GenPipelines(
+            name=source,
+            txt2img=txt2img,
+            inpaint_name=source,
+            inpaint_loader=lambda: StableDiffusionInpaintPipeline(
+                **{**txt2img.components, "requires_safety_checker": False}
+            ),
+            scene=scene,
+        )
+
+    scene = scene_source(settings)
+    return pipelines(
+        settings.toy_sd_model or str(SD_DIR), pipelines(scene) if scene is not None else None
     )
+
+
+def scene_source(settings: Settings) -> str | None:
+    """Where the scene generator loads from: ``TOY_SCENE_SD_MODEL``, else the shipped
+    weights when there are any; None: none (``none``, or nothing shipped)."""
+    source = settings.toy_scene_sd_model
+    if source is None:
+        return str(SCENE_SD_DIR) if (SCENE_SD_DIR / "model_index.json").is_file() else None
+    return None if source.lower() == "none" else source
 
 
 GEN_PROFILE = GenProfile("toy", load_toy_pipelines, native_size=(SIZE, SIZE))
@@ -104,4 +121,5 @@ __all__ = [
     "SIZE",
     "TOY_SAM_ARCH",
     "load_toy_pipelines",
+    "scene_source",
 ]
