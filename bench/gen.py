@@ -67,8 +67,9 @@ from bench.machine import LoadMeter, describe, load_average, spread
 from consumers.runtime import StageRuntime
 from consumers.subscriber import Subscriber
 from gen_worker.generate import Generator, Sample
-from gen_worker.handler import GenStage, batch_spec, image_seeds
+from gen_worker.handler import GenStage
 from gen_worker.profiles import GenModels
+from gen_worker.requests import batch_spec, image_seeds
 from genseg.workers import runtime_config
 from plumbing.kafka import ensure_topics
 from plumbing.settings import Settings

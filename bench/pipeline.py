@@ -100,8 +100,9 @@ from bench.machine import LoadMeter, describe, load_average, spread
 from consumers.runtime import StageRuntime
 from consumers.subscriber import partition_for_key
 from gen_worker.generate import Generator, Sample
-from gen_worker.handler import GenStage, batch_spec
+from gen_worker.handler import GenStage
 from gen_worker.profiles import GenModels
+from gen_worker.requests import batch_spec
 from genseg.workers import running, runtime_config
 from plumbing.broker import EmbeddedBroker, free_port
 from plumbing.kafka import ensure_topics

@@ -22,7 +22,6 @@ checked before any work: a refused one ends in a dead letter (``policy`` or
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -33,10 +32,11 @@ from typing import Any
 from consumers.stage import ItemResult, Output, PermanentError, Stage, StageContext
 from gen_worker.architectures import WEIGHTS_SEED
 from gen_worker.generate import BatchSpec, Generator, Sample, SampleResult
-from gen_worker.lora import LoraLibrary, adapter_set
+from gen_worker.lora import LoraLibrary
 from gen_worker.oom import run_with_oom_ladder
 from gen_worker.policy import Policy, PolicyError, PolicyStore, RateLimiter
 from gen_worker.profiles import GenModels, RuntimeOptions
+from gen_worker.requests import GenEvent, ProgressEmitter, batch_spec, image_seeds
 from gen_worker.safety import NSFW, SafetyChecker
 from plumbing.blobstore import blob_key
 from plumbing.images import (
@@ -52,55 +52,13 @@ from plumbing.settings import Settings
 from schemas import (
     ImageReadyEvent,
     InpaintEvent,
-    ProgressEvent,
-    PromptEvent,
     ResolvedParams,
     parse_prompts_record,
 )
 
 log = logging.getLogger(__name__)
 
-GenEvent = PromptEvent | InpaintEvent
-SEED_SPACE = 2**32
 STAGE_BLOB_DIR = "gen"
-
-
-def default_seed(request_id: str) -> int:
-    """The seed of a request that names none: derived from its id.
-
-    Not random on purpose: a redelivered record must regenerate the same image, or
-    it would overwrite the blob an earlier image-ready event already references
-    (with another sha256). Reported in ``params.seed`` like any seed.
-    """
-    digest = hashlib.sha256(b"genseg-seed\x00" + request_id.encode("utf-8")).digest()
-    return int.from_bytes(digest[:4], "big")
-
-
-def image_seeds(event: GenEvent) -> list[int]:
-    """Seed of each image: ``seed + i (mod 2**32)`` for image ``i`` of ``num_images``."""
-    base = event.seed if event.seed is not None else default_seed(event.id)
-    return [(base + i) % SEED_SPACE for i in range(event.num_images)]
-
-
-def batch_spec(event: GenEvent) -> BatchSpec:
-    """What the event shares with every event it may be batched with."""
-    progressive = (
-        (event.progressive.draft_scale, event.progressive.strength)
-        if event.progressive is not None and isinstance(event, PromptEvent)
-        else None
-    )
-    return BatchSpec(
-        mode="inpaint" if isinstance(event, InpaintEvent) else "txt2img",
-        width=event.width,
-        height=event.height,
-        steps=event.steps,
-        guidance_scale=float(event.guidance_scale),
-        sampler=event.sampler,
-        strength=float(event.strength) if isinstance(event, InpaintEvent) else 1.0,
-        progressive=progressive,
-        loras=adapter_set(event.loras),
-        scene=event.scene is not None and not isinstance(event, InpaintEvent),
-    )
 
 
 @dataclass
@@ -110,32 +68,6 @@ class _Job:
     item: int
     image_index: int
     sample: Sample
-
-
-class _ProgressEmitter:
-    """Publishes progress events at most every ``interval_s``, and always the last step."""
-
-    def __init__(
-        self,
-        ctx: StageContext,
-        events: Sequence[GenEvent],
-        items: Sequence[int],
-        interval_s: float,
-        clock: Callable[[], float],
-    ) -> None:
-        self.ctx, self.events, self.items = ctx, events, list(dict.fromkeys(items))
-        self.interval_s, self.clock = interval_s, clock
-        self.last: float | None = None
-
-    def __call__(self, done: int, total: int) -> None:
-        now = self.clock()
-        if done < total and self.last is not None and now - self.last < self.interval_s:
-            return
-        self.last = now
-        for i in self.items:
-            source = self.events[i]
-            event = ProgressEvent(id=source.id, step=done, steps=total, tenant=source.tenant)
-            self.ctx.emit(Output(self.ctx.topics.progress, event), item=i)
 
 
 class GenStage(Stage[GenEvent]):
@@ -438,7 +370,7 @@ class GenStage(Stage[GenEvent]):
         """Generate every job of one compatible group; per event its results or an error."""
 
         def run(batch: Sequence[_Job], low_memory: bool) -> list[SampleResult]:
-            progress = _ProgressEmitter(
+            progress = ProgressEmitter(
                 ctx, events, [j.item for j in batch], self.progress_interval_s, self.clock
             )
             return self.generator_for(spec).generate(

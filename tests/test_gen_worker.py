@@ -13,8 +13,9 @@ from PIL import Image
 
 from consumers.stage import Output, PermanentError, StageContext
 from gen_worker.generate import Generator
-from gen_worker.handler import GenStage, default_seed
+from gen_worker.handler import GenStage
 from gen_worker.profiles import GenModels, RuntimeOptions
+from gen_worker.requests import default_seed
 from gen_worker.samplers import SAMPLERS
 from plumbing.blobstore import BlobNotFound, LocalBlobStore
 from plumbing.images import decode_heatmap, decode_image, encode_png
