@@ -93,9 +93,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     print(f"depth: {depth} ({depth_s:.0f} s)")
 
     # The scene generator as the generator (the bench calls it directly, not the stage).
-    settings = Settings(
-        models="toy", toy_sd_model=args.sd, toy_scene_sd_model="none", device="cpu"
-    )
+    settings = Settings(models="toy", toy_sd_model=args.sd, toy_scene_sd_model="none", device="cpu")
     generator = Generator(GenModels.from_settings(settings, RuntimeOptions(device="cpu")))
     params = scene_quality.GenParams(args.steps, args.guidance, args.sampler)
     scenes = scene_quality.eval_scenes(args.scenes)

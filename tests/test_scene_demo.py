@@ -25,6 +25,7 @@ from plumbing.settings import Settings
 from scene_worker.merge import read_scene_objects
 from schemas import ImageReadyEvent, SceneOptions, SceneReadyEvent
 from seg_worker.depth import decode_depth_png
+from toy.scene_weights import SCENE_SD_DIR
 
 runner = CliRunner()
 
@@ -107,15 +108,21 @@ async def test_scene_demo(
 async def test_toy_scene_demo_merges_the_scene_in_metres(
     settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On the toy profile the depth model is metric, so the scene stage merges the views:
-    the scene-ready event references the merged .glb, which the demo saves and draws."""
+    """On the toy profile the views are drawn by the scene generator, so they differ with
+    the angle; the depth model is metric, so the scene stage merges the views: the
+    scene-ready event references the merged .glb, which the demo saves and draws."""
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", settings.kafka_bootstrap_servers)
     torch.set_num_threads(2)
     out = tmp_path / "out"
     toy = settings.model_copy(update={"models": "toy"})
     run = DemoRun.of(toy, out, console=Console(file=io.StringIO()))
-    prompt = "a red circle next to a blue square"
-    result = await run_scene_demo(prompt, [0, 90], ["red circle"], run)
+    prompt = "a red cube next to a blue sphere"
+    result = await run_scene_demo(prompt, [0, 90], ["red cube"], run)
+    events = json.loads((out / "events.json").read_text())
+    for view in result.scene.views:
+        assert events["images"][view.id]["model"] == str(SCENE_SD_DIR)
+    first, second = (np.asarray(Image.open(out / f"view-{v}" / "image.png")) for v in ("0", "90"))
+    assert np.abs(first.astype(int) - second).mean() > 5, "the views differ with the angle"
     assert result.scene.mesh is not None
     assert result.scene.mesh.media_type == "model/gltf-binary"
     for view in ("0", "90"):

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from genseg.cli import app
 from toy.depth_model import DepthTrainConfig
 from toy.gen_model import TrainConfig
-from toy.scene_weights import DEPTH_DIR
+from toy.scene_model import SceneTrainConfig
+from toy.scene_weights import DEPTH_DIR, SCENE_SD_DIR
 from toy.weights import SD_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +61,8 @@ def test_the_models_were_trained_with_the_default_recipes() -> None:
     assert depth["recipe"] == asdict(DepthTrainConfig())
     gen = json.loads((SD_DIR / "train_config.json").read_text(encoding="utf-8"))
     assert gen == asdict(TrainConfig()) and not gen["world_cache"]
+    scene = json.loads((SCENE_SD_DIR / "train_config.json").read_text(encoding="utf-8"))
+    assert scene == asdict(SceneTrainConfig())
 
 
 def test_train_toy_makes_every_shipped_file(tmp_path: Path) -> None:
@@ -70,4 +73,4 @@ def test_train_toy_makes_every_shipped_file(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     made = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
     assert {str(Path(name).relative_to("toy/weights")) for name in shipped()} == made
-    assert "3/3" in result.output and "trained in" in result.output
+    assert "4/4" in result.output and "trained in" in result.output

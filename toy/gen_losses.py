@@ -115,7 +115,10 @@ def shape_contrast(right: torch.Tensor, swapped: torch.Tensor, margin: float) ->
 def min_snr_weights(
     timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, gamma: float
 ) -> torch.Tensor:
-    """Min-SNR-gamma loss weights for v-prediction: ``min(snr, gamma) / (snr + 1)``."""
+    """Min-SNR-gamma loss weights for v-prediction: ``min(snr, gamma) / (snr + 1)``;
+    ``gamma`` 0: ones (the plain v-loss)."""
+    if gamma <= 0:
+        return torch.ones(timesteps.shape)
     a = alphas_cumprod[timesteps]
     snr = a / (1.0 - a)
     return snr.clamp(max=gamma) / (snr + 1.0)

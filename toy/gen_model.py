@@ -39,7 +39,7 @@ class TrainConfig:
     precision: str = "bf16"
     vae_channels: str = "16,32,32"
     latent_channels: int = 4
-    unet_channels: str = "32,64,64"
+    unet_channels: str = "64,128,128"
     # VAE
     vae_steps: int = 1200
     vae_batch: int = 32
@@ -54,7 +54,9 @@ class TrainConfig:
     lr: float = 5e-4
     warmup: int = 100
     cfg_dropout: float = 0.1
-    min_snr_gamma: float = 5.0
+    #: 0: the plain v-loss. Min-SNR-5 (the recipe until 2026-11-30) weighted the steps
+    #: above t = 600, where a shape is decided, at 0.16 and less (docs/toy.md).
+    min_snr_gamma: float = 0.0
     attn_weight: float = 0.5
     #: Extra diffusion-loss weight of the latent cells an object covers, and of those on
     #: an object's edge (partly covered); see ``gen_losses.cell_weights``. Options tried

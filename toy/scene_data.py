@@ -4,7 +4,6 @@ with each view caption's tokens and the solid each token names (for the attentio
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -12,23 +11,13 @@ from transformers import CLIPTokenizer
 
 from gen_worker.attention import find_token_span
 from toy.depth_data import render_scenes
-from toy.gen_data import to_pixels
+from toy.gen_data import WorldData, to_pixels
 from toy.scene_model import SCENE_MAX_TOKENS
 from toy.world3d import Scene3D, draw_items, held_out
 
-
-@dataclass
-class SceneData:
-    """One row per view. ``images`` ``[N, 3, 64, 64]`` float32 in -1..1; ``ids``
-    ``[N, L]`` caption token ids; ``token_object`` ``[N, L]`` int64, the solid (0..2) a
-    token names, -1 for none; ``masks`` ``[N, 3, 16, 16]`` float32, each solid's
-    coverage of the 16x16 latent cells (the largest cross-attention layer)."""
-
-    images: torch.Tensor
-    ids: torch.Tensor
-    token_object: torch.Tensor
-    masks: torch.Tensor
-    empty_ids: torch.Tensor  # [L]: the empty caption (unconditional)
+#: One row per view (a solid's "object" index is its place in the caption): the flat
+#: world's tensors, so that the flat generator's training code runs on them.
+SceneData = WorldData
 
 
 def training_seeds(count: int, start: int = 0) -> list[int]:

@@ -8,12 +8,16 @@ encoder over a word-level vocabulary (:func:`~toy.gen_model.toy_tokenizer`), an
 1. the world: ``scenes`` training scenes (seeds ``0..scenes-1``);
 2. the VAE: L1 + MSE reconstruction and a tiny KL term; then every scene is encoded
    once (latent means) and ``scaling_factor`` set so the latents have unit variance;
-3. text encoder + UNet: v-prediction on SD 1.5's noise schedule, min-SNR-5 loss
-   weights, 10 % empty captions (for classifier-free guidance), an EMA of the
-   weights, and an *attention loss*: on every cross-attention layer, each object's
-   tokens ("red", "circle") should put their attention inside that object's mask.
-   The world knows the masks, so the heat maps the worker reads from those layers
-   are trained to find the object, not left to emerge (as in TokenCompose).
+3. text encoder + UNet: v-prediction on SD 1.5's noise schedule (the plain v-loss), 10 %
+   empty captions (for classifier-free guidance), an EMA of the weights, an *attention
+   loss*: on every cross-attention layer, each object's tokens ("red", "circle") should
+   put their attention inside that object's mask (the world knows the masks, so the
+   heat maps the worker reads from those layers are trained to find the object, not
+   left to emerge, as in TokenCompose), and the *shape contrast* (a second pass with
+   the shape words swapped must denoise worse: docs/toy.md).
+
+The scene generator (:mod:`toy.train_scene`) runs the phases 2 and 3 of this module on
+the 3D world's views.
 
 The result is saved with ``save_pretrained`` as a diffusers directory (fp16
 weights), and loads through the ``pretrained`` code path (``SD_MODEL``). This module
@@ -164,11 +168,16 @@ def train_denoiser(
     cfg: TrainConfig,
     rng: torch.Generator,
     on_step: Callable[[int, EMA, EMA], None] | None = None,
+    *,
+    tokenizer: CLIPTokenizer | None = None,
+    shapes: Sequence[str] = SHAPES,
 ) -> tuple[UNet2DConditionModel, CLIPTextModel]:
     """Train the UNet (and the text encoder, unless the recipe freezes it); returns their
     EMA copies.
 
     ``on_step(step, ema_unet, ema_text)`` after every step (snapshots while exploring).
+    ``tokenizer`` (default: the flat one) and ``shapes``: the shape words the shape
+    contrast swaps.
     """
     scheduler = DDIMScheduler.from_config(TOY_SCHEDULER_CONFIG)
     alphas_cumprod = scheduler.alphas_cumprod.float()
@@ -193,7 +202,11 @@ def train_denoiser(
     )
     ema_unet, ema_text = EMA(unet, cfg.ema_decay), EMA(text_encoder, cfg.ema_decay)
     # Token ids with every shape word swapped, for the shape contrast (when it is on).
-    swap = shape_swap_table(toy_tokenizer(), SHAPES) if cfg.shape_contrast_weight > 0 else None
+    swap = (
+        shape_swap_table(tokenizer or toy_tokenizer(), shapes)
+        if cfg.shape_contrast_weight > 0
+        else None
+    )
     meter = LossMeter("unet", cfg.unet_steps, cfg.log_every)
     for step in range(cfg.unet_steps):
         idx = torch.randint(len(latents), (cfg.batch,), generator=rng)

@@ -184,20 +184,22 @@ def train_toy(
     out: Annotated[
         Path | None,
         typer.Option(
-            help="Directory of the weights: sd/, sam.safetensors and depth/ (default: toy/weights)."
+            help="Directory of the weights: sd/, sam.safetensors, depth/ and scene_sd/ "
+            "(default: toy/weights)."
         ),
     ] = None,
     quick: Annotated[
         bool, typer.Option(help="A few steps of each (a smoke test of the loops, useless weights).")
     ] = False,
 ) -> None:
-    """Train the toy profile's models on the synthetic worlds, on the CPU (about an hour).
+    """Train the toy profile's models on the synthetic worlds, on the CPU (about 1.5 hours).
 
     Runs ``python -m toy.train_gen`` (VAE, text encoder, UNet), ``python -m toy.train_sam``
-    and the scene path's depth model, ``python -m toy.train_depth`` (on the 3D world),
-    with their default recipes (docs/toy.md says which shipped files they reproduce).
+    and the scene path's depth model and scene generator, ``python -m toy.train_depth``
+    and ``python -m toy.train_scene`` (on the 3D world), with their default recipes
+    (docs/toy.md says which shipped files they reproduce).
     """
-    from toy import train_depth, train_gen, train_sam
+    from toy import train_depth, train_gen, train_sam, train_scene
     from toy.weights import SD_DIR
 
     # The package's own weights directory, wherever the command runs from.
@@ -206,15 +208,19 @@ def train_toy(
     gen_args = ["--out", str(out / "sd")]
     sam_args = ["--out", str(out / "sam.safetensors")]
     depth_args = ["--out", str(out / "depth")]
+    scene_args = ["--out", str(out / "scene_sd")]
     if quick:
         gen_args += ["--scenes", "64", "--vae-steps", "4", "--unet-steps", "4", "--log-every", "1"]
         sam_args += ["--scenes", "64", "--steps", "4"]
         depth_args += ["--random-views", "32", "--canonical-scenes", "4", "--steps", "4",
                        "--eval-views", "4", "--log-every", "1"]  # fmt: skip
+        scene_args += ["--scenes", "4", "--vae-steps", "2", "--unet-steps", "2",
+                       "--log-every", "1"]  # fmt: skip
     steps = [
         ("generator", out / "sd", train_gen.main, gen_args),
         ("segment anything", out / "sam.safetensors", train_sam.main, sam_args),
         ("depth", out / "depth", train_depth.main, depth_args),
+        ("scene generator", out / "scene_sd", train_scene.main, scene_args),
     ]
     for k, (name, path, run, args) in enumerate(steps, 1):
         console.print(f"[bold]{k}/{len(steps)}[/] {name} -> {path}")
