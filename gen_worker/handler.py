@@ -211,10 +211,12 @@ class GenStage(Stage[GenEvent]):
     def revision(self, *, inpaint: bool, scene: bool = False) -> str:
         """The revision of the weights that make text-to-image (or inpainted) images, or
         (``scene``) the views of scene requests."""
-        key = "inpaint" if inpaint else "scene" if scene else "txt2img"
+        generator = self.generator  # loads the models on first use
+        # Scene views without a scene generator are the generator's: its revision, once.
+        scene_generator = self._scene_generator if scene and not inpaint else None
+        key = "inpaint" if inpaint else "txt2img" if scene_generator is None else "scene"
         if key not in self._revisions:
-            generator = self.generator
-            m = (self._scene_generator or generator).models if key == "scene" else generator.models
+            m = (scene_generator or generator).models
             own = inpaint and m.inpaint_name != m.name  # an SDXL model inpaints with its own
             pipe = (lambda: m.inpaint) if inpaint else (lambda: m.txt2img)  # only if hashed
             self._revisions[key] = model_revision(
@@ -259,7 +261,7 @@ class GenStage(Stage[GenEvent]):
                     results[item] = outcome if isinstance(outcome, BaseException) else flags
                     continue
                 try:
-                    results[item] = self._outputs(events[item], item, outcome, ctx, flags)
+                    results[item] = self._outputs(events[item], item, spec, outcome, ctx, flags)
                 except Exception as exc:  # a failed blob write fails this item only
                     results[item] = exc
         return [r if r is not None else RuntimeError("no result") for r in results]
@@ -404,14 +406,15 @@ class GenStage(Stage[GenEvent]):
         self,
         event: GenEvent,
         item: int,
+        spec: BatchSpec,
         results: list[SampleResult],
         ctx: StageContext,
         flags: list[list[str]] | None = None,
     ) -> list[Output]:
-        """Write the PNGs of one event's images and build its image-ready events
-        (``flags``: what the image check found per image; None: no check ran)."""
+        """Write the PNGs of one event's images (made in a batch of ``spec``) and build its
+        image-ready events (``flags``: what the image check found per image; None: no
+        check ran)."""
         inpaint = isinstance(event, InpaintEvent)
-        spec = batch_spec(event)
         models = self.generator_for(spec).models
         model = models.inpaint_name if inpaint else models.name
         revision = self.revision(inpaint=inpaint, scene=spec.scene)
