@@ -135,6 +135,13 @@ def test_shape_swap_and_contrast_hinge() -> None:
     assert tokenizer.decode(table[ids], skip_special_tokens=True) == (
         "a red square next to a blue circle"
     )
+    # The training saves this tokenizer: building the table leaves its state as it was.
+    tokenizer("a", padding="max_length", max_length=MAX_TOKENS)  # a padding state
+    state = tokenizer.backend_tokenizer.to_str()
+    shape_swap_table(tokenizer, SHAPES)
+    assert tokenizer.backend_tokenizer.to_str() == state
+    with pytest.raises(ValueError, match="hexagon"):
+        shape_swap_table(tokenizer, ["hexagon"])
     right = torch.tensor([1.0, 1.0], requires_grad=True)
     swapped = torch.tensor([1.05, 2.0], requires_grad=True)
     loss = shape_contrast(right, swapped, margin=0.1)

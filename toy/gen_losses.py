@@ -96,9 +96,16 @@ def cell_weights(masks: torch.Tensor, object_weight: float, edge_weight: float) 
 
 def shape_swap_table(tokenizer: Any, shapes: Sequence[str]) -> torch.Tensor:
     """``[vocab]`` token ids: each shape word's id maps to the next shape's, others to
-    themselves (index a caption's ids with it to swap every shape)."""
+    themselves (index a caption's ids with it to swap every shape). Each shape must be
+    one whole-word token (CLIP's ``</w>`` suffix). Looked up in the vocabulary rather
+    than tokenized: a tokenizer call resets the padding state that ``save_pretrained``
+    writes into ``tokenizer.json``, and the training saves this very tokenizer."""
+    vocab = tokenizer.get_vocab()
+    missing = [s for s in shapes if f"{s}</w>" not in vocab]
+    if missing:
+        raise ValueError(f"not one token of this tokenizer: {missing}")
     table = torch.arange(len(tokenizer))
-    ids = [tokenizer.convert_tokens_to_ids(tokenizer.tokenize(s))[0] for s in shapes]
+    ids = [vocab[f"{s}</w>"] for s in shapes]
     for i, token in enumerate(ids):
         table[token] = ids[(i + 1) % len(ids)]
     return table

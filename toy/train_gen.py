@@ -296,22 +296,38 @@ def train(out: Path, cfg: TrainConfig | None = None) -> StableDiffusionPipeline:
     # CPU kernels are deterministic for a fixed thread count; torch's deterministic mode
     # would only add a fill of every new tensor (a third of the step time).
     torch.set_num_threads(cfg.threads)
-    started = time.monotonic()
     tokenizer = toy_tokenizer()
-    rng = torch.Generator().manual_seed(cfg.seed)
-    vae, text_encoder, unet = (m.to(cfg.device) for m in build_models(tokenizer, cfg))
-
+    models = build_models(tokenizer, cfg)
     log.info("phase: world: %d scenes", cfg.scenes)
     data = load_or_build_data(cfg, tokenizer)
-    log.info("phase: vae: %d steps", cfg.vae_steps)
+    return train_on(out, cfg, tokenizer, models, data)
+
+
+def train_on(
+    out: Path,
+    cfg: TrainConfig,
+    tokenizer: CLIPTokenizer,
+    models: tuple[AutoencoderKL, CLIPTextModel, UNet2DConditionModel],
+    data: WorldData,
+    *,
+    shapes: Sequence[str] = SHAPES,
+) -> StableDiffusionPipeline:
+    """Phases 2 and 3 (VAE, then text encoder + UNet; ``shapes``: the words the shape
+    contrast swaps) on freshly built ``models`` and ``data``, saved to ``out`` with
+    ``cfg`` as its recipe. The scene generator (:mod:`toy.train_scene`) runs it too."""
+    started = time.monotonic()
+    rng = torch.Generator().manual_seed(cfg.seed)
+    vae, text_encoder, unet = (m.to(cfg.device) for m in models)
+    log.info("phase: vae: %d steps on %d images", cfg.vae_steps, len(data.images))
     train_vae(vae, data.images, cfg, rng)
     vae.requires_grad_(False)
     latents = encode_latents(vae, data.images)
     log.info("phase: text encoder + unet: %d steps", cfg.unet_steps)
-    unet, text_encoder = train_denoiser(unet, text_encoder, latents, data, cfg, rng)
-
+    unet, text_encoder = train_denoiser(
+        unet, text_encoder, latents, data, cfg, rng, tokenizer=tokenizer, shapes=shapes
+    )
     pipe = save_pipeline(out, vae, text_encoder, tokenizer, unet, TOY_SCHEDULER_CONFIG, asdict(cfg))
-    log.info("phase: saved to %s after %.0f s", out, time.monotonic() - started)
+    log.info("phase: saved to %s after %.0f s of training", out, time.monotonic() - started)
     return pipe
 
 

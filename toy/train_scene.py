@@ -30,9 +30,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import logging
-import time
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -40,44 +38,24 @@ from diffusers import StableDiffusionPipeline
 
 from toy.recipe import recipe_main
 from toy.scene_data import build_scene_data
-from toy.scene_model import (
-    SCENE_SCHEDULER_CONFIG,
-    SceneTrainConfig,
-    build_scene_models,
-    scene_tokenizer,
-)
-from toy.train_gen import encode_latents, save_pipeline, train_denoiser, train_vae
+from toy.scene_model import SceneTrainConfig, build_scene_models, scene_tokenizer
+from toy.train_gen import train_on
 from toy.world3d import SOLIDS
 
 log = logging.getLogger(__name__)
 
 
 def train(out: Path, cfg: SceneTrainConfig | None = None) -> StableDiffusionPipeline:
-    """Run the three phases and save the pipeline to ``out`` (a diffusers directory)."""
+    """Render the world, run the flat recipe's phases on it (:func:`toy.train_gen.train_on`)
+    and save the pipeline to ``out`` (a diffusers directory)."""
     cfg = cfg or SceneTrainConfig()
     # CPU kernels are deterministic for a fixed thread count.
     torch.set_num_threads(cfg.threads)
-    started = time.monotonic()
     tokenizer = scene_tokenizer()
-    rng = torch.Generator().manual_seed(cfg.seed)
-    vae, text_encoder, unet = (m.to(cfg.device) for m in build_scene_models(tokenizer, cfg))
-
+    models = build_scene_models(tokenizer, cfg)
     log.info("phase: world: %d canonical scenes", cfg.scenes)
     data = build_scene_data(cfg.scenes, tokenizer, processes=cfg.threads)
-    log.info("phase: vae: %d steps on %d views", cfg.vae_steps, len(data.images))
-    train_vae(vae, data.images, cfg, rng)
-    vae.requires_grad_(False)
-    latents = encode_latents(vae, data.images)
-    log.info("phase: text encoder + unet: %d steps", cfg.unet_steps)
-    unet, text_encoder = train_denoiser(
-        unet, text_encoder, latents, data, cfg, rng, tokenizer=tokenizer, shapes=SOLIDS
-    )
-
-    pipe = save_pipeline(
-        out, vae, text_encoder, tokenizer, unet, SCENE_SCHEDULER_CONFIG, asdict(cfg)
-    )
-    log.info("phase: saved to %s after %.0f s", out, time.monotonic() - started)
-    return pipe
+    return train_on(out, cfg, tokenizer, models, data, shapes=SOLIDS)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
