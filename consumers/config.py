@@ -26,6 +26,12 @@ class RuntimeConfig:
     #: this many fetching pauses too. They cost no model time, and a few round trips of
     #: a fast stage's output are hundreds of records (see docs/design-notes.md).
     max_unacked: int = 1000
+    #: At either bound the fetch loop first waits this long for room with its partitions
+    #: fetching; only then does it pause them (see :mod:`consumers.fetcher`). Longer
+    #: than a cheap stage's trips to its thread; short next to a model's batch, during
+    #: which unpaused partitions with nothing new cost an empty fetch each
+    #: ``fetch_max_wait_ms``.
+    pause_after_ms: int = 50
     max_attempts: int = 3
     backoff_initial_ms: int = 200
     backoff_max_ms: int = 10_000
@@ -63,6 +69,8 @@ class RuntimeConfig:
             raise ValueError("max_in_flight must be at least max_batch")
         if self.max_unacked < 1:
             raise ValueError("max_unacked must be >= 1")
+        if not 0 <= self.pause_after_ms < self.max_poll_interval_ms:
+            raise ValueError("pause_after_ms must be >= 0 and below max_poll_interval_ms")
 
     @property
     def in_flight_limit(self) -> int:

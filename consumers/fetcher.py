@@ -3,11 +3,17 @@
 Two bounds: at most ``max_in_flight`` records wait for the handler or are inside it
 (the expensive part: model work), and at most ``max_unacked`` records whose handler
 is done wait for the broker to acknowledge their outputs. At either bound the fetch
-loop pauses its partitions and waits until records move on. It resumes with
-hysteresis (once ``min(max_batch, max_in_flight / 4)`` handler slots are free, and
-the acks are under three quarters of their bound), woken by the records themselves
-rather than a timer, and keeps polling while paused (bounded waits) so the member
-stays alive.
+loop stops asking for records and waits until records move on, woken by the records
+themselves rather than a timer. It goes on (with hysteresis: once
+``min(max_batch, max_in_flight / 4)`` handler slots are free, and the acks are under
+three quarters of their bound) where it left off.
+
+A wait longer than ``pause_after_ms`` pauses the partitions, and the loop keeps
+polling while paused (bounded waits), so that the member stays alive past
+``max_poll_interval_ms`` (model work can take minutes). Shorter waits do not pause:
+aiokafka drops a paused partition's prefetched records, so that a fast stage, full
+for a millisecond at a time, would wait for a fetch round trip after each pause (it
+then drained a backlog 15 % slower, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -38,11 +44,14 @@ class InFlight:
     for the handler or are inside it. ``room`` is set when fetching may resume, ``idle``
     when nothing is held."""
 
-    def __init__(self, limit: int, max_batch: int, ack_limit: int = 1000) -> None:
+    def __init__(
+        self, limit: int, max_batch: int, ack_limit: int = 1000, pause_after_s: float = 0.05
+    ) -> None:
         self.max_batch = max_batch
         self.ack_limit = ack_limit
         # A paused fetch loop resumes once this few wait for acks (hysteresis).
         self.ack_resume_at = ack_limit - max(1, ack_limit // 4)
+        self.pause_after_s = pause_after_s
         self.count = 0
         self.handled = 0
         self.room = asyncio.Event()
@@ -68,6 +77,14 @@ class InFlight:
 
     def resumable(self) -> bool:
         return self.waiting <= self.resume_at and self.handled <= self.ack_resume_at
+
+    async def wait_resumable(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for :meth:`resumable`; whether it is."""
+        self.room.clear()
+        if not self.resumable():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.room.wait(), timeout)
+        return self.resumable()
 
     def add(self, count: int) -> None:
         self.count += count
@@ -150,6 +167,9 @@ class Fetcher:
         consumer, in_flight = self.consumer, self.in_flight
         paused = False
         while not self.stopping:
+            if not paused and in_flight.full():
+                if await in_flight.wait_resumable(in_flight.pause_after_s):
+                    continue  # unpaused: what the consumer prefetched meanwhile is kept
             room = in_flight.limit - in_flight.waiting
             timeout_ms = 100
             if in_flight.full() or (paused and not in_flight.resumable()):
@@ -158,10 +178,7 @@ class Fetcher:
                 paused = True
                 # Wake up when records move on, not when a paused fetch times out; the
                 # wait is bounded so that polling goes on (it keeps the member alive).
-                in_flight.room.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(in_flight.room.wait(), 0.1)
-                if in_flight.resumable():
+                if await in_flight.wait_resumable(0.1):
                     continue
                 timeout_ms = 0
             elif paused:

@@ -100,7 +100,10 @@ class Handoff:
             started = clock()
             try:
                 # The handler, then the check that no output of a deleted request goes out.
-                out.append((list(handle_checked(stage, events, ctx)), clock() - started))
+                results = handle_checked(stage, events, ctx)
+                if not isinstance(results, list):  # a handler may return any sequence
+                    results = list(results)
+                out.append((results, clock() - started))
             except Exception as exc:
                 out.append((exc, clock() - started))
         return out
@@ -108,13 +111,14 @@ class Handoff:
     async def run(self, batches: list[list[Job]]) -> list[ItemResult]:
         """The handler on each of ``batches``, in one trip; one result per job, in order."""
         recording = self.tracing.recording()
-        contexts, spans = [], []
-        for jobs in batches:
+        spans = [self.tracing.batch_span(jobs) for jobs in batches] if recording else []
+        calls: list[tuple[list[Any], StageContext]] = []
+        for jobs in batches:  # one pass: a trip may carry hundreds of one-record batches
+            events = []
             for job in jobs:
                 job.attempts += 1
-            spans.append(self.tracing.batch_span(jobs) if recording else None)
-            contexts.append(self.make_context(jobs))
-        calls = [([j.event for j in b], ctx) for b, ctx in zip(batches, contexts, strict=True)]
+                events.append(job.event)
+            calls.append((events, self.make_context(jobs)))
         started = time.monotonic()
         loop = asyncio.get_running_loop()
         try:
@@ -133,7 +137,7 @@ class Handoff:
         observe_many(self.metrics.batch_size, [len(jobs) for jobs in batches])
         observe_many(self.metrics.handler_seconds, seconds)
         results: list[ItemResult] = []
-        for jobs, ctx, (outcome, _) in zip(batches, contexts, outcomes, strict=True):
+        for jobs, (_, ctx), (outcome, _) in zip(batches, calls, outcomes, strict=True):
             results += self._per_job(jobs, outcome)
             if recording and ctx.phases:
                 self.tracing.replay_phases(ctx, jobs)

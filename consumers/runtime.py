@@ -120,7 +120,10 @@ class StageRuntime(AsyncService):
         self.offsets = Offsets(self.metrics)
         self.queue = ReadyQueue(self.config.max_batch, self.config.max_wait_ms)
         self.in_flight_records = InFlight(
-            self.config.in_flight_limit, self.config.max_batch, self.config.max_unacked
+            self.config.in_flight_limit,
+            self.config.max_batch,
+            self.config.max_unacked,
+            pause_after_s=self.config.pause_after_ms / 1000,
         )
         # Read when scraped: nothing to update per record.
         self.metrics.in_flight.set_function(lambda: self.in_flight_records.count)
@@ -279,20 +282,14 @@ class StageRuntime(AsyncService):
             batch = await self.queue.next_batch()
             if batch is None:
                 return
-            batches = [batch]
+            live = [batch]
             if more := self.handoff.room():
-                batches += self.queue.take_ready(more)
-            live: list[list[Job]] = []
-            for candidate in batches:
-                kept = [j for j in candidate if not j.partition.revoked]
-                for job in candidate:
-                    if job.partition.revoked:
-                        self.in_flight_records.settle(job, completed=False)
-                if kept:
-                    live.append(kept)
-            if not live:
-                continue
-            jobs = [job for kept in live for job in kept]
+                live += self.queue.take_ready(more)
+            jobs = [job for taken in live for job in taken]
+            if any(job.partition.revoked for job in jobs):  # rare: revoked while queued
+                live, jobs = self._drop_revoked(live)
+                if not live:
+                    continue
             for job in jobs:
                 job.partition.running += 1
             try:
@@ -307,6 +304,19 @@ class StageRuntime(AsyncService):
                 # Publishing and waiting for the broker's acks go on in a tracked task while
                 # this worker takes its next batch; the records stay in flight until acked.
                 self._spawn(self._complete(jobs, results))
+
+    def _drop_revoked(self, batches: list[list[Job]]) -> tuple[list[list[Job]], list[Job]]:
+        """``batches`` without the records of revoked partitions (left uncommitted, for
+        the partition's next owner), and their records."""
+        live: list[list[Job]] = []
+        for candidate in batches:
+            kept = [j for j in candidate if not j.partition.revoked]
+            for job in candidate:
+                if job.partition.revoked:
+                    self.in_flight_records.settle(job, completed=False)
+            if kept:
+                live.append(kept)
+        return live, [job for kept in live for job in kept]
 
     def _end_running(self, jobs: list[Job]) -> None:
         for job in jobs:

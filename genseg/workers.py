@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import secrets
 import socket
@@ -206,11 +207,38 @@ def _raised_in(exc: BaseException, function: Callable[..., Any]) -> bool:
     return False
 
 
+#: The cyclic garbage collector's young-generation threshold in a serving process
+#: (CPython's default: 700 allocations net of frees).
+SERVING_GC_THRESHOLD = 20_000
+
+
+def settle_gc_for_serving() -> None:
+    """Set this process's garbage collector up for serving, once its models are loaded.
+
+    Everything alive now (modules, models, the runtimes) lives as long as the process:
+    ``gc.freeze()`` moves it out of the collector's sight, so that no collection walks
+    it again. And a stream worker's objects die young but in bursts (a fetch of
+    hundreds of records, each with its event, job and outputs, all freed by reference
+    counting once acknowledged): at CPython's threshold of 700 net allocations each
+    burst set off young collections that walked every record in flight, about 7 us a
+    record of a no-op stage (a third of its event-plane cost, docs/benchmarks.md).
+    At :data:`SERVING_GC_THRESHOLD` a burst rarely sets one off; cyclic garbage
+    (rare in these loops) waits that much longer for its collection.
+
+    Process-wide, so only a process's entry point calls it (``genseg worker``,
+    ``genseg stack``, the benchmarks' worker processes); never a library class.
+    """
+    gc.freeze()
+    threshold, *older = gc.get_threshold()
+    gc.set_threshold(max(threshold, SERVING_GC_THRESHOLD), *older)
+
+
 async def serve(runtimes: Sequence[StageRuntime]) -> None:
     """Start ``runtimes``, run until SIGTERM or SIGINT, then stop them all (each drains
     its work in flight, commits and leaves its group)."""
     from consumers.runtime import until_signalled
 
     async with running(runtimes):
+        settle_gc_for_serving()
         # Installed once started: a signal while the models load ends the process at once.
         await until_signalled()

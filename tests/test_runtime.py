@@ -291,6 +291,37 @@ async def test_in_flight_is_bounded_and_fetching_resumes(
         gate.set()
 
 
+async def test_a_short_wait_for_room_keeps_the_partitions_fetching(settings: Settings) -> None:
+    """Full, the fetch loop waits ``pause_after_ms`` with its partitions fetching (a
+    pause drops what the consumer prefetched), and pauses them only after that."""
+    gate = threading.Event()
+    stage = ToyStage(gates={"hold": gate})
+    config = RuntimeConfig(max_in_flight=5, pause_after_ms=600, **FAST)
+    events = [Ping(id="held", block="hold"), *(Ping(id=f"q{i:02d}") for i in range(20))]
+    try:
+        async with StageRuntime(stage, settings, config) as rt:
+            consumer = rt._consumer
+            assert consumer is not None
+            await publish_all(settings, events, key="one")
+            await eventually(lambda: rt.in_flight == 5, what="max_in_flight records accepted")
+            full_at = time.monotonic()
+            await eventually(lambda: bool(consumer.paused()), what="partitions paused")
+            assert time.monotonic() - full_at >= 0.5, "paused before pause_after_ms"
+            gate.set()
+            await eventually(lambda: not consumer.paused(), what="fetching resumed")
+            async with TopicReader(settings, "images", unchecked=["images"]) as reader:
+                await reader.until(lambda: len(set(reader.keys("images"))) == len(events))
+    finally:
+        gate.set()
+
+
+def test_pause_after_must_be_below_the_poll_interval() -> None:
+    with pytest.raises(ValueError, match="pause_after_ms"):
+        RuntimeConfig(pause_after_ms=300_000)
+    with pytest.raises(ValueError, match="pause_after_ms"):
+        RuntimeConfig(pause_after_ms=-1)
+
+
 def _job(offset: int, key: str | None = "k", alone: bool = False) -> Job:
     record = ConsumerRecord(
         topic="t", partition=0, offset=offset, timestamp=0, timestamp_type=0, key=None,
@@ -499,3 +530,23 @@ async def test_lag_after_a_restart_counts_from_the_groups_committed_offset(
         labels = {"stage": "toy", "topic": tp.topic, "partition": "0"}
         await eventually(lambda: sample("genseg_consumer_lag", labels) is not None, 30)
         assert sample("genseg_consumer_lag", labels) == 0  # not the whole partition (10)
+
+
+def test_a_serving_process_sets_its_garbage_collector_up() -> None:
+    """``settle_gc_for_serving`` (``genseg worker`` calls it once its models are loaded):
+    what is alive is frozen, and young collections wait for 20,000 allocations. In a
+    process of its own: the setting is process-wide."""
+    code = (
+        "import gc\n"
+        "from genseg.workers import SERVING_GC_THRESHOLD, settle_gc_for_serving\n"
+        "before = gc.get_threshold()\n"
+        "settle_gc_for_serving()\n"
+        "after = gc.get_threshold()\n"
+        "print(gc.get_freeze_count(), after[0] == SERVING_GC_THRESHOLD, after[1:] == before[1:])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    frozen, threshold_set, older_kept = done.stdout.split()
+    assert int(frozen) > 1000  # the modules' objects, at least
+    assert (threshold_set, older_kept) == ("True", "True")

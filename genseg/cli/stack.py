@@ -85,6 +85,7 @@ def up(
 async def _up(stack_settings: Settings, host: str, port: int, db: Path | None) -> None:
     from consumers.runtime import until_signalled
     from genseg.stack import local_stack
+    from genseg.workers import settle_gc_for_serving
 
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
         await reach_broker(stack_settings)
@@ -95,6 +96,7 @@ async def _up(stack_settings: Settings, host: str, port: int, db: Path | None) -
         stack_settings, host, port, db_path=str(db or "genseg-gateway.sqlite3"),
         log_dir=log_dir, step=console.status,
     ) as stack:  # fmt: skip
+        settle_gc_for_serving()  # the models are loaded: a long-lived process from here
         _ready(stack)
         await until_signalled()
     console.print("stopped")
