@@ -25,6 +25,9 @@ those ratios and their spread count; the target is <= 1.10 for both. Each round 
 records the machine's other load. Prints the machine and, as the last line, one JSON
 object ``{"bench": "gen", ...}``.
 
+The process's garbage collector is set up as in a ``genseg worker`` process once the
+models are loaded (:func:`genseg.workers.settle_gc_for_serving`), for both modes.
+
 Threads: torch runs, at any time, on one thread of this process only, as in a
 ``genseg worker`` process (whose runtime loads the models and runs the handler on its
 one executor thread). The models are built, and each direct round runs, on a thread
@@ -70,7 +73,7 @@ from gen_worker.generate import Generator, Sample
 from gen_worker.handler import GenStage
 from gen_worker.profiles import GenModels
 from gen_worker.requests import batch_spec, image_seeds
-from genseg.workers import runtime_config
+from genseg.workers import runtime_config, settle_gc_for_serving
 from plumbing.kafka import ensure_topics
 from plumbing.settings import Settings
 from producers.publisher import Publisher
@@ -239,6 +242,7 @@ async def bench(
     # Built here, not by genseg.workers: the stage shares its models with the direct path.
     stage = GenStage(settings, generator=generator)
     config = runtime_config(stage)
+    settle_gc_for_serving()  # as genseg worker does once its models are loaded; both modes
     roles = {"bench": [os.getpid()], "broker": [broker_pid] if broker_pid else []}
     # The warm-up and each round get a meter (and a client pid) of their own.
     profiler = cProfile.Profile() if args.profile_worker else None

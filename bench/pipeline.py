@@ -47,6 +47,10 @@
     Overlap can at most hide the shorter stage: the JSON reports the ceiling
     ``(gen + seg) / max(gen, seg)`` from the loop's own per-request times.
 
+(a) and (c) run in one process whose garbage collector is set up as a ``genseg worker``
+process's once the models are loaded (:func:`genseg.workers.settle_gc_for_serving`),
+for every mode; (b)'s workers are ``genseg worker`` processes.
+
 Other load on the machine skews both, (b) most (two single-threaded workers need
 both cores): every run reports the machine's busy cores from ``/proc/stat``, the
 part of it that was this benchmark's own processes, and the rest ("other load").
@@ -103,7 +107,7 @@ from gen_worker.generate import Generator, Sample
 from gen_worker.handler import GenStage
 from gen_worker.profiles import GenModels
 from gen_worker.requests import batch_spec
-from genseg.workers import running, runtime_config
+from genseg.workers import running, runtime_config, settle_gc_for_serving
 from plumbing.broker import EmbeddedBroker, free_port
 from plumbing.kafka import ensure_topics
 from plumbing.settings import Settings
@@ -410,7 +414,9 @@ async def setup_models(bootstrap: str, blob_dir: str, prefix: str) -> tuple[Sett
     await ensure_topics(settings, partitions=PARTITIONS)
     seg = SegStage(settings)
     seg.setup()
-    return settings, Direct(Generator(GenModels.from_settings(settings)), seg)
+    direct = Direct(Generator(GenModels.from_settings(settings)), seg)
+    settle_gc_for_serving()  # as genseg worker does once its models are loaded; every mode
+    return settings, direct
 
 
 async def bench_overhead(

@@ -26,11 +26,11 @@ class RuntimeConfig:
     #: this many fetching pauses too. They cost no model time, and a few round trips of
     #: a fast stage's output are hundreds of records (see docs/design-notes.md).
     max_unacked: int = 1000
-    #: At either bound the fetch loop first waits this long for room with its partitions
-    #: fetching; only then does it pause them (see :mod:`consumers.fetcher`). Longer
-    #: than a cheap stage's trips to its thread; short next to a model's batch, during
-    #: which unpaused partitions with nothing new cost an empty fetch each
-    #: ``fetch_max_wait_ms``.
+    #: At either bound the fetch loop of a cheap handler (one whose calls the hand-off
+    #: chains, :mod:`consumers.handoff`) first waits this long for room with its
+    #: partitions fetching, and pauses them only then (:mod:`consumers.fetcher`): longer
+    #: than its trips to the thread. A slower handler's loop pauses at once (unpaused
+    #: partitions with nothing new cost an empty fetch each ``fetch_max_wait_ms``).
     pause_after_ms: int = 50
     max_attempts: int = 3
     backoff_initial_ms: int = 200

@@ -8,12 +8,12 @@ themselves rather than a timer. It goes on (with hysteresis: once
 ``min(max_batch, max_in_flight / 4)`` handler slots are free, and the acks are under
 three quarters of their bound) where it left off.
 
-A wait longer than ``pause_after_ms`` pauses the partitions, and the loop keeps
-polling while paused (bounded waits), so that the member stays alive past
-``max_poll_interval_ms`` (model work can take minutes). Shorter waits do not pause:
-aiokafka drops a paused partition's prefetched records, so that a fast stage, full
-for a millisecond at a time, would wait for a fetch round trip after each pause (it
-then drained a backlog 15 % slower, docs/benchmarks.md).
+The wait pauses the partitions, and the loop keeps polling while paused (bounded
+waits), so that the member stays alive past ``max_poll_interval_ms`` (model work can
+take minutes). But for a cheap handler (:mod:`consumers.handoff`) it pauses them
+only after ``pause_after_ms``: aiokafka drops a paused partition's prefetched records,
+so that a fast stage, full for a millisecond at a time, waited for a fetch round trip
+after each pause (it drained a backlog 15 % slower, docs/design-notes.md).
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ the hand-off follows the handler's pace:
   gets several ready batches per trip, as many as fit that budget (at most
   :data:`CHAIN_MAX_BATCHES`), and the fetch bound grows to two such trips, like
   ``max_in_flight``'s two batches a slot;
+- while it chains, a full fetch bound waits ``pause_after_ms`` for room before it
+  pauses the partitions (:mod:`consumers.fetcher`); otherwise it pauses at once;
 - a slow trip (model work) restores one batch a trip and ``max_in_flight`` at once;
   chaining comes back only after many fast trips;
 - only with one worker (with several, a batch must stay free for whichever is free
@@ -87,6 +89,9 @@ class Handoff:
         chain = 1
         if self._may_chain and 2 * pace <= CHAIN_BUDGET_S:
             chain = min(int(CHAIN_BUDGET_S / max(pace, 1e-6)), CHAIN_MAX_BATCHES)
+        # Room comes back within a trip of milliseconds: wait for it fetching. A model's
+        # batch takes seconds: pause at once (no empty fetches meanwhile).
+        self.in_flight.pause_after_s = self.config.pause_after_ms / 1000 if chain > 1 else 0.0
         if chain != self.chain:
             self.chain = chain
             stretched = 2 * chain * self.config.max_batch if chain > 1 else 0
