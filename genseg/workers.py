@@ -228,6 +228,7 @@ def settle_gc_for_serving() -> None:
     Process-wide, so only a process's entry point calls it (``genseg worker``,
     ``genseg stack``, the benchmarks' worker processes); never a library class.
     """
+    gc.collect()  # what loading left in cycles is garbage: frozen, it would never go
     gc.freeze()
     threshold, *older = gc.get_threshold()
     gc.set_threshold(max(threshold, SERVING_GC_THRESHOLD), *older)

@@ -537,16 +537,21 @@ def test_a_serving_process_sets_its_garbage_collector_up() -> None:
     what is alive is frozen, and young collections wait for 20,000 allocations. In a
     process of its own: the setting is process-wide."""
     code = (
-        "import gc\n"
+        "import gc, weakref\n"
         "from genseg.workers import SERVING_GC_THRESHOLD, settle_gc_for_serving\n"
+        "class Node: pass\n"
+        "gc.disable()  # a cycle left by loading, not yet collected\n"
+        "node = Node(); node.me = node; left = weakref.ref(node); del node\n"
         "before = gc.get_threshold()\n"
         "settle_gc_for_serving()\n"
         "after = gc.get_threshold()\n"
-        "print(gc.get_freeze_count(), after[0] == SERVING_GC_THRESHOLD, after[1:] == before[1:])\n"
+        "print(gc.get_freeze_count(), after[0] == SERVING_GC_THRESHOLD, "
+        "after[1:] == before[1:], left() is None)\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
-    frozen, threshold_set, older_kept = done.stdout.split()
+    frozen, threshold_set, older_kept, garbage_gone = done.stdout.split()
     assert int(frozen) > 1000  # the modules' objects, at least
     assert (threshold_set, older_kept) == ("True", "True")
+    assert garbage_gone == "True", "cyclic garbage was frozen instead of collected"
