@@ -57,11 +57,13 @@ part of it that was this benchmark's own processes, and the rest ("other load").
 
 Kafka hops: tansu answers a fetch when the consumer's ``fetch_max_wait_ms`` runs
 out even if records arrived earlier, so every hop waits up to that long. Workers use
-``KAFKA_FETCH_MAX_WAIT_MS`` (``--fetch-wait-ms`` overrides it for (a)'s workers,
-``--scale-fetch-wait-ms`` for (b)'s); the JSON reports the value. That is a fixed
-fill-and-drain cost per run, not per request, while every empty fetch costs some CPU.
-The measuring consumers poll every 200 ms: they time runs by the records' own
-timestamps, so their latency is not counted and their polling costs little.
+``KAFKA_FETCH_MAX_WAIT_MS`` from the environment (for (a) and (c) it is also the
+client's; ``--scale-fetch-wait-ms`` overrides it for (b)'s workers); the JSON reports the
+value. That is a fixed fill-and-drain cost per run, not per request, while every empty
+fetch costs some CPU. (b)'s measuring consumer polls every 200 ms: it times runs by
+the records' own timestamps, so its latency is not counted and its polling costs
+little. (a)'s and (c)'s client reads with the settings' fetch wait, as a client would,
+and the clock stops when it has read the last asset-ready event.
 
 Usage: ``python bench/pipeline.py [--requests 32] [--steps 20] [--scale-requests 24]
 [--flow-requests 6]`` (``--skip-overhead``, ``--skip-scale``, ``--skip-flow`` leave a part
