@@ -13,6 +13,9 @@ Side by side in one run, on one machine, with the same loaded models:
   :class:`~producers.publisher.Publisher` and a :class:`~consumers.subscriber.Subscriber`
   with the default fetch wait) times it from its first publish until it has read the
   last image-ready event.
+- ``polled`` (only with ``--polled``; a diagnostic, no target): the direct run while a
+  client process of the worker rounds' kind, without requests, polls the broker:
+  what the client and the broker alone take from the generation on this machine.
 
 The runtime and the client exist only during worker rounds: they start and join
 their groups before the clock and stop after it, so a direct round runs beside
@@ -40,6 +43,7 @@ slower in wall time and 1.7x in CPU, whichever side it hit.
 
     python bench/gen.py                 # 32 requests, tiny profile, 64x64, 20 steps, 5 rounds
     python bench/gen.py --profile-worker /tmp/gen.pstats  # cProfile of the worker rounds
+    python bench/gen.py --polled  # and the direct run beside an idle polling client
 """
 
 from __future__ import annotations
@@ -174,6 +178,52 @@ async def _client(settings: Settings, events: list[str], conn: Connection) -> fl
         return time.perf_counter() - started
 
 
+def poller_main(settings: dict[str, Any], conn: Connection) -> None:
+    """A client that only waits (``--polled``): the worker rounds' client without
+    requests, its consumer polling the image-ready and dead-letter topics until told."""
+    logging.basicConfig(level=logging.WARNING)
+    asyncio.run(_poll(Settings(**settings), conn))
+
+
+async def _poll(settings: Settings, conn: Connection) -> None:
+    async with Subscriber(settings, ["images", "dlq"]) as sub:
+        conn.send("ready")
+        while not conn.poll():
+            await sub.next_events(0.2)
+
+
+async def run_direct_polled(
+    generator: Generator,
+    settings: Settings,
+    events: list[PromptEvent],
+    max_batch: int,
+    meter: LoadMeter,
+    timeout_s: float,
+) -> float:
+    """``run_direct`` while an idle client polls the broker from its own process: what
+    the worker rounds' client and broker alone cost the generation (a diagnostic)."""
+    ctx = mp.get_context("spawn")
+    here, there = ctx.Pipe()
+    fields = {"kafka_bootstrap_servers", "topic_prefix", "blob_url"}
+    poller = ctx.Process(
+        target=poller_main, args=(settings.model_dump(include=fields), there), daemon=True
+    )
+    poller.start()
+    try:
+        if not await asyncio.to_thread(here.poll, timeout_s):
+            raise TimeoutError("the polling client did not start")
+        assert here.recv() == "ready"
+        meter.roles["client"] = [poller.pid or 0]
+        with meter:
+            seconds = await in_fresh_thread(run_direct, generator, events, max_batch)
+    finally:
+        here.send("stop")
+        await asyncio.to_thread(poller.join, 30)
+        if poller.is_alive():
+            poller.kill()
+    return seconds
+
+
 async def run_worker(
     stage: GenStage,
     settings: Settings,
@@ -259,12 +309,17 @@ async def bench(
     for r in range(args.repeats):
         seed0 = 1000 + 100 * r
         row: dict[str, Any] = {"round": r}
-        for mode in ("direct", "worker") if r % 2 == 0 else ("worker", "direct"):
+        modes = ["direct", "worker", *(["polled"] if args.polled else [])]
+        for mode in modes if r % 2 == 0 else modes[::-1]:
             events = requests(n, args.size, args.steps, f"{mode[0]}{r}", seed0)
             meter = LoadMeter(dict(roles))
             if mode == "direct":
                 with meter:
                     seconds = await in_fresh_thread(run_direct, generator, events, config.max_batch)
+            elif mode == "polled":
+                seconds = await run_direct_polled(
+                    generator, settings, events, config.max_batch, meter, args.timeout
+                )
             else:
                 seconds, rt = await run_worker(
                     stage, settings, events, meter, args.timeout, profiler
@@ -277,6 +332,8 @@ async def bench(
             row[mode] = {"s": round(seconds, 3), "cpu_s": round(cpu, 3), **meter.report()}
         row["ratio"] = round(row["worker"]["s"] / row["direct"]["s"], 3)
         row["cpu_ratio"] = round(row["worker"]["cpu_s"] / max(row["direct"]["cpu_s"], 1e-9), 3)
+        if args.polled:
+            row["polled_ratio"] = round(row["polled"]["s"] / row["direct"]["s"], 3)
         rounds.append(row)
         log.info("round %d: %s", r, json.dumps(row))
     if profiler is not None:
@@ -311,6 +368,7 @@ async def bench(
         "cpu_ratio_spread": cpu,
         "target_ratio": TARGET,
         "ok": verdict(wall["median"], cpu["median"]),
+        **({"polled_ratio": spread([r["polled_ratio"] for r in rounds])} if args.polled else {}),
         "mean_batch": round(batches[1] / max(batches[0], 1), 2),
         "other_load_cores": spread(
             [r[m].get("other_load_cores") or 0.0 for r in rounds for m in ("direct", "worker")], 2
@@ -332,6 +390,11 @@ def main() -> None:
     parser.add_argument("--torch-threads", type=int, default=None, help="default: torch's")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--profile-worker", help="write a cProfile of the worker rounds here")
+    parser.add_argument(
+        "--polled",
+        action="store_true",
+        help="a third mode per round: the direct run while an idle client polls the broker",
+    )
     args = parser.parse_args()
     quiet_logs(("aiokafka", "diffusers", "transformers", "consumers", "gen_worker"))
     if args.torch_threads:
