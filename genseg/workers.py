@@ -226,7 +226,7 @@ def settle_gc_for_serving() -> None:
     (rare in these loops) waits that much longer for its collection.
 
     Process-wide, so only a process's entry point calls it (``genseg worker``,
-    ``genseg stack``, the benchmarks' worker processes); never a library class.
+    ``genseg up``, the benchmarks' worker processes); never a library class.
     """
     gc.collect()  # what loading left in cycles is garbage: frozen, it would never go
     gc.freeze()
