@@ -62,6 +62,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -178,6 +179,30 @@ async def _client(settings: Settings, events: list[str], conn: Connection) -> fl
         return time.perf_counter() - started
 
 
+def spawn_client(
+    target: Callable[..., None], settings: Settings, *args: Any
+) -> tuple[BaseProcess, Connection]:
+    """A client process (not started) that runs ``target(settings, *args, conn)``, with
+    the settings a client needs as a dict, and this end of its pipe."""
+    ctx = mp.get_context("spawn")
+    here, there = ctx.Pipe()
+    fields = {"kafka_bootstrap_servers", "topic_prefix", "blob_url"}
+    process = ctx.Process(
+        target=target, args=(settings.model_dump(include=fields), *args, there), daemon=True
+    )
+    return process, here
+
+
+async def until_ready(
+    conn: Connection, process: BaseProcess, meter: LoadMeter, timeout_s: float
+) -> None:
+    """Until the started client says "ready"; then ``meter`` counts it as ``client``."""
+    if not await asyncio.to_thread(conn.poll, timeout_s):
+        raise TimeoutError("the client did not start")
+    assert conn.recv() == "ready"
+    meter.roles["client"] = [process.pid or 0]
+
+
 def poller_main(settings: dict[str, Any], conn: Connection) -> None:
     """A client that only waits (``--polled``): the worker rounds' client without
     requests, its consumer polling the image-ready and dead-letter topics until told."""
@@ -202,18 +227,10 @@ async def run_direct_polled(
 ) -> float:
     """``run_direct`` while an idle client polls the broker from its own process: what
     the worker rounds' client and broker alone cost the generation (a diagnostic)."""
-    ctx = mp.get_context("spawn")
-    here, there = ctx.Pipe()
-    fields = {"kafka_bootstrap_servers", "topic_prefix", "blob_url"}
-    poller = ctx.Process(
-        target=poller_main, args=(settings.model_dump(include=fields), there), daemon=True
-    )
+    poller, here = spawn_client(poller_main, settings)
     poller.start()
     try:
-        if not await asyncio.to_thread(here.poll, timeout_s):
-            raise TimeoutError("the polling client did not start")
-        assert here.recv() == "ready"
-        meter.roles["client"] = [poller.pid or 0]
+        await until_ready(here, poller, meter, timeout_s)
         with meter:
             seconds = await in_fresh_thread(run_direct, generator, events, max_batch)
     finally:
@@ -236,22 +253,12 @@ async def run_worker(
     through a runtime started (and joined) for this round; ``meter`` covers that span
     (the client's pid is added to it as ``client``)."""
     rt = StageRuntime(stage, settings, runtime_config(stage, create_topics=False))
-    ctx = mp.get_context("spawn")
-    here, there = ctx.Pipe()
-    fields = {"kafka_bootstrap_servers", "topic_prefix", "blob_url"}
-    client = ctx.Process(
-        target=client_main,
-        args=(settings.model_dump(include=fields), [e.model_dump_json() for e in events], there),
-        daemon=True,
-    )
+    client, here = spawn_client(client_main, settings, [e.model_dump_json() for e in events])
     async with rt:
         await wait_assigned(rt, timeout_s)
         client.start()
         try:
-            if not await asyncio.to_thread(here.poll, timeout_s):
-                raise TimeoutError("the client did not start")
-            assert here.recv() == "ready"
-            meter.roles["client"] = [client.pid or 0]
+            await until_ready(here, client, meter, timeout_s)
             if profiler is not None:
                 profiler.enable()
             with meter:
