@@ -45,12 +45,14 @@ class InFlight:
     when nothing is held."""
 
     def __init__(
-        self, limit: int, max_batch: int, ack_limit: int = 1000, pause_after_s: float = 0.05
+        self, limit: int, max_batch: int, ack_limit: int = 1000, pause_after_s: float = 0.0
     ) -> None:
         self.max_batch = max_batch
         self.ack_limit = ack_limit
         # A paused fetch loop resumes once this few wait for acks (hysteresis).
         self.ack_resume_at = ack_limit - max(1, ack_limit // 4)
+        # How long a full bound waits unpaused (0: it pauses at once); the runtime passes
+        # RuntimeConfig.pause_after_ms, and the hand-off sets it to the handler's pace.
         self.pause_after_s = pause_after_s
         self.count = 0
         self.handled = 0
