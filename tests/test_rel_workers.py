@@ -78,7 +78,7 @@ async def test_kill_9_of_workers_at_random_moments_loses_nothing(
     env = worker_env(settings)
     gen = WorkerProcess("gen", env, tmp_path)
     seg = WorkerProcess("seg", env, tmp_path)
-    ids = [f"crash-{i:03d}" for i in range(CRASH_REQUESTS)]
+    ids: list[str] = []
     kills: list[dict[str, object]] = []
     started = time.monotonic()
     try:
@@ -86,7 +86,16 @@ async def test_kill_9_of_workers_at_random_moments_loses_nothing(
         seg.start()
         await asyncio.gather(gen.wait_assigned(), seg.wait_assigned())
         async with Ledger(settings) as ledger:
-            await publish(settings, [tiny_prompt(i, n, 2 + n % 3) for n, i in enumerate(ids)])
+
+            async def publish_requests(count: int) -> None:
+                first = len(ids)
+                new = [f"crash-{n:03d}" for n in range(first, first + count)]
+                await publish(
+                    settings, [tiny_prompt(i, n, 2 + n % 3) for n, i in enumerate(new, first)]
+                )
+                ids.extend(new)
+
+            await publish_requests(CRASH_REQUESTS)
 
             async def poll_forever() -> None:
                 while True:
@@ -100,8 +109,8 @@ async def test_kill_9_of_workers_at_random_moments_loses_nothing(
                 def running_low() -> bool:
                     # The generator is ahead of the segmenter: while it has kills left,
                     # its backlog is the smaller one.
-                    stage = gen if kills_left[gen.name] else seg
-                    return kills_left[stage.name] > 0 and backlog(stage) < TOP_UP_BELOW
+                    stage = gen if kills_left(gen) else seg
+                    return kills_left(stage) > 0 and backlog(stage) < TOP_UP_BELOW
 
                 while len(ids) < CRASH_REQUESTS + MAX_EXTRA:
                     await wait_until(
@@ -111,13 +120,7 @@ async def test_kill_9_of_workers_at_random_moments_loses_nothing(
                     )
                     if chaos_over.is_set():
                         return
-                    n0 = len(ids)
-                    extra = [f"crash-{n:03d}" for n in range(n0, n0 + TOP_UP)]
-                    await publish(
-                        settings,
-                        [tiny_prompt(i, n, 2 + n % 3) for n, i in enumerate(extra, n0)],
-                    )
-                    ids.extend(extra)
+                    await publish_requests(TOP_UP)
 
             def progress(worker: WorkerProcess) -> int:
                 gen.check_alive()  # a worker that died unasked fails the test at once
@@ -131,6 +134,9 @@ async def test_kill_9_of_workers_at_random_moments_loses_nothing(
                 # (seen once in a full run).
                 done = ledger.distinct_images() if worker is gen else ledger.distinct_assets()
                 return len(ids) - done
+
+            def kills_left(worker: WorkerProcess) -> int:
+                return KILLS_PER_STAGE - sum(k["stage"] == worker.name for k in kills)
 
             async def chaos(worker: WorkerProcess) -> None:
                 # Kill points spread over the run, each while the stage has work to do.
@@ -154,12 +160,10 @@ async def test_kill_9_of_workers_at_random_moments_loses_nothing(
                         }
                     )
                     worker.kill()
-                    kills_left[worker.name] -= 1
                     worker.start()
                     await worker.wait_assigned(timeout=120)
 
             chaos_over = asyncio.Event()
-            kills_left = {gen.name: KILLS_PER_STAGE, seg.name: KILLS_PER_STAGE}
             poller = asyncio.create_task(poll_forever())
             feeder = asyncio.create_task(keep_a_backlog())
             try:
