@@ -3,27 +3,19 @@ docs/benchmarks.md reads from it (the figures are the benchmark's business, and 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.bench_utils import run_bench
 
 
 def test_gpu_pipeline_bench_runs_tiny_on_the_cpu(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "GENSEG_", "OTEL_"))}
-    env["TMPDIR"] = str(tmp_path)
-    command = [
-        sys.executable, "bench/gpu_pipeline.py", "--device", "cpu", "--tiny",
+    result = run_bench(
+        "gpu_pipeline.py", "--device", "cpu", "--tiny",
         "--latency-requests", "2", "--saturation-requests", "4", "--warmup", "1",
-    ]  # fmt: skip
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+        tmp_path=tmp_path,
+    )  # fmt: skip
     assert result["bench"] == "gpu_pipeline" and result["device"] == "cpu"
     assert (result["size"], result["steps"], result["sam_dtype"]) == (64, 4, "fp32")
     assert result["models"]["gen"] == "tiny" and result["gen_max_batch"] == 4

@@ -3,26 +3,17 @@ reads from it (the figures themselves are the benchmark's business, not a test's
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.bench_utils import run_bench
 
 
 def test_pipeline_bench_reports_every_part(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "GENSEG_", "OTEL_"))}
-    env["TMPDIR"] = str(tmp_path)
-    command = [
-        sys.executable, "bench/pipeline.py", "--requests", "2", "--steps", "2",
+    result = run_bench(
+        "pipeline.py", "--requests", "2", "--steps", "2",
         "--repeats", "2", "--scale-requests", "4", "--scale-repeats", "2",
-        "--flow-requests", "1", "--flow-size", "64", "--flow-repeats", "1",
-    ]  # fmt: skip
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+        "--flow-requests", "1", "--flow-size", "64", "--flow-repeats", "1", tmp_path=tmp_path,
+    )  # fmt: skip
     assert result["bench"] == "pipeline"
 
     overhead = result["overhead"]
