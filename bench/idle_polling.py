@@ -56,7 +56,7 @@ log = logging.getLogger("bench.idle_polling")
 
 
 def idle_consumer(settings: Settings, wait_ms: int) -> AIOKafkaConsumer:
-    """A consumer of the (empty) asset topic, reading from its end, with no group."""
+    """A consumer of the asset topic from its end (nothing new comes), with no group."""
     return AIOKafkaConsumer(
         settings.topics.assets,
         fetch_max_wait_ms=wait_ms,

@@ -40,9 +40,9 @@ class Settings(BaseSettings):
     kafka_ssl_keyfile: str | None = Field(default=None, validation_alias="KAFKA_SSL_KEYFILE")
     #: How long a fetch may wait on the broker for new records. A waiting consumer sends
     #: one empty fetch per wait, and each costs CPU in its process and in the broker; on
-    #: tansu a longer wait also delays the hop (measured: 2 ms at 10, 4 ms at 25, 8 ms at
-    #: 50, p50). 25 ms halves the cost of idle polling for 2 ms a hop (docs/benchmarks.md,
-    #: "Idle polling"); Apache Kafka answers as soon as records arrive, so raise it there.
+    #: tansu a longer wait also delays the hop (p50 measured: 2 ms at 10, 3-4 ms at 25,
+    #: 6-8 ms at 50). 25 ms halves the cost of idle polling for 1-2 ms a hop (see "Idle
+    #: polling" in docs/benchmarks.md); Apache Kafka answers as soon as records arrive.
     kafka_fetch_max_wait_ms: int = Field(
         default=25, ge=1, le=60_000, validation_alias="KAFKA_FETCH_MAX_WAIT_MS"
     )
