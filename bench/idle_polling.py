@@ -78,8 +78,11 @@ async def hop_ms(settings: Settings, wait_ms: int, sends: int) -> dict[str, Any]
             await asyncio.sleep(0.13 + 0.05 * (i % 5))  # uneven moments within a fetch
             sent = time.perf_counter()
             await producer.send_and_wait(settings.topics.assets, b"x", key=b"hop")
-            while not any((await consumer.getmany(timeout_ms=2000)).values()):
-                pass
+            while not any((await consumer.getmany(timeout_ms=1000)).values()):
+                if time.perf_counter() - sent > 10:
+                    raise TimeoutError(
+                        f"a record sent to tansu was not read in 10 s ({wait_ms} ms)"
+                    )
             seconds.append(time.perf_counter() - sent)
     finally:
         await consumer.stop()
@@ -164,7 +167,8 @@ async def bench(
     result["idle_cores"] = {w: await idle_cores(settings, w, args.idle_s, broker) for w in waits}
     log.info("hops %s; idle %s", result["hop_ms"], result["idle_cores"])
 
-    # Built on a thread that exits, as bench/gen.py does: torch runs on one thread at a time.
+    # torch runs one intra-op thread here (main), so no second OpenMP team can slow it
+    # down whichever thread builds or runs the models (bench/gen.py, "Threads").
     generator = await asyncio.to_thread(lambda: Generator(GenModels.from_settings(settings)))
     settle_gc_for_serving()
     events = [prompt(f"idle-{i:03d}", 1000 + i, 64, args.steps) for i in range(args.images)]
