@@ -9,13 +9,14 @@ broker, for each wait in ``--waits``:
 - ``hop_ms``: a record sent while a consumer waits is read after how long (p50, max of
   ``--sends`` records sent at uneven moments);
 - ``idle_cores``: the cores one idle consumer keeps busy in its process and in the broker
-  over ``--idle-s`` seconds;
+  over ``--idle-s`` seconds (and the machine's other load meanwhile);
 - ``beside_generator``: the tiny generator (64x64, ``--steps`` steps, ``--images``
   images in batches of 4, one torch thread, in a thread of this process) while
   ``--consumers`` idle consumers poll on this process's event loop, as the seg
   runtime and a client do in ``bench/pipeline.py`` (a) while images are generated. Its
   wall seconds and this process's CPU seconds over the same generation with nothing
-  polling; rounds alternate (the order flips each round), medians and spread.
+  polling; rounds alternate (the order flips each round), medians and spread; each
+  round records the machine's other load (``bench.machine.LoadMeter``).
 
     python bench/idle_polling.py          # waits 10,25,50,100; 4 rounds; about 4 minutes
 
@@ -41,18 +42,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from bench.gen import run_direct
 from bench.harness import on_broker, quiet_logs
-from bench.machine import describe, process_cpu_s, spread
-from bench.pipeline import prompt, samples_of
+from bench.machine import LoadMeter, describe, spread
+from bench.pipeline import prompt
 from gen_worker.generate import Generator
+from gen_worker.handler import GenStage
 from gen_worker.profiles import GenModels
-from gen_worker.requests import batch_spec
 from genseg.workers import settle_gc_for_serving
 from plumbing.kafka import ensure_topics
 from plumbing.settings import Settings
 from schemas import PromptEvent
 
 log = logging.getLogger("bench.idle_polling")
+#: The gen worker's default batch.
+GEN_MAX_BATCH = int(GenStage.runtime_defaults["max_batch"])
 
 
 def idle_consumer(settings: Settings, wait_ms: int) -> AIOKafkaConsumer:
@@ -95,30 +99,22 @@ async def hop_ms(settings: Settings, wait_ms: int, sends: int) -> dict[str, Any]
 
 async def idle_cores(
     settings: Settings, wait_ms: int, seconds: float, broker: int
-) -> dict[str, float]:
-    """Cores one idle consumer keeps busy in this process and in the broker."""
+) -> dict[str, float | None]:
+    """Cores one idle consumer keeps busy in this process and in the broker, and the
+    machine's other load meanwhile."""
     consumer = idle_consumer(settings, wait_ms)
     await consumer.start()
     try:
         await consumer.getmany(timeout_ms=300)
-        ours, theirs, t0 = time.process_time(), process_cpu_s(broker) or 0.0, time.perf_counter()
-        await consumer.getmany(timeout_ms=int(seconds * 1000))  # nothing comes: polls only
-        wall = time.perf_counter() - t0
-        return {
-            "client": round((time.process_time() - ours) / wall, 3),
-            "broker": round(((process_cpu_s(broker) or 0.0) - theirs) / wall, 3),
-        }
+        with LoadMeter({"client": [os.getpid()], "broker": [broker]}) as meter:
+            await consumer.getmany(timeout_ms=int(seconds * 1000))  # nothing comes: polls
     finally:
         await consumer.stop()
-
-
-def generate_all(generator: Generator, events: list[PromptEvent]) -> float:
-    """Generate ``events`` in batches of 4 (the gen worker's default); wall seconds."""
-    t0 = time.perf_counter()
-    for i in range(0, len(events), 4):
-        batch = events[i : i + 4]
-        generator.generate(batch_spec(batch[0]), samples_of(batch))
-    return time.perf_counter() - t0
+    report = meter.report()
+    return {
+        **{role: round(s / meter.wall, 3) for role, s in meter.by_role.items()},
+        "other_load_cores": report.get("other_load_cores"),
+    }
 
 
 async def beside_generator(
@@ -128,25 +124,27 @@ async def beside_generator(
     wait_ms: int | None,
     consumers: int,
     broker: int,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """The generation with ``consumers`` idle consumers polling (None: none)."""
     polling = [idle_consumer(settings, wait_ms) for _ in range(consumers)] if wait_ms else []
     for c in polling:
         await c.start()
     tasks = [asyncio.create_task(c.getmany(timeout_ms=3_600_000)) for c in polling]
-    cpu0, broker0 = time.process_time(), process_cpu_s(broker) or 0.0
     try:
-        wall = await asyncio.to_thread(generate_all, generator, events)
-        return {
-            "s": round(wall, 3),
-            "cpu_s": round(time.process_time() - cpu0, 3),
-            "broker_cpu_s": round((process_cpu_s(broker) or 0.0) - broker0, 3),
-        }
+        with LoadMeter({"bench": [os.getpid()], "broker": [broker]}) as meter:
+            wall = await asyncio.to_thread(run_direct, generator, events, GEN_MAX_BATCH)
     finally:
         for task in tasks:
             task.cancel()
         for c in polling:
             await c.stop()
+    report = meter.report()
+    return {
+        "s": round(wall, 3),
+        "cpu_s": report["cpu_s_by_role"]["bench"],
+        "broker_cpu_s": report["cpu_s_by_role"]["broker"],
+        "other_load_cores": report.get("other_load_cores"),
+    }
 
 
 async def bench(
@@ -172,7 +170,7 @@ async def bench(
     generator = await asyncio.to_thread(lambda: Generator(GenModels.from_settings(settings)))
     settle_gc_for_serving()
     events = [prompt(f"idle-{i:03d}", 1000 + i, 64, args.steps) for i in range(args.images)]
-    await asyncio.to_thread(generate_all, generator, events[:4])  # warm-up
+    await asyncio.to_thread(run_direct, generator, events[:4], GEN_MAX_BATCH)  # warm-up
     modes: list[int | None] = [None, *waits]
     rounds: list[dict[str, Any]] = []
     for r in range(args.rounds):

@@ -153,11 +153,6 @@ def prompt(request_id: str, seed: int, size: int, steps: int) -> PromptEvent:
     )
 
 
-def samples_of(events: list[PromptEvent]) -> list[Sample]:
-    """What :meth:`Generator.generate` takes for ``events`` (one image each)."""
-    return [Sample(e.prompt, e.seed or 0, e.negative_prompt, tuple(e.targets)) for e in events]
-
-
 def balanced_ids(tag: str, n: int, partitions: int = PARTITIONS) -> list[str]:
     """``n`` request ids, the same number on every partition (Kafka's default partitioner)."""
     per = {p: 0 for p in range(partitions)}
@@ -283,7 +278,10 @@ class Direct:
     )
 
     def generate(self, events: list[PromptEvent]) -> list[tuple[PromptEvent, Any]]:
-        results = self.generator.generate(batch_spec(events[0]), samples_of(events))
+        samples = [
+            Sample(e.prompt, e.seed or 0, e.negative_prompt, tuple(e.targets)) for e in events
+        ]
+        results = self.generator.generate(batch_spec(events[0]), samples)
         return list(zip(events, results, strict=True))
 
     def segment(self, event: PromptEvent, result: Any) -> int:
