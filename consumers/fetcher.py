@@ -8,12 +8,20 @@ themselves rather than a timer. It goes on (with hysteresis: once
 ``min(max_batch, max_in_flight / 4)`` handler slots are free, and the acks are under
 three quarters of their bound) where it left off.
 
-The wait pauses the partitions, and the loop keeps polling while paused (bounded
-waits), so that the member stays alive past ``max_poll_interval_ms`` (model work can
-take minutes). But for a cheap handler (:mod:`consumers.handoff`) it pauses them
-only after ``pause_after_ms``: aiokafka drops a paused partition's prefetched records,
-so that a fast stage, full for a millisecond at a time, waited for a fetch round trip
-after each pause (it drained a backlog 15 % slower, docs/design-notes.md).
+The wait pauses the partitions, and the loop keeps polling while paused (waits
+bounded by :data:`PAUSED_POLL_S`), so that the member stays alive past
+``max_poll_interval_ms`` (model work can take minutes); partitions assigned meanwhile
+start paused (:meth:`Fetcher.on_assigned`). But for a cheap handler
+(:mod:`consumers.handoff`) it pauses them only after ``pause_after_ms``: aiokafka drops
+a paused partition's prefetched records, so that a fast stage, full for a millisecond
+at a time, waited for a fetch round trip after each pause (it drained a backlog 15 %
+slower, docs/design-notes.md).
+
+Nothing but records, or room for them, wakes the loop: idle, it waits up to
+:data:`IDLE_POLL_MS` in ``getmany`` while aiokafka long-polls the broker; once the
+runtime stops, what a fetch still returns is not accepted, so no new work starts (the
+partition's next owner fetches it again). Each wake of the event loop costs the handler's thread a turn of
+the GIL; the 100 ms timers this replaced woke a waiting runtime 10 times a second.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from consumers.batching import Job, ReadyQueue
@@ -35,6 +43,12 @@ from consumers.tracing import RecordTracing
 from plumbing.telemetry import w3c_propagation
 
 log = logging.getLogger(__name__)
+
+
+#: The longest a paused fetch loop waits for room before it polls (for liveness only).
+PAUSED_POLL_S = 1.0
+#: The longest ``getmany`` waits for records before the loop goes round again.
+IDLE_POLL_MS = 1000
 
 
 class InFlight:
@@ -164,28 +178,36 @@ class Fetcher:
         self.metrics = metrics
         self.on_invalid = on_invalid
         self.stopping = False
+        #: Whether this loop has paused its partitions (at a bound).
+        self.paused = False
+        #: Records fetched once stopping began, not accepted (see :meth:`_accept_all`).
+        self.left_unaccepted = 0
+
+    def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        """Partitions assigned while the loop is paused start paused: the loop may not
+        look again for :data:`PAUSED_POLL_S`, and meanwhile they would be fetched."""
+        if self.paused:
+            self.consumer.pause(*assigned)
 
     async def run(self) -> None:
         consumer, in_flight = self.consumer, self.in_flight
-        paused = False
         while not self.stopping:
-            if not paused and in_flight.full():
+            if not self.paused and in_flight.full():
                 if await in_flight.wait_resumable(in_flight.pause_after_s):
                     continue  # unpaused: what the consumer prefetched meanwhile is kept
             room = in_flight.limit - in_flight.waiting
-            timeout_ms = 100
-            if in_flight.full() or (paused and not in_flight.resumable()):
-                # Also pauses partitions assigned since the last round.
+            timeout_ms = IDLE_POLL_MS
+            if in_flight.full() or (self.paused and not in_flight.resumable()):
                 consumer.pause(*consumer.assignment())
-                paused = True
+                self.paused = True
                 # Wake up when records move on, not when a paused fetch times out; the
                 # wait is bounded so that polling goes on (it keeps the member alive).
-                if await in_flight.wait_resumable(0.1):
+                if await in_flight.wait_resumable(PAUSED_POLL_S):
                     continue
                 timeout_ms = 0
-            elif paused:
+            elif self.paused:
                 consumer.resume(*consumer.assignment())
-                paused = False
+                self.paused = False
             try:
                 batches = await consumer.getmany(timeout_ms=timeout_ms, max_records=max(room, 1))
             except KafkaError as exc:
@@ -196,6 +218,12 @@ class Fetcher:
                 await self._accept_all(batches)
 
     async def _accept_all(self, batches: dict[object, list[ConsumerRecord[bytes, bytes]]]) -> None:
+        if self.stopping:
+            # Stopping starts no new work: a record accepted now would still be handed
+            # out, and the drain would wait for its handler. Not accepted, it is not
+            # committed either; the partition's next owner fetches it again.
+            self.left_unaccepted += sum(len(records) for records in batches.values())
+            return
         # Once per fetch, not per record: the clock, the tracing mode, the counters.
         now = time.monotonic()
         recording = self.tracing.recording()

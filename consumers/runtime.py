@@ -378,6 +378,8 @@ class StageRuntime(AsyncService):
 
     def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         self.offsets.assign(assigned)
+        if self._fetcher is not None:
+            self._fetcher.on_assigned(assigned)
         log.info("stage %s assigned %s", self.stage.name, sorted(p.partition for p in assigned))
 
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:

@@ -164,6 +164,34 @@ async def test_slow_record_holds_the_commit(settings: Settings) -> None:
         gate.set()
 
 
+async def test_a_record_fetched_while_stopping_is_left_to_the_next_owner(
+    settings: Settings,
+) -> None:
+    """Stop drains what the handler holds and starts nothing new: a record fetched
+    meanwhile is neither handled nor committed; the partition's next owner handles it."""
+    gate = threading.Event()
+    stage = ToyStage(gates={"hold": gate})
+    rt = StageRuntime(stage, settings, RuntimeConfig(**FAST))
+    await rt.start()
+    try:
+        await publish_all(settings, [Ping(id="held", block="hold")], key="one")
+        await eventually(lambda: stage.calls == [["held"]], what="the held record in its handler")
+        stopping = asyncio.create_task(rt.stop())
+        assert rt._fetcher is not None
+        await eventually(lambda: rt._fetcher.stopping, what="stop began")
+        late = await publish_all(settings, [Ping(id="late")], key="one")
+        await eventually(lambda: rt._fetcher.left_unaccepted == 1, what="the late record fetched")
+        gate.set()
+        await asyncio.wait_for(stopping, 30)
+    finally:
+        gate.set()
+        await rt.stop()
+    assert stage.calls == [["held"]]
+    partition, offset = late["late"]
+    committed = await committed_offsets(settings, rt.group_id, settings.topics.prompts, 4)
+    assert committed[partition] == offset, "committed up to the late record, not past it"
+
+
 async def test_handler_spans_join_the_publishers_trace(settings: Settings) -> None:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
