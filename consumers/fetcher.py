@@ -20,8 +20,9 @@ slower, docs/design-notes.md).
 Nothing but records, or room for them, wakes the loop: idle, it waits up to
 :data:`IDLE_POLL_MS` in ``getmany`` while aiokafka long-polls the broker; once the
 runtime stops, what a fetch still returns is not accepted, so no new work starts (the
-partition's next owner fetches it again). Each wake of the event loop costs the handler's thread a turn of
-the GIL; the 100 ms timers this replaced woke a waiting runtime 10 times a second.
+partition's next owner fetches it again). Each wake of the event loop costs the
+handler's thread a turn of the GIL; the 100 ms timers this replaced woke a waiting
+runtime 10 times a second.
 """
 
 from __future__ import annotations
