@@ -9,10 +9,11 @@
 (b) embedding cache: the ``random`` ViT-B (1024 px encoder input) on the CPU: a
     second target on the same image against the first (target >= 50x faster).
 
-Kafka hops: tansu (the embedded broker) answers a fetch only when the
-consumer's ``fetch_max_wait_ms`` runs out, even when a record arrived earlier
-(Kafka itself answers at once), so on tansu each hop costs up to that wait
-(aiokafka's default: 500 ms). The measuring client here uses 5 ms; the worker
+Kafka hops: tansu (the embedded broker) answers a fetch during which a record
+arrives before the consumer's ``fetch_max_wait_ms`` runs out, but not at once (Kafka
+itself answers at once), so on tansu a hop costs more with a longer wait (p50 2.8 ms
+at 25 ms, 23 ms at 100: ``bench/idle_polling.py``; aiokafka's default wait is 500 ms).
+The measuring client here uses 5 ms; the worker
 gets ``--fetch-wait-ms`` where ``RuntimeConfig`` has ``fetch_max_wait_ms``, and
 the JSON says which wait the worker ran with.
 
@@ -172,8 +173,8 @@ async def bench_worker(
         kafka_in: list[float] = []
         kafka_out: list[float] = []
         async with worker, Publisher(settings) as pub:
-            # The measuring client polls with a short fetch wait: tansu answers a fetch
-            # only when fetch_max_wait_ms ends, even if a record arrived (see the doc).
+            # The measuring client polls with a short fetch wait: on tansu a longer one
+            # reads a record later (see the docstring).
             consumer = AIOKafkaConsumer(fetch_max_wait_ms=5, **settings.kafka_kwargs())
             await consumer.start()
             try:
