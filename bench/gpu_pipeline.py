@@ -26,9 +26,11 @@ every 100 ms during each phase (NVML through ``pynvml`` when installed, else
 machine's other load. The asset-ready events' ``timings_ms`` (per-phase times of the
 gen and seg handlers) are summarised as medians.
 
-Not done here: the fast path (``torch.compile`` with heat-map capture, CUDA graphs,
-fused attention projections, a compiled SAM encoder). ``--compile`` only turns on
-``GENSEG_TORCH_COMPILE`` (the UNet, as ``genseg worker`` would), untried with heat maps.
+``--compile`` turns on ``GENSEG_TORCH_COMPILE`` (the UNet, as ``genseg worker`` would):
+the heat-map recorder compiles into the UNet's graph, once per request shape
+(tests/test_gen_compile.py, on the CPU); ``first_request_s`` and ``first_batch_s`` in
+the JSON hold what compiling costs once per worker start. Not done here: CUDA graphs,
+fused attention projections, a compiled SAM encoder; never run on a GPU yet.
 
     python bench/gpu_pipeline.py                       # on a GPU machine
     python bench/gpu_pipeline.py --device cpu --tiny   # tiny models, 64 px: the script works
@@ -359,11 +361,18 @@ async def bench(
         "gpu_sampler": gpu.available,
     }
 
-    # Warm-up of both sides: kernels, allocator, autotuning (and compilation).
+    # Warm-up of both sides: kernels, allocator, autotuning (and compilation: with
+    # --compile the first request compiles the batch-1 shape, the first full batch the
+    # batch shape; their seconds are what a worker start pays once).
     started = time.perf_counter()
     for i in range(args.warmup):
+        first = time.perf_counter()
         direct_one(direct, request(f"warm-d{i}", 10 + i, args), device)
+        if i == 0:
+            out["first_request_s"] = round(time.perf_counter() - first, 1)
+    first = time.perf_counter()
     await asyncio.to_thread(direct.two_threads, requests("warm-b", max_batch, 20, args), max_batch)
+    out["first_batch_s"] = round(time.perf_counter() - first, 1)
     async with pipeline.started() as producer:
         for i in range(args.warmup):
             await pipeline.one(producer, request(f"warm-p{i}", 30 + i, args))
@@ -465,7 +474,9 @@ def main() -> None:
         "--saturation-requests", type=int, default=None, help="default 64 (tiny: 8)"
     )
     parser.add_argument("--warmup", type=int, default=2, help="requests per side first")
-    parser.add_argument("--compile", action="store_true", help="GENSEG_TORCH_COMPILE (untried)")
+    parser.add_argument(
+        "--compile", action="store_true", help="GENSEG_TORCH_COMPILE (untried on a GPU)"
+    )
     parser.add_argument("--timeout", type=float, default=900.0)
     args = parser.parse_args()
     tiny = args.tiny

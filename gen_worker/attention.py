@@ -39,8 +39,21 @@ class HeatmapAccumulator:
         self.counts: torch.Tensor | None = None
         self.cfg = True
         self.latent_hw = (0, 0)
-        #: The samples whose rows the current UNet call holds (see :func:`batch_invariant_unet`).
-        self.samples: list[int] = []
+        self.samples = []
+
+    @property
+    def samples(self) -> list[int]:
+        """The samples whose rows the current UNet call holds (see :func:`batch_invariant_unet`)."""
+        return self._samples
+
+    @samples.setter
+    def samples(self, samples: list[int]) -> None:
+        self._samples = samples
+        # Made here, outside a compiled UNet: inside, a tensor built from the list would
+        # be a constant of the graph, and each sample (one per call when batch-invariant)
+        # would compile a graph of its own.
+        device = self.sums.device if self.sums is not None else None
+        self._index = torch.tensor(samples, dtype=torch.long, device=device)
 
     def start(self, batch: int, tokens: int, out_hw: tuple[int, int], device: torch.device) -> None:
         self.sums = torch.zeros(batch, tokens, *out_hw, dtype=torch.float32, device=device)
@@ -89,9 +102,8 @@ class HeatmapAccumulator:
             maps = F.interpolate(
                 maps, size=self.sums.shape[-2:], mode="bilinear", align_corners=False
             )
-        index = torch.tensor(self.samples, device=self.sums.device)
-        self.sums.index_add_(0, index, maps.to(self.sums.device))
-        self.counts.index_add_(0, index, torch.ones(n, device=self.counts.device))
+        self.sums.index_add_(0, self._index, maps.to(self.sums.device))
+        self.counts.index_add_(0, self._index, torch.ones(n, device=self.counts.device))
 
 
 class CrossAttentionRecorder:
@@ -214,6 +226,9 @@ def batch_invariant_unet(
     if not enabled:
         yield
         return
+    # A compiled UNet (torch.compile's OptimizedModule) has its compiled forward as an
+    # instance attribute: put it back on exit, rather than deleting ours.
+    own_forward = "forward" in vars(unet)
     original = unet.forward
 
     def forward(
@@ -248,11 +263,14 @@ def batch_invariant_unet(
             return UNet2DConditionOutput(sample=result)
         return (result,)
 
-    unet.forward = forward  # instance attribute, removed on exit
+    unet.forward = forward  # instance attribute, undone on exit
     try:
         yield
     finally:
-        del unet.forward
+        if own_forward:
+            unet.forward = original
+        else:
+            del unet.forward
 
 
 def _rows(kw: dict[str, Any], index: list[int], rows: int) -> dict[str, Any]:

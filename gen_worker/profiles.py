@@ -265,8 +265,7 @@ class GenModels:
             if self.options.xformers:
                 enable_xformers(pipe)
             if self.options.compile:
-                # The heat-map processor keeps Python-side state: compile without fullgraph.
-                pipe.unet = torch.compile(pipe.unet)
+                pipe.unet = compile_unet(pipe.unet)
         return pipe
 
     @classmethod
@@ -297,6 +296,22 @@ class GenModels:
         return models(pipes, models(pipes.scene) if pipes.scene is not None else None)
 
 
+def compile_unet(
+    unet: torch.nn.Module, backend: str | Callable[..., Any] = "inductor", fullgraph: bool = False
+) -> Any:
+    """``torch.compile`` the UNet, its heat-map recorder included.
+
+    The recorder (:mod:`gen_worker.attention`) traces into the UNet's graph: what it
+    keeps between layers are tensors it adds to in place, and what dynamo guards on
+    (whether it records, the batch's samples, the latent size) holds for a whole
+    request, so a request shape compiles once, on its first batch, and every step after
+    reuses the graph (tests/test_gen_compile.py, with ``fullgraph``). Not ``fullgraph``
+    here: a graph break that another diffusers release brings should cost speed, not
+    requests. ``backend``: tests use one that skips code generation.
+    """
+    return torch.compile(unet, backend=backend, fullgraph=fullgraph)
+
+
 def enable_xformers(pipe: Any) -> bool:
     """Use xFormers attention when it is installed; False (and SDPA stays) otherwise."""
     try:
@@ -322,6 +337,7 @@ __all__ = [
     "build_random_components",
     "build_random_pipeline",
     "build_tiny_pipeline",
+    "compile_unet",
     "gen_profile",
     "known_profiles",
     "load_pretrained",

@@ -1,0 +1,84 @@
+"""``torch.compile`` and the heat-map recorder, on the CPU with a backend that runs the
+captured graph as it is (no code generation): what is compiled, and how often."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from gen_worker.generate import BatchSpec, Generator, Sample, SampleResult
+from gen_worker.profiles import GenModels, RuntimeOptions, compile_unet
+from plumbing.settings import Settings
+
+SPEC = BatchSpec(
+    mode="txt2img", width=64, height=64, steps=3, guidance_scale=7.5, sampler="dpmpp_2m"
+)
+SAMPLES = [
+    Sample("a coffee cup on a wooden table", 3, None, ("cup",)),
+    Sample("a red cup and a plate", 4, None, ("cup", "plate")),
+]
+
+
+class CountingBackend:
+    """A dynamo backend that counts the graphs it is given and runs each unchanged."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        self.graphs += 1
+        return gm.forward
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo() -> Iterator[None]:
+    torch._dynamo.reset()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(2, threads))
+    yield
+    torch._dynamo.reset()
+    torch.set_num_threads(threads)
+
+
+def generator(batch_invariant: bool) -> Generator:
+    options = RuntimeOptions(device="cpu", batch_invariant=batch_invariant)
+    return Generator(GenModels.from_settings(Settings(models="tiny"), options))
+
+
+def assert_same(eager: list[SampleResult], compiled: list[SampleResult]) -> None:
+    for a, b in zip(eager, compiled, strict=True):
+        assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+        assert a.heatmaps.keys() == b.heatmaps.keys() and a.heatmaps
+        for target in a.heatmaps:
+            np.testing.assert_allclose(a.heatmaps[target], b.heatmaps[target], atol=1e-6)
+
+
+def test_the_recorder_compiles_into_the_unets_graph_once_per_request_shape() -> None:
+    gen = generator(batch_invariant=False)
+    eager = gen.generate(SPEC, SAMPLES)
+    backend = CountingBackend()
+    pipe = gen.models.txt2img
+    # As GenModels does on CUDA, but whole-graph: a graph break would raise here.
+    pipe.unet = compile_unet(pipe.unet, backend=backend, fullgraph=True)
+    compiled = gen.generate(SPEC, SAMPLES)
+    assert_same(eager, compiled)
+    assert backend.graphs == 1, "one graph for every step of the request, recording included"
+    assert_same(eager, gen.generate(SPEC, SAMPLES))
+    assert backend.graphs == 1, "the same request shape again compiles nothing"
+
+
+def test_a_compiled_unet_runs_per_sample_and_stays_compiled() -> None:
+    """The CPU's batch-invariant evaluation wraps the compiled forward for a request,
+    and gives it back afterwards (it used to delete it: the next call failed)."""
+    gen = generator(batch_invariant=True)
+    eager = gen.generate(SPEC, SAMPLES)
+    backend = CountingBackend()
+    pipe = gen.models.txt2img
+    pipe.unet = compile_unet(pipe.unet, backend=backend, fullgraph=True)
+    assert_same(eager, gen.generate(SPEC, SAMPLES))
+    assert_same(eager, gen.generate(SPEC, SAMPLES))
+    assert backend.graphs == 1, "one sample's shape, compiled once"
