@@ -26,11 +26,12 @@ every 100 ms during each phase (NVML through ``pynvml`` when installed, else
 machine's other load. The asset-ready events' ``timings_ms`` (per-phase times of the
 gen and seg handlers) are summarised as medians.
 
-``--compile`` turns on ``GENSEG_TORCH_COMPILE`` (the UNet, as ``genseg worker`` would):
-the heat-map recorder compiles into the UNet's graph, once per request shape
-(tests/test_gen_compile.py, on the CPU); ``first_request_s`` and ``first_batch_s`` in
-the JSON hold what compiling costs once per worker start. Not done here: CUDA graphs,
-fused attention projections, a compiled SAM encoder; never run on a GPU yet.
+``--compile`` turns on ``GENSEG_TORCH_COMPILE`` as ``genseg worker`` would: the UNet
+with its heat-map recorder inside the graph (once per request shape) and SAM's image
+encoder (once per batch size), checked on the CPU by tests/test_compile.py;
+``first_request_s`` and ``first_batch_s`` in the JSON hold what compiling costs once
+per worker start. Not done here: CUDA graphs, fused attention projections; never run
+on a GPU yet.
 
     python bench/gpu_pipeline.py                       # on a GPU machine
     python bench/gpu_pipeline.py --device cpu --tiny   # tiny models, 64 px: the script works

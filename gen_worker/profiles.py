@@ -305,7 +305,7 @@ def compile_unet(
     keeps between layers are tensors it adds to in place, and what dynamo guards on
     (whether it records, the batch's samples, the latent size) holds for a whole
     request, so a request shape compiles once, on its first batch, and every step after
-    reuses the graph (tests/test_gen_compile.py, with ``fullgraph``). Not ``fullgraph``
+    reuses the graph (tests/test_compile.py, with ``fullgraph``). Not ``fullgraph``
     here: a graph break that another diffusers release brings should cost speed, not
     requests. ``backend``: tests use one that skips code generation.
     """

@@ -22,7 +22,13 @@ from pathlib import Path
 from plumbing.settings import Settings
 from seg_worker.backend import BACKENDS, SegBackend, check_backend
 from seg_worker.config import SegConfig
-from seg_worker.profiles import BUILTIN_PROFILES, load_sam, resolve_device, seg_profile
+from seg_worker.profiles import (
+    BUILTIN_PROFILES,
+    compile_image_encoder,
+    load_sam,
+    resolve_device,
+    seg_profile,
+)
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +113,8 @@ def _load_sam(settings: Settings, config: SegConfig) -> Loaded:
     model = load_sam(
         profile, arch, checkpoint=settings.sam_checkpoint, device=settings.device, seed=config.seed
     )
+    if settings.torch_compile and resolve_device(settings.device).type == "cuda":
+        compile_image_encoder(model)
     spec = seg_profile(profile)
     weights = profile
     if spec.weights == "checkpoint":

@@ -1,5 +1,6 @@
-"""``torch.compile`` and the heat-map recorder, on the CPU with a backend that runs the
-captured graph as it is (no code generation): what is compiled, and how often."""
+"""``torch.compile`` of the UNet (heat-map recorder included) and of SAM's image encoder,
+on the CPU with a backend that runs each captured graph as it is (no code generation):
+what is compiled, how often, and that it computes what the eager modules compute."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import torch
 from gen_worker.generate import BatchSpec, Generator, Sample, SampleResult
 from gen_worker.profiles import GenModels, RuntimeOptions, compile_unet
 from plumbing.settings import Settings
+from seg_worker.predictor import CachedPredictor
+from seg_worker.profiles import compile_image_encoder, load_sam
 
 SPEC = BatchSpec(
     mode="txt2img", width=64, height=64, steps=3, guidance_scale=7.5, sampler="dpmpp_2m"
@@ -82,3 +85,25 @@ def test_a_compiled_unet_runs_per_sample_and_stays_compiled() -> None:
     assert_same(eager, gen.generate(SPEC, SAMPLES))
     assert_same(eager, gen.generate(SPEC, SAMPLES))
     assert backend.graphs == 1, "one sample's shape, compiled once"
+
+
+def test_sams_image_encoder_compiles_once_per_batch_size() -> None:
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (64, 80, 3), dtype=np.uint8) for _ in range(5)]
+    eager = CachedPredictor(load_sam("tiny", "tiny"))
+    model = load_sam("tiny", "tiny")  # the same seeded weights
+    backend = CountingBackend()
+    compile_image_encoder(model, backend=backend, fullgraph=True)
+    compiled = CachedPredictor(model)
+    pair = [((f"b{i}", 1.0, None), image) for i, image in enumerate(images[:2])]
+    batched = zip(
+        eager.embed_many(pair, batch_size=2), compiled.embed_many(pair, batch_size=2), strict=True
+    )
+    for a, b in batched:
+        torch.testing.assert_close(a.features, b.features)
+    assert backend.graphs == 1
+    for i, image in enumerate(images):
+        a = eager.embed((f"x{i}", 1.0, None), image)
+        b = compiled.embed((f"x{i}", 1.0, None), image)
+        torch.testing.assert_close(a.features, b.features)
+    assert backend.graphs == 2, "batches of 2 and of 1: one graph each"
