@@ -13,9 +13,9 @@ Kafka hops: tansu (the embedded broker) answers a fetch during which a record
 arrives before the consumer's ``fetch_max_wait_ms`` runs out, but not at once (Kafka
 itself answers at once), so on tansu a hop costs more with a longer wait (p50 2.8 ms
 at 25 ms, 23 ms at 100: ``bench/idle_polling.py``; aiokafka's default wait is 500 ms).
-The measuring client here uses 5 ms; the worker
-gets ``--fetch-wait-ms`` where ``RuntimeConfig`` has ``fetch_max_wait_ms``, and
-the JSON says which wait the worker ran with.
+The measuring client here uses 5 ms; the worker waits what ``genseg worker`` waits
+(``KAFKA_FETCH_MAX_WAIT_MS``, 25 ms by default) unless ``--fetch-wait-ms`` says
+otherwise, and the JSON says which wait it ran with.
 
 Usage: ``python bench/seg.py [--images 40] [--cache-repeats 2] [--skip-cache]``.
 The last line printed is one JSON object ``{"bench": "seg", ...}``.
@@ -289,8 +289,9 @@ def main() -> None:
     parser.add_argument(
         "--fetch-wait-ms",
         type=int,
-        default=10,
-        help="RuntimeConfig.fetch_max_wait_ms for the worker, where the runtime has it",
+        default=None,
+        help="the worker's RuntimeConfig.fetch_max_wait_ms (default: KAFKA_FETCH_MAX_WAIT_MS, "
+        "as genseg worker runs)",
     )
     parser.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1))
     args = parser.parse_args()
