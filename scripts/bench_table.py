@@ -136,13 +136,19 @@ def pipeline(r: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def _fetch_wait(worker: dict[str, Any]) -> str:
+    """ ", its fetch wait N ms" when the JSON says which wait the worker ran with."""
+    wait = worker.get("runtime_fetch_max_wait_ms")
+    return f", its fetch wait {wait} ms" if wait is not None else ""
+
+
 def seg(r: dict[str, Any]) -> list[Row]:
     rows = []
     if w := r.get("worker"):
         rows.append(
             Row(
                 f"latency the seg worker adds ({w['image_px']}, {w['targets_per_image']} "
-                f"targets, {w['images']} images), p50 (p95)",
+                f"targets, {w['images']} images{_fetch_wait(w)}), p50 (p95)",
                 "bench/seg.py",
                 f"{w['added_ms']['p50']} ms ({w['added_ms']['p95']} ms)",
                 f"p50 <= {w.get('target_added_p50_ms', 25)} ms",
