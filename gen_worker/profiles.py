@@ -303,7 +303,7 @@ def compile_unet(
 
     The recorder (:mod:`gen_worker.attention`) traces into the UNet's graph: what it
     keeps between layers are tensors it adds to in place, and what dynamo guards on
-    (whether it records, the batch's samples, the latent size) holds for a whole
+    (whether it records, how many samples, the latent size) holds for a whole
     request, so a request shape compiles once, on its first batch, and every step after
     reuses the graph (tests/test_compile.py, with ``fullgraph``). Not ``fullgraph``
     here: a graph break that another diffusers release brings should cost speed, not

@@ -137,7 +137,7 @@ def pipeline(r: dict[str, Any]) -> list[Row]:
 
 
 def _fetch_wait(worker: dict[str, Any]) -> str:
-    """ ", its fetch wait N ms" when the JSON says which wait the worker ran with."""
+    """The row's note of the fetch wait the worker ran with, when the JSON names it."""
     wait = worker.get("runtime_fetch_max_wait_ms")
     return f", its fetch wait {wait} ms" if wait is not None else ""
 
