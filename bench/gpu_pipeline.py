@@ -30,8 +30,8 @@ gen and seg handlers) are summarised as medians.
 with its heat-map recorder inside the graph (once per request shape) and SAM's image
 encoder (once per batch size), checked on the CPU by tests/test_compile.py;
 ``first_request_s`` and ``first_batch_s`` in the JSON hold what compiling costs once
-per worker start. Not done here: CUDA graphs, fused attention projections; never run
-on a GPU yet.
+per worker start; it also fuses the UNet's attention projections. Not done here: CUDA
+graphs; never run on a GPU yet.
 
     python bench/gpu_pipeline.py                       # on a GPU machine
     python bench/gpu_pipeline.py --device cpu --tiny   # tiny models, 64 px: the script works

@@ -125,7 +125,9 @@ class CrossAttentionRecorder:
         # Copied from diffusers.models.attention_processor.AttnProcessor2_0.__call__
         # (diffusers 0.42.1), so outputs match the default processor. Changes: the
         # deprecated ``scale`` argument check is dropped, local names are shorter, and the
-        # recording hook (``_record``, marked below) is added. Re-check on a diffusers upgrade.
+        # recording hook (``_record``, marked below) is added, and the key and value of
+        # fused projections are taken as FusedAttnProcessor2_0 takes them (marked below).
+        # Re-check on a diffusers upgrade.
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -147,8 +149,12 @@ class CrossAttentionRecorder:
             encoder_hidden_states = hidden_states
         elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
+        if is_cross and attn.fused_projections:  # Not in AttnProcessor2_0: fused (k, v).
+            kv = attn.to_kv(encoder_hidden_states)
+            key, value = torch.split(kv, kv.shape[-1] // 2, dim=-1)
+        else:
+            key = attn.to_k(encoder_hidden_states)
+            value = attn.to_v(encoder_hidden_states)
         head_dim = key.shape[-1] // attn.heads
         query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
         key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)

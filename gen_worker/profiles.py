@@ -79,17 +79,27 @@ class RuntimeOptions:
     batch_invariant: bool | None = None
     #: ``SD_MODEL_CONFIG``: a diffusers config (directory or id) for single-file checkpoints.
     single_file_config: str | None = None
+    #: Fuse the UNet's attention projections (:func:`fuse_projections`; CUDA only).
+    fuse_projections: bool = False
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RuntimeOptions:
         """Options from ``GENSEG_DEVICE``, ``GENSEG_XFORMERS``, ``GENSEG_TORCH_COMPILE``,
-        ``GENSEG_BATCH_INVARIANT`` and ``SD_MODEL_CONFIG`` (see :class:`Settings`)."""
+        ``GENSEG_BATCH_INVARIANT`` and ``SD_MODEL_CONFIG`` (see :class:`Settings`).
+
+        ``GENSEG_TORCH_COMPILE`` (the fast path) also fuses the attention projections,
+        unless xFormers is on (its processors would be replaced) or the worker takes
+        LoRA adapters (``GENSEG_LORA_DIR``: they patch the unfused projections, which a
+        fused UNet no longer calls)."""
         return cls(
             device=settings.device,
             batch_invariant=settings.batch_invariant,
             xformers=settings.xformers,
             compile=settings.torch_compile,
             single_file_config=settings.sd_model_config,
+            fuse_projections=settings.torch_compile
+            and not settings.xformers
+            and settings.lora_dir is None,
         )
 
     def torch_device(self) -> torch.device:
@@ -264,6 +274,8 @@ class GenModels:
                 pipe.vae.to(memory_format=torch.channels_last)
             if self.options.xformers:
                 enable_xformers(pipe)
+            if self.options.fuse_projections:
+                fuse_projections(pipe)
             if self.options.compile:
                 pipe.unet = compile_unet(pipe.unet)
         return pipe
@@ -294,6 +306,16 @@ class GenModels:
             )
 
         return models(pipes, models(pipes.scene) if pipes.scene is not None else None)
+
+
+def fuse_projections(pipe: Any) -> None:
+    """Fuse the UNet's attention projections: one matrix product for the query, key and
+    value of self-attention, one for the key and value of cross-attention, where there
+    were three and two (diffusers' ``fuse_qkv_projections``, which puts its fused
+    processor everywhere). Call it before the heat-map recorder goes on the
+    cross-attention layers (:class:`gen_worker.generate.Generator` installs it on first
+    use); the recorder computes with the fused key-value projection too."""
+    pipe.unet.fuse_qkv_projections()
 
 
 def compile_unet(
@@ -338,6 +360,7 @@ __all__ = [
     "build_random_pipeline",
     "build_tiny_pipeline",
     "compile_unet",
+    "fuse_projections",
     "gen_profile",
     "known_profiles",
     "load_pretrained",

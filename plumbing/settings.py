@@ -93,7 +93,8 @@ class Settings(BaseSettings):
     device: str = Field(default="auto", validation_alias="GENSEG_DEVICE")
     #: xFormers memory-efficient attention on CUDA (needs the ``gpu`` extra); else SDPA.
     xformers: bool = Field(default=False, validation_alias="GENSEG_XFORMERS")
-    #: ``torch.compile`` the UNet and SAM's image encoder on CUDA (slow first batches).
+    #: CUDA's fast path: fuse the UNet's attention projections, ``torch.compile`` it and
+    #: SAM's image encoder (slow first batches).
     torch_compile: bool = Field(default=False, validation_alias="GENSEG_TORCH_COMPILE")
     #: Byte-identical images alone or batched; None: on for CPU, off for CUDA.
     batch_invariant: bool | None = Field(default=None, validation_alias="GENSEG_BATCH_INVARIANT")
