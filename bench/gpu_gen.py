@@ -3,12 +3,18 @@
 Defaults: the ``random`` profile (SD 1.5 architectures, random weights: the compute
 of the real model, no download) at 512x512, 25 steps, batches of 1, 4 and 8, fp16
 on CUDA, with one target per prompt (heat-map recording on, as in production).
-Reports seconds per image, images per second and peak GPU memory per batch size;
-the last line is one JSON object ``{"bench": "gpu_gen", ...}``.
+Reports, per batch size, seconds per image and images per second as the median of
+``--repeats`` timed calls (their spread and the best beside it), the warm-up call's
+seconds (with ``--compile``: what compiling costs a worker start) and peak GPU memory;
+the last line is one JSON object ``{"bench": "gpu_gen", ...}``. The models run with the
+options ``genseg worker`` derives from its settings (``RuntimeOptions.from_settings``):
+``--compile`` is ``GENSEG_TORCH_COMPILE``, which also fuses the attention projections
+unless ``--xformers`` is on.
 
     python bench/gpu_gen.py                                   # on a GPU machine
     python bench/gpu_gen.py --device cpu --profile tiny --size 64 --steps 4   # smoke run
-    python bench/gpu_gen.py --xformers --compile              # the optional speed-ups
+    python bench/gpu_gen.py --compile                         # the fast path
+    python bench/gpu_gen.py --xformers                        # xFormers attention
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.machine import spread
 from gen_worker.generate import BatchSpec, Generator, Sample
 from gen_worker.profiles import GenModels, RuntimeOptions
 from plumbing.settings import Settings
@@ -57,7 +64,7 @@ def synchronize(device: torch.device) -> None:
 def bench_batch(
     generator: Generator, spec: BatchSpec, batch: int, repeats: int, targets: bool
 ) -> dict[str, Any]:
-    """Time ``repeats`` calls of ``batch`` samples after one warm-up call."""
+    """Time ``repeats`` calls of ``batch`` samples after one warm-up call (timed apart)."""
     device = generator.models.device
     samples = [
         Sample(
@@ -67,7 +74,11 @@ def bench_batch(
         )
         for i in range(batch)
     ]
+    synchronize(device)
+    started = time.perf_counter()
     generator.generate(spec, samples)  # warm-up: kernels, allocator, compile
+    synchronize(device)
+    warmup_s = time.perf_counter() - started
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
@@ -77,13 +88,14 @@ def bench_batch(
         generator.generate(spec, samples)
         synchronize(device)
         times.append(time.perf_counter() - started)
-    best = min(times)
+    per_batch = spread(times, 4)
     row: dict[str, Any] = {
         "batch": batch,
-        "s_per_image": round(best / batch, 4),
-        "images_per_s": round(batch / best, 3),
-        "s_per_batch": round(best, 4),
-        "runs_s": [round(t, 4) for t in times],
+        "s_per_image": round(per_batch["median"] / batch, 4),
+        "images_per_s": round(batch / per_batch["median"], 3),
+        "s_per_batch": per_batch,
+        "best_s_per_image": round(per_batch["min"] / batch, 4),
+        "warmup_s": round(warmup_s, 2),
     }
     if device.type == "cuda":
         row["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
@@ -98,10 +110,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--batches", default="1,4,8", help="comma-separated batch sizes")
     parser.add_argument("--sampler", default="dpmpp_2m")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per batch size")
     parser.add_argument("--no-targets", action="store_true", help="no heat-map recording")
     parser.add_argument("--xformers", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="GENSEG_TORCH_COMPILE: torch.compile the UNet (and fuse its projections)",
+    )
     parser.add_argument(
         "--batch-invariant",
         action="store_true",
@@ -112,14 +128,16 @@ def main() -> None:
     for noisy in ("diffusers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
-    options = RuntimeOptions(
+    settings = Settings(
+        models=args.profile,
         device=args.device,
         xformers=args.xformers,
-        compile=args.compile,
+        torch_compile=args.compile,
         batch_invariant=True if args.batch_invariant else None,
     )
+    options = RuntimeOptions.from_settings(settings)
     started = time.perf_counter()
-    models = GenModels.from_settings(Settings(models=args.profile), options)
+    models = GenModels.from_settings(settings, options)
     load_s = time.perf_counter() - started
     generator = Generator(models)
     print("machine:", json.dumps(machine(models.device)))
@@ -141,8 +159,8 @@ def main() -> None:
         rows.append(row)
         mem = f", peak {row['peak_gpu_mem_gib']} GiB" if "peak_gpu_mem_gib" in row else ""
         print(
-            f"batch {batch}: {row['s_per_image']:.4f} s/image, "
-            f"{row['images_per_s']:.3f} images/s{mem}"
+            f"batch {batch}: {row['s_per_image']:.4f} s/image (median of {args.repeats}), "
+            f"{row['images_per_s']:.3f} images/s, warm-up {row['warmup_s']:.1f} s{mem}"
         )
     result = {
         "bench": "gpu_gen",
@@ -156,6 +174,8 @@ def main() -> None:
         "targets": not args.no_targets,
         "xformers": args.xformers,
         "compile": args.compile,
+        # Fusion and compile apply on CUDA only (GenModels._prepare).
+        "fused_projections": options.fuse_projections and models.device.type == "cuda",
         "batch_invariant": generator.batch_invariant,
         "load_s": round(load_s, 2),
         "results": rows,
