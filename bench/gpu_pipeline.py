@@ -5,9 +5,9 @@ One process holds the embedded tansu broker's client, a gen and a seg
 (the broker is a process of its own), and the direct code; both sides share the same
 loaded models on one device. ``random`` profiles by default: SD 1.5 architecture with
 seeded random weights, fp16 on CUDA, 512x512, 25 steps, DPM++ 2M, one target per prompt
-(cross-attention heat maps on); SAM ViT-H with random weights, its weights in bf16 and
-its handler under bf16 autocast (``--sam-dtype``; the seg worker itself has no dtype
-setting yet, so this is the bench's). Phases, each measured side by side:
+(cross-attention heat maps on); SAM ViT-H with random weights at the seg worker's
+default precision (``GENSEG_SEG_DTYPE=auto``: bf16 autocast on CUDA; ``--sam-dtype``
+sets another). Phases, each measured side by side:
 
 - **latency**: ``--latency-requests`` requests one at a time. Pipeline: seconds from
   the client's publish until it reads the request's asset-ready event (p50, p95).
@@ -74,14 +74,13 @@ from bench.pipeline import (
     wait_assigned,
 )
 from consumers.runtime import StageRuntime
-from consumers.stage import ItemResult, StageContext
 from gen_worker.generate import Generator
 from gen_worker.handler import GenStage
 from gen_worker.profiles import GenModels
 from genseg.workers import running, runtime_config
 from plumbing.kafka import ensure_topics
 from plumbing.settings import Settings
-from schemas import ImageReadyEvent, PromptEvent
+from schemas import PromptEvent
 from seg_worker import SegStage
 
 log = logging.getLogger("bench.gpu_pipeline")
@@ -163,52 +162,19 @@ class GpuSampler:
 # --- the models ---------------------------------------------------------------------------
 
 
-def sam_autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
-    """bf16 autocast for SAM on ``device`` (a null context for fp32)."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-class LowPrecisionSegStage(SegStage):
-    """The seg stage with its handler under autocast (the bench's ``--sam-dtype``)."""
-
-    autocast_device: torch.device = torch.device("cpu")
-    autocast_dtype: torch.dtype | None = None
-
-    def handle(self, events: list[ImageReadyEvent], ctx: StageContext) -> list[ItemResult]:
-        with sam_autocast(self.autocast_device, self.autocast_dtype):
-            return super().handle(events, ctx)
-
-
-class GpuDirect(Direct):
-    """``bench/pipeline.py``'s direct code with SAM under the same autocast."""
-
-    def segment(self, event: PromptEvent, result: Any) -> int:
-        seg = self.seg
-        assert isinstance(seg, LowPrecisionSegStage)
-        with sam_autocast(seg.autocast_device, seg.autocast_dtype):
-            return super().segment(event, result)
-
-
-def load_models(settings: Settings, sam_dtype: str) -> tuple[GpuDirect, torch.device]:
+def load_models(settings: Settings) -> tuple[Direct, torch.device]:
+    """The generator and the seg stage as ``genseg worker`` builds them from ``settings``
+    (SAM's precision included: ``GENSEG_SEG_DTYPE``), shared by both sides."""
     generator = Generator(GenModels.from_settings(settings))
-    device = generator.models.device
-    seg = LowPrecisionSegStage(settings)
+    seg = SegStage(settings)
     seg.setup()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(sam_dtype)
-    if dtype is not None:
-        model = getattr(seg.predictor, "model", None)
-        if model is None:
-            raise SystemExit(
-                f"--sam-dtype {sam_dtype}: the {settings.models} segmenter has no model"
-            )
-        model.to(dtype=dtype)
-        # SAM's prompt encoder casts point coordinates to fp32 itself: it stays fp32
-        # (it is tiny); autocast casts what meets the decoder.
-        model.prompt_encoder.float()
-        seg.autocast_device, seg.autocast_dtype = device, dtype
-    return GpuDirect(generator, seg), device
+    return Direct(generator, seg), generator.models.device
+
+
+def sam_dtype_name(seg: SegStage) -> str:
+    """The precision SAM runs in (``fp32`` for a backend without autocast)."""
+    dtype = getattr(seg.predictor, "dtype", None)
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
 
 
 def sync(device: torch.device) -> None:
@@ -275,7 +241,7 @@ def measured(roles: dict[str, list[int]], gpu: GpuSampler) -> Iterator[dict[str,
 class PipelineSide:
     """The gen and seg runtimes and the client, started for a phase and stopped after."""
 
-    def __init__(self, settings: Settings, direct: GpuDirect, timeout: float) -> None:
+    def __init__(self, settings: Settings, direct: Direct, timeout: float) -> None:
         self.settings, self.direct, self.timeout = settings, direct, timeout
 
     def runtimes(self) -> list[StageRuntime]:
@@ -313,7 +279,7 @@ class PipelineSide:
             return outcomes.read_at - started, list(outcomes.values)
 
 
-def direct_one(direct: GpuDirect, event: PromptEvent, device: torch.device) -> float:
+def direct_one(direct: Direct, event: PromptEvent, device: torch.device) -> float:
     started = time.perf_counter()
     [(_, result)] = direct.generate([event])
     direct.segment(event, result)
@@ -334,10 +300,11 @@ async def bench(
         models="tiny" if args.tiny else args.profile,
         device=args.device,
         torch_compile=args.compile,
+        seg_dtype=args.sam_dtype,
     )
     await ensure_topics(settings, partitions=PARTITIONS)
     started = time.perf_counter()
-    direct, device = load_models(settings, args.sam_dtype)
+    direct, device = load_models(settings)
     load_s = time.perf_counter() - started
     log.info("models loaded on %s in %.1f s", device, load_s)
     pipeline = PipelineSide(settings, direct, args.timeout)
@@ -354,7 +321,7 @@ async def bench(
         "size": args.size,
         "steps": args.steps,
         "sampler": args.sampler,
-        "sam_dtype": args.sam_dtype,
+        "sam_dtype": sam_dtype_name(direct.seg),
         "gen_dtype": str(direct.generator.models.dtype).removeprefix("torch."),
         "torch_compile": args.compile,
         "gen_max_batch": max_batch,
@@ -466,9 +433,9 @@ def main() -> None:
     parser.add_argument("--sampler", default="dpmpp_2m")
     parser.add_argument(
         "--sam-dtype",
-        choices=["bf16", "fp16", "fp32"],
-        default=None,
-        help="SAM's weights and autocast (default: bf16 on CUDA, fp32 on the CPU)",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        default="auto",
+        help="GENSEG_SEG_DTYPE (default auto: bf16 on CUDA, fp32 on the CPU)",
     )
     parser.add_argument("--latency-requests", type=int, default=None, help="default 10 (tiny: 3)")
     parser.add_argument(
@@ -487,9 +454,6 @@ def main() -> None:
     args.saturation_requests = args.saturation_requests or (8 if tiny else 64)
     if tiny:
         args.warmup = min(args.warmup, 1)
-    if args.sam_dtype is None:
-        cuda = args.device != "cpu" and torch.cuda.is_available()
-        args.sam_dtype = "bf16" if cuda else "fp32"
     quiet_logs()
 
     info = machine(args.device)

@@ -89,6 +89,11 @@ class Settings(BaseSettings):
         default="vit_h", validation_alias="SAM_MODEL"
     )
     sam_checkpoint: str | None = Field(default=None, validation_alias="SAM_CHECKPOINT")
+    #: The precision segment-anything runs in (autocast over fp32 weights): ``auto`` is
+    #: bf16 on CUDA (fp16 where the GPU lacks bf16) and fp32 on the CPU.
+    seg_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto", validation_alias="GENSEG_SEG_DTYPE"
+    )
     #: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:1``...
     device: str = Field(default="auto", validation_alias="GENSEG_DEVICE")
     #: xFormers memory-efficient attention on CUDA (needs the ``gpu`` extra); else SDPA.

@@ -24,6 +24,7 @@ from seg_worker.backend import BACKENDS, SegBackend, check_backend
 from seg_worker.config import SegConfig
 from seg_worker.profiles import (
     BUILTIN_PROFILES,
+    autocast_dtype,
     compile_image_encoder,
     load_sam,
     resolve_device,
@@ -73,6 +74,14 @@ def load_backend(settings: Settings, config: SegConfig) -> Loaded:
     check_profile(name, profile)
     if name == "sam":
         return _load_sam(settings, config)
+    seg_dtype = getattr(settings, "seg_dtype", "auto")
+    if seg_dtype not in ("auto", "fp32"):
+        # The transformers backends run fp32 for now; a half-precision request they
+        # would silently not honour is a configuration error.
+        raise ValueError(
+            f"GENSEG_SEG_DTYPE={seg_dtype} applies to GENSEG_SEGMENTER=sam only "
+            f"({name} runs fp32): unset it or set it to auto or fp32"
+        )
     device = resolve_device(settings.device)
     if name == "sam2":
         from seg_worker.hf_sam2 import Sam2Backend, build_sam2, load_sam2
@@ -113,14 +122,16 @@ def _load_sam(settings: Settings, config: SegConfig) -> Loaded:
     model = load_sam(
         profile, arch, checkpoint=settings.sam_checkpoint, device=settings.device, seed=config.seed
     )
-    if settings.torch_compile and resolve_device(settings.device).type == "cuda":
+    device = resolve_device(settings.device)
+    if settings.torch_compile and device.type == "cuda":
         compile_image_encoder(model)
+    dtype = autocast_dtype(getattr(settings, "seg_dtype", "auto"), device)
     spec = seg_profile(profile)
     weights = profile
     if spec.weights == "checkpoint":
         weights = checkpoint_name(settings.sam_checkpoint or spec.default_checkpoint or profile)
     arch_name = profile_arch(profile, arch)
-    predictor = CachedPredictor(model, cache_bytes=config.cache_bytes)
+    predictor = CachedPredictor(model, cache_bytes=config.cache_bytes, dtype=dtype)
     return Loaded(
         predictor, f"sam:{arch_name}:{weights}", model.image_encoder.img_size, f"SAM {arch_name}"
     )

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,15 +34,30 @@ class CachedPredictor(CachedEncoder, SamPredictor):
     ``encoder_images`` counts images run through the encoder, ``encoder_batches``
     the encoder forward passes. One lock serialises model use: the predictor
     holds per-image state (``features``), so concurrent callers would race.
+
+    ``dtype`` (``GENSEG_SEG_DTYPE``; None: fp32): the encoder and decoder passes run
+    under ``torch.autocast`` to it over the fp32 weights, as SAM 2's own predictor
+    runs bf16. Autocast keeps its reductions (softmax, norms) in fp32, which casting
+    the weights would not. What leaves the passes is fp32: the embeddings (the
+    encoder's last norm scales by fp32 weights), logits and IoUs.
     """
 
     name = "sam"
     modes = MODES["sam"]
 
-    def __init__(self, model: Sam, *, cache_bytes: int = 256 * 2**20) -> None:
+    def __init__(
+        self, model: Sam, *, cache_bytes: int = 256 * 2**20, dtype: torch.dtype | None = None
+    ) -> None:
         SamPredictor.__init__(self, model)
         self._init_cache(cache_bytes)
         self._bound: Embedding | None = None
+        self.dtype = dtype
+
+    def _precision(self) -> AbstractContextManager[object]:
+        """Autocast to :attr:`dtype` on the model's device (nothing for fp32)."""
+        if self.dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
     @property
     def mask_threshold(self) -> float:
@@ -58,7 +74,8 @@ class CachedPredictor(CachedEncoder, SamPredictor):
             tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()
             inputs.append(self.model.preprocess(tensor[None])[0])  # normalise + pad
             sizes.append((tuple(resized.shape[:2]), tuple(view.shape[:2])))
-        features = self.model.image_encoder(torch.stack(inputs))
+        with self._precision():
+            features = self.model.image_encoder(torch.stack(inputs))
         # clone: a slice would keep the whole batch's storage alive in the cache
         return [
             Embedding(features[i : i + 1].clone(), input_size, original_size)
@@ -135,15 +152,30 @@ class CachedPredictor(CachedEncoder, SamPredictor):
             if box is not None:
                 boxes = torch.as_tensor(box, dtype=torch.float32, device=self.device)
                 boxes = (boxes.view(2, 2) * scale).view(1, 4)
+            # The prompt encoder stays fp32: point positions go through its Fourier
+            # features, which half precision would blur; it costs microseconds.
             sparse, dense = self.model.prompt_encoder(points=points_in, boxes=boxes, masks=None)
-            low_res, ious = self.model.mask_decoder(
-                image_embeddings=emb.features,
-                image_pe=self.model.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=multimask,
-            )
+            image_pe = self.model.prompt_encoder.get_dense_pe()
+            with self._precision():
+                low_res, ious = self.model.mask_decoder(
+                    image_embeddings=emb.features,
+                    image_pe=image_pe,
+                    sparse_prompt_embeddings=sparse,
+                    dense_prompt_embeddings=dense,
+                    multimask_output=multimask,
+                )
             return low_res[0], ious[0].float().cpu().numpy()
+
+    def predict_torch(
+        self, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """SamPredictor.predict_torch (what SamAutomaticMaskGenerator calls) under
+        :attr:`dtype`'s autocast, its floating-point outputs in fp32: the generator
+        hands them to numpy, which has no bf16."""
+        with self._precision():
+            outputs = super().predict_torch(*args, **kwargs)
+        masks, ious, low_res = (t.float() if t.is_floating_point() else t for t in outputs)
+        return masks, ious, low_res
 
     @torch.inference_mode()
     def upsample(
@@ -152,7 +184,9 @@ class CachedPredictor(CachedEncoder, SamPredictor):
         """Low-res logits ``[K, 4h, 4w]`` of ``emb``'s view -> logits ``[K, H, W]`` at
         ``out_size`` (float32, CPU): SAM's ``postprocess_masks`` (pad removed), one
         bilinear upsampling from the low-res grid straight to the output frame."""
-        masks = self.model.postprocess_masks(low_res[None], emb.input_size, out_size)
+        # fp32 before the upsampling: a bilinear blend of half-precision logits would
+        # move mask edges where logits cross the threshold.
+        masks = self.model.postprocess_masks(low_res[None].float(), emb.input_size, out_size)
         return masks[0].float().cpu()
 
     def predict_logits(

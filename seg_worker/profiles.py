@@ -54,6 +54,13 @@ ENTRY_POINT_GROUP = "genseg.seg_profiles"
 #: Seed of the random initialisation; the same in every process.
 DEFAULT_SEED = 0
 
+#: ``GENSEG_SEG_DTYPE`` values other than ``auto`` -> autocast dtype (None: fp32).
+SEG_DTYPES: dict[str, torch.dtype | None] = {
+    "fp32": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+
 
 @dataclass(frozen=True)
 class SamArch:
@@ -317,6 +324,19 @@ def compile_image_encoder(
     generation.
     """
     model.image_encoder = torch.compile(model.image_encoder, backend=backend, fullgraph=fullgraph)
+
+
+def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """The dtype SAM's passes autocast to under ``GENSEG_SEG_DTYPE`` = ``setting`` on
+    ``device``; None: plain fp32. ``auto``: bf16 on CUDA (fp16 on a GPU without bf16),
+    fp32 on the CPU, where half precision is slower and only tests ask for it."""
+    if setting == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if setting not in SEG_DTYPES:
+        raise ValueError(f"GENSEG_SEG_DTYPE={setting!r}: expected auto, {', '.join(SEG_DTYPES)}")
+    return SEG_DTYPES[setting]
 
 
 def resolve_device(device: str) -> torch.device:
