@@ -123,14 +123,16 @@ def test_fused_projections_compile_with_the_recorder_and_keep_its_maps() -> None
     assert backend.graphs == 1
 
 
-def test_sams_image_encoder_compiles_once_per_batch_size() -> None:
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+def test_sams_image_encoder_compiles_once_per_batch_size(dtype: torch.dtype | None) -> None:
+    # bf16: the CUDA default (GENSEG_SEG_DTYPE=auto), the encoder compiled under autocast.
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (64, 80, 3), dtype=np.uint8) for _ in range(5)]
-    eager = CachedPredictor(load_sam("tiny", "tiny"))
+    eager = CachedPredictor(load_sam("tiny", "tiny"), dtype=dtype)
     model = load_sam("tiny", "tiny")  # the same seeded weights
     backend = CountingBackend()
     compile_image_encoder(model, backend=backend, fullgraph=True)
-    compiled = CachedPredictor(model)
+    compiled = CachedPredictor(model, dtype=dtype)
     pair = [((f"b{i}", 1.0, None), image) for i, image in enumerate(images[:2])]
     batched = zip(
         eager.embed_many(pair, batch_size=2), compiled.embed_many(pair, batch_size=2), strict=True
