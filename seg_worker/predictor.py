@@ -164,7 +164,9 @@ class CachedPredictor(CachedEncoder, SamPredictor):
                     dense_prompt_embeddings=dense,
                     multimask_output=multimask,
                 )
-            return low_res[0], ious[0].float().cpu().numpy()
+            # fp32 out: a bilinear upsampling of half-precision logits would move mask
+            # edges where the logits cross the threshold.
+            return low_res[0].float(), ious[0].float().cpu().numpy()
 
     def predict_torch(
         self, *args: Any, **kwargs: Any
@@ -184,9 +186,7 @@ class CachedPredictor(CachedEncoder, SamPredictor):
         """Low-res logits ``[K, 4h, 4w]`` of ``emb``'s view -> logits ``[K, H, W]`` at
         ``out_size`` (float32, CPU): SAM's ``postprocess_masks`` (pad removed), one
         bilinear upsampling from the low-res grid straight to the output frame."""
-        # fp32 before the upsampling: a bilinear blend of half-precision logits would
-        # move mask edges where logits cross the threshold.
-        masks = self.model.postprocess_masks(low_res[None].float(), emb.input_size, out_size)
+        masks = self.model.postprocess_masks(low_res[None], emb.input_size, out_size)
         return masks[0].float().cpu()
 
     def predict_logits(

@@ -49,6 +49,11 @@ def predictions(dtype: torch.dtype | None) -> tuple[torch.Tensor, np.ndarray, to
         box=np.array([10, 10, 80, 70]),
         out_size=(96, 120),
     )
+    low_res, _ = predictor.predict_low_res(
+        emb, points=np.array([[30, 40]]), point_labels=np.array([1]), box=None,
+        frame_size=(96, 120),
+    )  # fmt: skip
+    assert low_res.dtype == torch.float32  # what the pyramid sums and upsamples
     found = predictor.automatic(
         emb, image, points_per_side=4, points_per_batch=16, pred_iou_thresh=0.0,
         stability_thresh=0.0,
