@@ -84,13 +84,22 @@ def event_plane(r: dict[str, Any]) -> list[Row]:
     ]
 
 
+def _speed(r: dict[str, Any], direct: str, ours: str, unit: str) -> str:
+    """The absolute seconds beside a ratio: how fast the machine ran (its speed moves
+    from day to day, and fixed-rate costs such as empty fetches weigh more when slow)."""
+    if direct not in r or ours not in r:
+        return ""
+    return f"; direct {r[direct]:.3f} s vs genseg {r[ours]:.3f} s {unit}"
+
+
 def gen(r: dict[str, Any]) -> list[Row]:
     return [
         Row(
             f"gen worker vs `Generator.generate`, {r['size']}², {r['steps']} steps, "
             f"{r['requests']} requests: wall / CPU, median of {r['repeats']} rounds (spread)",
             "bench/gen.py",
-            f"{_spread(r['ratio_spread'])} / {_spread(r['cpu_ratio_spread'])}",
+            f"{_spread(r['ratio_spread'])} / {_spread(r['cpu_ratio_spread'])}"
+            + _speed(r, "direct_s_per_image", "worker_s_per_image", "an image"),
             "<= 1.10 both",
             _plausible(r["ratio_spread"], r["cpu_ratio_spread"], r["ok"]),
         )
@@ -105,7 +114,8 @@ def pipeline(r: dict[str, Any]) -> list[Row]:
                 f"(a) pipeline vs the two-thread direct code, {a['size']}², {a['steps']} steps, "
                 f"{a['requests']} requests: wall / CPU, median of {a['repeats']} rounds",
                 "bench/pipeline.py",
-                f"{_spread(a['ratio_spread'])} / {_spread(a['cpu_ratio_spread'])}",
+                f"{_spread(a['ratio_spread'])} / {_spread(a['cpu_ratio_spread'])}"
+                + _speed(a, "direct_s_per_request", "pipeline_s_per_request", "a request"),
                 "<= 1.15 / <= 1.25",
                 _plausible(a["ratio_spread"], a["cpu_ratio_spread"], a["ok"]),
             )
@@ -335,7 +345,10 @@ def main() -> None:
     }
     if not results:
         raise SystemExit(f"no bench results in {args.logs}")
-    date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M")
+    # When the last benchmark finished (its log's mtime), not now: a table rewritten
+    # later from the same logs keeps the time they were measured.
+    finished = max((args.logs / f"{name}.log").stat().st_mtime for name in results)
+    date = datetime.fromtimestamp(finished, UTC).strftime("%Y-%m-%d %H:%M")
     block = table(results, date=date, load=args.load)
     print(block)
     if args.out:

@@ -40,6 +40,7 @@ RESULTS = {
         "bench": "gen", "size": 64, "steps": 20, "requests": 32, "repeats": 5,
         "ratio_spread": spread(1.05, 1.01, 1.12), "cpu_ratio_spread": spread(1.04, 1.0, 1.09),
         "ok": True, "other_load_cores": spread(0.01, 0.0, 0.03), "machine": MACHINE,
+        "direct_s_per_image": 0.12, "worker_s_per_image": 0.126,
     },
     "pipeline": {
         "bench": "pipeline",
@@ -79,6 +80,8 @@ def test_one_row_per_figure_with_the_verdict(logs: Path) -> None:
     assert len(rows) == 1 + 1 + 1 + 3 + 1, text  # header, event plane, gen, (a)(b)(c), quality
     assert "0.480 (0.300-0.610)" in text and "**missed**" in rows[1]
     assert "1.050 (1.010-1.120) / 1.040 (1.000-1.090)" in rows[2] and "**met**" in rows[2]
+    assert "direct 0.120 s vs genseg 0.126 s an image" in rows[2]
+    assert "direct 0." not in rows[3], "(a) without its absolute seconds: none shown"
     assert "at commit abc1234, on 2026-11-30 12:00" in text
     assert "event_plane 0.02" in text and "gen 0.01" in text and "load average 0.10" in text
 
