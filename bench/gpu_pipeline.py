@@ -82,6 +82,7 @@ from plumbing.kafka import ensure_topics
 from plumbing.settings import Settings
 from schemas import PromptEvent
 from seg_worker import SegStage
+from seg_worker.profiles import SEG_DTYPES
 
 log = logging.getLogger("bench.gpu_pipeline")
 
@@ -174,7 +175,7 @@ def load_models(settings: Settings) -> tuple[Direct, torch.device]:
 def sam_dtype_name(seg: SegStage) -> str:
     """The precision SAM runs in (``fp32`` for a backend without autocast)."""
     dtype = getattr(seg.predictor, "dtype", None)
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    return next(name for name, value in SEG_DTYPES.items() if value is dtype)
 
 
 def sync(device: torch.device) -> None:

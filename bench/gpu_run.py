@@ -50,6 +50,12 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+# The make bench table's reader of a log's last-line JSON (standard library only, as
+# this driver must be: it runs before the carried wheels are installed).
+from bench_table import last_json  # noqa: E402
+
 #: Seconds a step may take after SIGTERM before SIGKILL.
 GRACE_S = 5.0
 CHECK = """
@@ -107,19 +113,6 @@ def install_wheels(wheels: Path, target: Path, log: Path) -> int:
     command += sorted(str(w) for w in wheels.glob("*.whl"))
     with log.open("w") as out:
         return subprocess.run(command, stdout=out, stderr=subprocess.STDOUT).returncode
-
-
-def last_json(log: Path) -> dict[str, Any] | None:
-    """The last line of ``log`` that is a JSON object, or None."""
-    for line in reversed(log.read_text(errors="replace").splitlines()):
-        if line.startswith("{"):
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(value, dict):
-                return value
-    return None
 
 
 def run_step(step: Step, seconds: float, env: dict[str, str], log: Path) -> dict[str, Any]:
