@@ -69,6 +69,14 @@ class Subscriber(AsyncService):
             self.settings, enable_auto_commit=False, client_id="genseg-subscriber"
         )
         await self._consumer.start()
+        try:
+            await self._assign()
+        except BaseException:
+            # ``async with`` does not call stop() when start() fails: close the consumer here.
+            await self._consumer.stop()
+            raise
+
+    async def _assign(self) -> None:
         partitions: list[TopicPartition] = []
         for topic in self.topic_names:
             numbers = await self._partitions_of(topic)

@@ -20,6 +20,7 @@ GPU, Docker or the internet); other languages (``mermaid``, ``yaml``, none) are 
 
 from __future__ import annotations
 
+import asyncio
 import re
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import pytest
 
+from plumbing.kafka import ensure_topics
 from plumbing.settings import Settings
 from schemas import decode_record
 from tests.rel_utils import WorkerProcess, worker_env
@@ -93,15 +95,24 @@ def pipeline(broker: object, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         blob_url=str(tmp / "blobs"),
         models="tiny",
     )
+    # As the README's shell session does with `genseg topics create`: a block's Subscriber
+    # looks its topics up for 10 s, and the workers (which would create them) may take
+    # longer than that to import torch on a slow machine.
+    asyncio.run(ensure_topics(settings))
     env = worker_env(settings)
     workers = [WorkerProcess(kind, env, tmp) for kind in ("gen", "seg")]
     for worker in workers:
         worker.start()
     try:
+        asyncio.run(_all_assigned(workers))
         yield env
     finally:
         for worker in workers:
             worker.stop()
+
+
+async def _all_assigned(workers: list[WorkerProcess]) -> None:
+    await asyncio.gather(*(worker.wait_assigned(timeout=240) for worker in workers))
 
 
 @pytest.mark.parametrize("block", of("python"), ids=ids(of("python")))

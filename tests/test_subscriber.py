@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import warnings
+
 import pytest
 from pydantic import ValidationError
 
@@ -97,3 +100,16 @@ async def test_client_submits_valid_events_and_views(settings: Settings) -> None
     assert events[one].width == 256 and events[one].targets == ["cup"]
     assert all("view from" in events[v].prompt for v in views)
     assert {events[v].steps for v in views} == {25}, "views share parameters, so they batch"
+
+
+async def test_missing_topic_fails_with_a_hint_and_closes_the_consumer(settings: Settings) -> None:
+    sub = Subscriber(settings, ["assets"])  # nothing created the topics
+    with pytest.raises(LookupError, match="genseg topics create"):
+        await sub.__aenter__()
+    # ``async with`` calls no stop() after a failed start; an open consumer would warn
+    # "Unclosed AIOKafkaConsumer" when collected.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del sub
+        gc.collect()
+    assert not [w for w in caught if "Unclosed" in str(w.message)]
