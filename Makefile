@@ -56,19 +56,22 @@ demo: install
 # requests, (b) 4 rounds of 24, (c) 3 rounds of 6 at 256 px; seg 40 images and the
 # ViT-B cache; scenes 12 views a size; quality 300 prompts. Each script's output goes to
 # $(BENCH_DIR)/NAME.log; scripts/bench_table.py writes the table of their last-line JSON
-# to docs/bench-latest.md and into README.md's Benchmarks section. Run it on a quiet machine.
+# to docs/bench-latest.md and into README.md's Benchmarks section, with a speed probe of
+# the machine before and after (bench/machine.py). Run it on a quiet machine.
 # The gen worker and pipeline (a) take 9 rounds: their rounds spread by +-8 % on this VM,
 # and their medians decide labels at a few percent from the targets.
 BENCH_DIR ?= genseg-out/bench
 bench: install
 	@mkdir -p $(BENCH_DIR)
 	@uptime > $(BENCH_DIR)/load-before.txt
+	$(BIN)/python -m bench.machine --probe > $(BENCH_DIR)/speed-before.json
 	$(BIN)/python bench/event_plane.py --repeats 5 --latency-records 200 > $(BENCH_DIR)/event_plane.log
 	$(BIN)/python bench/gen.py --repeats 9 > $(BENCH_DIR)/gen.log
 	$(BIN)/python bench/pipeline.py --repeats 9 > $(BENCH_DIR)/pipeline.log
 	$(BIN)/python bench/seg.py > $(BENCH_DIR)/seg.log
 	$(BIN)/python bench/scenes.py --images 12 > $(BENCH_DIR)/scenes.log
 	$(BIN)/python bench/quality.py > $(BENCH_DIR)/quality.log
+	$(BIN)/python -m bench.machine --probe > $(BENCH_DIR)/speed-after.json
 	$(BIN)/python scripts/bench_table.py $(BENCH_DIR) --out docs/bench-latest.md --readme README.md \
 		--load "$$(sed 's/.*load average: //' $(BENCH_DIR)/load-before.txt) before, $$(uptime | sed 's/.*load average: //') after"
 

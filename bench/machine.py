@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
+import queue
 import statistics
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,3 +162,70 @@ def spread(values: list[float], digits: int = 3) -> dict[str, Any]:
         "max": round(max(values), digits),
         "all": [round(v, digits) for v in values],
     }
+
+
+def _python_loop_ms(steps: int = 1_000_000) -> float:
+    t0 = time.perf_counter()
+    total = 0
+    for i in range(steps):
+        total += i
+    return (time.perf_counter() - t0) * 1000
+
+
+def _syscall_us(calls: int = 100_000) -> float:
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        os.getppid()
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
+def _thread_handoff_us(trips: int = 2_000) -> float:
+    """One round trip of an item between two threads (each side blocks on a queue)."""
+    there: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+    back: queue.SimpleQueue[int] = queue.SimpleQueue()
+
+    def echo() -> None:
+        while (item := there.get()) is not None:
+            back.put(item)
+
+    thread = threading.Thread(target=echo, daemon=True)
+    thread.start()
+    t0 = time.perf_counter()
+    for i in range(trips):
+        there.put(i)
+        back.get()
+    elapsed = time.perf_counter() - t0
+    there.put(None)
+    thread.join()
+    return elapsed / trips * 1e6
+
+
+def speed_probe(repeats: int = 3) -> dict[str, float]:
+    """How fast this machine runs right now, in about a second: the median of ``repeats``
+    of a 10^6-step Python loop (ms: the interpreter), a syscall (us: ``getppid``) and a
+    round trip between two threads (us: futex wakes and context switches, what a
+    runtime's handoffs to its handler threads cost).
+
+    A VM's speed can move 2-4x from one day to the next with no other load visible to
+    it; a bench table that states these lets a reader compare machines and days.
+    """
+    probes = {
+        "python_loop_ms": _python_loop_ms,
+        "syscall_us": _syscall_us,
+        "thread_handoff_us": _thread_handoff_us,
+    }
+    return {
+        name: round(statistics.median(probe() for _ in range(repeats)), 2)
+        for name, probe in probes.items()
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--probe", action="store_true", help="print speed_probe() as JSON")
+    args = parser.parse_args()
+    print(json.dumps(speed_probe() if args.probe else describe(with_torch=False)))
+
+
+if __name__ == "__main__":
+    main()

@@ -301,7 +301,37 @@ def _machine(results: dict[str, dict[str, Any]]) -> str:
     return "unknown"
 
 
-def table(results: dict[str, dict[str, Any]], *, date: str, load: str | None = None) -> str:
+PROBES = {
+    "python_loop_ms": ("10^6-step Python loop", "ms"),
+    "thread_handoff_us": ("thread round trip", "us"),
+    "syscall_us": ("syscall", "us"),
+}
+
+
+def speed(logs: Path) -> str | None:
+    """``speed-before.json`` and ``speed-after.json`` (``python -m bench.machine --probe``,
+    written by ``make bench``) as one phrase, each probe's before / after; None if absent."""
+    probes = [
+        found
+        for name in ("speed-before", "speed-after")
+        if (path := logs / f"{name}.json").exists() and (found := last_json(path))
+    ]
+    if not probes:
+        return None
+    parts = [
+        f"{label} {' / '.join(str(p[key]) for p in probes if key in p)} {unit}"
+        for key, (label, unit) in PROBES.items()
+    ]
+    return f"speed probe ({' / '.join(('before', 'after')[: len(probes)])}): " + ", ".join(parts)
+
+
+def table(
+    results: dict[str, dict[str, Any]],
+    *,
+    date: str,
+    load: str | None = None,
+    speed: str | None = None,
+) -> str:
     """The Markdown block: a header of facts, then one row per figure."""
     rows = [
         row
@@ -314,6 +344,7 @@ def table(results: dict[str, dict[str, Any]], *, date: str, load: str | None = N
         f"{_machine(results)}; other load (cores busy with other processes, median of the "
         f"rounds, the worst bench's): {_other_load(results)}"
         + (f"; load average {load}" if load else "")
+        + (f"; {speed}" if speed else "")
         + ".",
         "",
         "| what | command | figure | target | |",
@@ -349,7 +380,7 @@ def main() -> None:
     # later from the same logs keeps the time they were measured.
     finished = max((args.logs / f"{name}.log").stat().st_mtime for name in results)
     date = datetime.fromtimestamp(finished, UTC).strftime("%Y-%m-%d %H:%M")
-    block = table(results, date=date, load=args.load)
+    block = table(results, date=date, load=args.load, speed=speed(args.logs))
     print(block)
     if args.out:
         args.out.write_text(

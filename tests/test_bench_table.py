@@ -107,3 +107,19 @@ def test_genseg_faster_than_the_work_it_wraps_gets_no_verdict() -> None:
     disturbed = {**RESULTS["gen"], "ratio_spread": spread(0.15, 0.11, 0.62), "ok": True}
     [row] = bench_table.gen(disturbed)
     assert row.met is None and row.cells()[-1] == "no verdict (a disturbed run)"
+
+
+def test_the_speed_probe_before_and_after_heads_the_table(logs: Path) -> None:
+    assert bench_table.speed(logs) is None, "no probe files: no phrase"
+    before = {"python_loop_ms": 45.6, "syscall_us": 0.32, "thread_handoff_us": 16.3}
+    (logs / "speed-before.json").write_text(json.dumps(before) + "\n")
+    assert bench_table.speed(logs) == (
+        "speed probe (before): 10^6-step Python loop 45.6 ms, thread round trip 16.3 us, "
+        "syscall 0.32 us"
+    )
+    after = {**before, "python_loop_ms": 90.1}
+    (logs / "speed-after.json").write_text(json.dumps(after) + "\n")
+    phrase = bench_table.speed(logs)
+    assert phrase is not None and "(before / after)" in phrase and "45.6 / 90.1 ms" in phrase
+    text = bench_table.table({}, date="2026-12-01 14:00", speed=phrase)
+    assert text.splitlines()[0].endswith(f"; {phrase}.")
