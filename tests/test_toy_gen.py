@@ -24,7 +24,7 @@ from schemas import ImageReadyEvent, PromptEvent, Topics
 from toy.gen_losses import attention_loss, cell_weights, shape_contrast, shape_swap_table
 from toy.gen_model import MAX_TOKENS, TOY_WORDS, TrainConfig, build_models, toy_tokenizer
 from toy.recipe import recipe_main
-from toy.train_gen import edge_weights, train
+from toy.train_gen import SLOW_BF16, edge_weights, train, warn_if_bf16_is_slow
 from toy.weights import SD_DIR
 from toy.world import PALETTE, SHAPES, classify_shape, find_object, make_scene
 
@@ -104,6 +104,18 @@ def test_experiment_options_train_and_load(tmp_path: Path, restore_threads) -> N
     spec = BatchSpec("txt2img", 64, 64, steps=2, guidance_scale=7.5, sampler="dpmpp_2m")
     [result] = Generator(models).generate(spec, [Sample("a red circle", seed=1)])
     assert result.image.size == (64, 64)
+
+
+def test_training_warns_when_this_cpu_emulates_bf16(caplog: pytest.LogCaptureFixture) -> None:
+    assert warn_if_bf16_is_slow(TrainConfig(precision="fp32")) is None
+    with caplog.at_level("WARNING", logger="toy.train_gen"):
+        slowdown = warn_if_bf16_is_slow(TrainConfig())  # the recipe: bf16 on the CPU
+    assert slowdown is not None and slowdown > 0
+    warned = "no fast bf16" in caplog.text
+    assert warned == (slowdown > SLOW_BF16), f"{slowdown:.1f}x: {caplog.text!r}"
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if " avx2 " in flags and " avx512f " not in flags:  # e.g. this VM's Zen 3 days
+        assert warned, f"an AVX2-only CPU emulates bf16, yet {slowdown:.1f}x"
 
 
 def test_edge_weights_count_shape_edges_not_gradients() -> None:

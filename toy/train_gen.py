@@ -79,6 +79,43 @@ def autocast(cfg: TrainConfig) -> torch.autocast:
     return torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
 
+#: A bf16 product slower than this many fp32 ones means the CPU emulates bf16.
+SLOW_BF16 = 4.0
+
+
+def bf16_slowdown(size: int = 128, calls: int = 3) -> float:
+    """How many times longer a ``size`` x ``size`` matrix product takes in bf16 than in
+    fp32 on this CPU, on the current torch threads: about 1 or less with native bf16
+    (AVX512-BF16, AMX), tens without it (an AVX2-only CPU emulates it)."""
+
+    def product_s(dtype: torch.dtype) -> float:
+        a = torch.randn(size, size).to(dtype)
+        a @ a  # picks and warms the kernel
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            a @ a
+        return time.perf_counter() - t0
+
+    return product_s(torch.bfloat16) / max(product_s(torch.float32), 1e-9)
+
+
+def warn_if_bf16_is_slow(cfg: TrainConfig) -> float | None:
+    """Log a warning when the recipe's bf16 autocast would run emulated on this CPU (the
+    whole recipe then takes days instead of about 1.5 hours); the slowdown measured, or
+    None when bf16 is not asked for on the CPU."""
+    if cfg.precision != "bf16" or torch.device(cfg.device).type != "cpu":
+        return None
+    slowdown = bf16_slowdown()
+    if slowdown > SLOW_BF16:
+        log.warning(
+            "this CPU has no fast bf16 (a bf16 matrix product took %.0fx an fp32 one): the "
+            "recipe's bf16 steps will run many times slower here. --precision fp32 is "
+            "faster on this CPU, but does not reproduce the shipped weights.",
+            slowdown,
+        )
+    return slowdown
+
+
 # --- phase 2: VAE -----------------------------------------------------------------------
 
 
@@ -315,6 +352,7 @@ def train_on(
     """Phases 2 and 3 (VAE, then text encoder + UNet; ``shapes``: the words the shape
     contrast swaps) on freshly built ``models`` and ``data``, saved to ``out`` with
     ``cfg`` as its recipe. The scene generator (:mod:`toy.train_scene`) runs it too."""
+    warn_if_bf16_is_slow(cfg)
     started = time.monotonic()
     rng = torch.Generator().manual_seed(cfg.seed)
     vae, text_encoder, unet = (m.to(cfg.device) for m in models)
