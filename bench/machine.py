@@ -11,6 +11,7 @@ import statistics
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,15 +19,45 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 
+#: The vector extensions that decide how fast torch runs on a CPU, as /proc/cpuinfo names
+#: them: a VM's "AMD EPYC" can be a Zen 3 without AVX-512 one day and a Zen 4 with it (and
+#: native bf16) the next, at very different speeds (docs/benchmarks.md, "A slow day").
+VECTOR_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (Linux); empty where unreadable."""
+    fields: dict[str, str] = {}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return fields
+    for line in text.split("\n\n", 1)[0].splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
 def cpu_name() -> str | None:
     """The CPU's model name from /proc/cpuinfo (Linux); None where it cannot be read."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
+    return _cpuinfo().get("model name")
+
+
+def cpu_generation() -> dict[str, Any]:
+    """Family, model and stepping (which name a generation where the model name does not),
+    and which of :data:`VECTOR_FLAGS` the CPU has; empty off Linux."""
+    info = _cpuinfo()
+    if not info:
+        return {}
+    out: dict[str, Any] = {
+        key.replace(" ", "_"): info[key]
+        for key in ("cpu family", "model", "stepping")
+        if key in info
+    }
+    flags = set(info.get("flags", "").split())
+    out["vector"] = [flag for flag in VECTOR_FLAGS if flag in flags]
+    return out
 
 
 def describe(*, with_torch: bool = True) -> dict[str, Any]:
@@ -36,6 +67,7 @@ def describe(*, with_torch: bool = True) -> dict[str, Any]:
     info: dict[str, Any] = {
         "cpu": cpu_name() or platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
+        **cpu_generation(),
     }
     if with_torch:
         import torch  # here: the event-plane bench and its worker processes never need it
@@ -200,20 +232,43 @@ def _thread_handoff_us(trips: int = 2_000) -> float:
     return elapsed / trips * 1e6
 
 
-def speed_probe(repeats: int = 3) -> dict[str, float]:
+def _matmul_ms(dtype_name: str, size: int = 256, calls: int = 5) -> float:
+    """One ``size`` x ``size`` matrix product in ``dtype_name`` on one torch thread."""
+    import torch  # only here: the probe's other parts need the standard library alone
+
+    dtype = getattr(torch, dtype_name)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a = torch.randn(size, size).to(dtype)
+        a @ a  # the first call picks and warms the kernel
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            a @ a
+        return (time.perf_counter() - t0) / calls * 1000
+    finally:
+        torch.set_num_threads(threads)
+
+
+def speed_probe(repeats: int = 3, *, with_torch: bool = True) -> dict[str, float]:
     """How fast this machine runs right now, in about a second: the median of ``repeats``
-    of a 10^6-step Python loop (ms: the interpreter), a syscall (us: ``getppid``) and a
+    of a 10^6-step Python loop (ms: the interpreter), a syscall (us: ``getppid``), a
     round trip between two threads (us: futex wakes and context switches, what a
-    runtime's handoffs to its handler threads cost).
+    runtime's handoffs to its handler threads cost) and, ``with_torch``, a 256 x 256
+    matrix product on one thread in fp32 and in bf16 (ms: the vector units; bf16 is
+    tens of times slower than fp32 on a CPU without native bf16).
 
     A VM's speed can move 2-4x from one day to the next with no other load visible to
     it; a bench table that states these lets a reader compare machines and days.
     """
-    probes = {
+    probes: dict[str, Callable[[], float]] = {
         "python_loop_ms": _python_loop_ms,
         "syscall_us": _syscall_us,
         "thread_handoff_us": _thread_handoff_us,
     }
+    if with_torch:
+        probes["matmul_fp32_ms"] = lambda: _matmul_ms("float32")
+        probes["matmul_bf16_ms"] = lambda: _matmul_ms("bfloat16")
     return {
         name: round(statistics.median(probe() for _ in range(repeats)), 2)
         for name, probe in probes.items()

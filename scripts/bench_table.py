@@ -297,7 +297,15 @@ def _machine(results: dict[str, dict[str, Any]]) -> str:
             torch = (
                 f", torch {m['torch']} ({m.get('torch_threads')} threads)" if m.get("torch") else ""
             )
-            return f"{m['cpu']}, {m.get('cores')} cores, Python {m.get('python')}{torch}"
+            generation = (
+                f" (family {m['cpu_family']} model {m.get('model')}, "
+                f"{' '.join(m.get('vector') or ['no AVX2'])})"
+                if m.get("cpu_family")
+                else ""
+            )
+            return (
+                f"{m['cpu']}{generation}, {m.get('cores')} cores, Python {m.get('python')}{torch}"
+            )
     return "unknown"
 
 
@@ -305,6 +313,8 @@ PROBES = {
     "python_loop_ms": ("10^6-step Python loop", "ms"),
     "thread_handoff_us": ("thread round trip", "us"),
     "syscall_us": ("syscall", "us"),
+    "matmul_fp32_ms": ("256^2 matmul fp32", "ms"),
+    "matmul_bf16_ms": ("bf16", "ms"),
 }
 
 
@@ -321,6 +331,7 @@ def speed(logs: Path) -> str | None:
     parts = [
         f"{label} {' / '.join(str(p[key]) for p in probes if key in p)} {unit}"
         for key, (label, unit) in PROBES.items()
+        if any(key in p for p in probes)
     ]
     return f"speed probe ({' / '.join(('before', 'after')[: len(probes)])}): " + ", ".join(parts)
 

@@ -117,9 +117,17 @@ def test_the_speed_probe_before_and_after_heads_the_table(logs: Path) -> None:
         "speed probe (before): 10^6-step Python loop 45.6 ms, thread round trip 16.3 us, "
         "syscall 0.32 us"
     )
-    after = {**before, "python_loop_ms": 90.1}
+    after = {**before, "python_loop_ms": 90.1, "matmul_fp32_ms": 0.5, "matmul_bf16_ms": 25.2}
     (logs / "speed-after.json").write_text(json.dumps(after) + "\n")
     phrase = bench_table.speed(logs)
     assert phrase is not None and "(before / after)" in phrase and "45.6 / 90.1 ms" in phrase
+    assert phrase.endswith("256^2 matmul fp32 0.5 ms, bf16 25.2 ms"), "only after's"
     text = bench_table.table({}, date="2026-12-01 14:00", speed=phrase)
     assert text.splitlines()[0].endswith(f"; {phrase}.")
+
+
+def test_the_machine_line_names_the_cpu_generation() -> None:
+    zen3 = {"cpu": "AMD EPYC", "cores": 2, "cpu_family": "25", "model": "1", "vector": ["avx2"],
+            "python": "3.11.7"}  # fmt: skip
+    line = bench_table._machine({"gen": {"machine": zen3}})
+    assert line == "AMD EPYC (family 25 model 1, avx2), 2 cores, Python 3.11.7"
