@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: The vector extensions that decide how fast torch runs on a CPU, as /proc/cpuinfo names
 #: them: a VM's "AMD EPYC" can be a Zen 3 without AVX-512 one day and a Zen 4 with it (and
-#: native bf16) the next, at very different speeds (docs/benchmarks.md, "A slow day").
+#: native bf16) the next, at very different speeds (docs/benchmarks.md, "The slow day was
+#: another CPU").
 VECTOR_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
 

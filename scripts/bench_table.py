@@ -321,19 +321,20 @@ PROBES = {
 def speed(logs: Path) -> str | None:
     """``speed-before.json`` and ``speed-after.json`` (``python -m bench.machine --probe``,
     written by ``make bench``) as one phrase, each probe's before / after; None if absent."""
-    probes = [
-        found
-        for name in ("speed-before", "speed-after")
-        if (path := logs / f"{name}.json").exists() and (found := last_json(path))
-    ]
-    if not probes:
+    found = {
+        when: probe
+        for when in ("before", "after")
+        if (path := logs / f"speed-{when}.json").exists() and (probe := last_json(path))
+    }
+    if not found:
         return None
+    probes = list(found.values())
     parts = [
         f"{label} {' / '.join(str(p[key]) for p in probes if key in p)} {unit}"
         for key, (label, unit) in PROBES.items()
         if any(key in p for p in probes)
     ]
-    return f"speed probe ({' / '.join(('before', 'after')[: len(probes)])}): " + ", ".join(parts)
+    return f"speed probe ({' / '.join(found)}): " + ", ".join(parts)
 
 
 def table(

@@ -111,6 +111,9 @@ def test_genseg_faster_than_the_work_it_wraps_gets_no_verdict() -> None:
 
 def test_the_speed_probe_before_and_after_heads_the_table(logs: Path) -> None:
     assert bench_table.speed(logs) is None, "no probe files: no phrase"
+    (logs / "speed-after.json").write_text('{"syscall_us": 0.3}\n')
+    assert bench_table.speed(logs) == "speed probe (after): syscall 0.3 us"
+    (logs / "speed-after.json").unlink()
     before = {"python_loop_ms": 45.6, "syscall_us": 0.32, "thread_handoff_us": 16.3}
     (logs / "speed-before.json").write_text(json.dumps(before) + "\n")
     assert bench_table.speed(logs) == (
