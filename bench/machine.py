@@ -237,16 +237,12 @@ def _matmul_ms(dtype_name: str, size: int = 256, calls: int = 5) -> float:
     """One ``size`` x ``size`` matrix product in ``dtype_name`` on one torch thread."""
     import torch  # only here: the probe's other parts need the standard library alone
 
-    dtype = getattr(torch, dtype_name)
+    from toy.bf16 import matmul_s
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        a = torch.randn(size, size).to(dtype)
-        a @ a  # the first call picks and warms the kernel
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            a @ a
-        return (time.perf_counter() - t0) / calls * 1000
+        return matmul_s(getattr(torch, dtype_name), size, calls) * 1000
     finally:
         torch.set_num_threads(threads)
 

@@ -84,7 +84,7 @@ def event_plane(r: dict[str, Any]) -> list[Row]:
     ]
 
 
-def _speed(r: dict[str, Any], direct: str, ours: str, unit: str) -> str:
+def _seconds_beside(r: dict[str, Any], direct: str, ours: str, unit: str) -> str:
     """The absolute seconds beside a ratio: how fast the machine ran (its speed moves
     from day to day, and fixed-rate costs such as empty fetches weigh more when slow)."""
     if direct not in r or ours not in r:
@@ -99,7 +99,7 @@ def gen(r: dict[str, Any]) -> list[Row]:
             f"{r['requests']} requests: wall / CPU, median of {r['repeats']} rounds (spread)",
             "bench/gen.py",
             f"{_spread(r['ratio_spread'])} / {_spread(r['cpu_ratio_spread'])}"
-            + _speed(r, "direct_s_per_image", "worker_s_per_image", "an image"),
+            + _seconds_beside(r, "direct_s_per_image", "worker_s_per_image", "an image"),
             "<= 1.10 both",
             _plausible(r["ratio_spread"], r["cpu_ratio_spread"], r["ok"]),
         )
@@ -115,7 +115,7 @@ def pipeline(r: dict[str, Any]) -> list[Row]:
                 f"{a['requests']} requests: wall / CPU, median of {a['repeats']} rounds",
                 "bench/pipeline.py",
                 f"{_spread(a['ratio_spread'])} / {_spread(a['cpu_ratio_spread'])}"
-                + _speed(a, "direct_s_per_request", "pipeline_s_per_request", "a request"),
+                + _seconds_beside(a, "direct_s_per_request", "pipeline_s_per_request", "a request"),
                 "<= 1.15 / <= 1.25",
                 _plausible(a["ratio_spread"], a["cpu_ratio_spread"], a["ok"]),
             )

@@ -21,10 +21,11 @@ from plumbing.blobstore import LocalBlobStore
 from plumbing.images import decode_image
 from plumbing.settings import Settings
 from schemas import ImageReadyEvent, PromptEvent, Topics
+from toy.bf16 import SLOW_BF16
 from toy.gen_losses import attention_loss, cell_weights, shape_contrast, shape_swap_table
 from toy.gen_model import MAX_TOKENS, TOY_WORDS, TrainConfig, build_models, toy_tokenizer
 from toy.recipe import recipe_main
-from toy.train_gen import SLOW_BF16, edge_weights, train, warn_if_bf16_is_slow
+from toy.train_gen import edge_weights, train, warn_if_bf16_is_slow
 from toy.weights import SD_DIR
 from toy.world import PALETTE, SHAPES, classify_shape, find_object, make_scene
 

@@ -12,6 +12,7 @@ the ``toy`` model profile that plugs them into the workers.
 - :mod:`toy.train_sam`: trains a small Segment Anything model, saved as safetensors;
   its parts: :mod:`toy.sam_data`, :mod:`toy.sam_losses`, :mod:`toy.sam_eval`;
 - :mod:`toy.quality`: what the quality benchmark measures;
+- :mod:`toy.bf16`: whether this CPU runs the recipe's bf16 natively;
 - :mod:`toy.weights`: where the shipped weights live.
 
 See docs/toy.md.

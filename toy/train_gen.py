@@ -55,6 +55,7 @@ from diffusers import (
 from diffusers.models.attention_processor import AttnProcessor2_0
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from toy.bf16 import SLOW_BF16, bf16_slowdown
 from toy.gen_data import WorldData, load_or_build_data
 from toy.gen_losses import (
     EMA,
@@ -77,26 +78,6 @@ def autocast(cfg: TrainConfig) -> torch.autocast:
     weights, the optimiser and the losses stay fp32."""
     device = torch.device(cfg.device).type
     return torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-
-
-#: A bf16 product slower than this many fp32 ones means the CPU emulates bf16.
-SLOW_BF16 = 4.0
-
-
-def bf16_slowdown(size: int = 128, calls: int = 3) -> float:
-    """How many times longer a ``size`` x ``size`` matrix product takes in bf16 than in
-    fp32 on this CPU, on the current torch threads: about 1 or less with native bf16
-    (AVX512-BF16, AMX), tens without it (an AVX2-only CPU emulates it)."""
-
-    def product_s(dtype: torch.dtype) -> float:
-        a = torch.randn(size, size).to(dtype)
-        a @ a  # picks and warms the kernel
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            a @ a
-        return time.perf_counter() - t0
-
-    return product_s(torch.bfloat16) / max(product_s(torch.float32), 1e-9)
 
 
 def warn_if_bf16_is_slow(cfg: TrainConfig) -> float | None:
