@@ -23,7 +23,9 @@ nothing but the idle broker, and a worker round beside an idle thread pool. Mode
 alternate for ``--repeats`` rounds (the order flips each round; the same seeds in
 both modes of a round). Per round: the worker's wall seconds over the direct run's,
 and its CPU seconds (this process, which holds the worker, and the broker) over the
-direct run's (this process); the client's own CPU is reported apart. The medians of
+direct run's (this process); the client's own CPU is reported apart, and so is the
+event loop's (``thread_cpu_s``: in a worker round the runtime's loop, whose Python work
+the generating thread pays for again through the GIL, bench/gil_tax.py). The medians of
 those ratios and their spread count; the target is <= 1.10 for both. Each round also
 records the machine's other load. Prints the machine and, as the last line, one JSON
 object ``{"bench": "gen", ...}``.
@@ -369,6 +371,7 @@ async def bench(
         "worker_s_per_image": per_image("worker", "s"),
         "direct_cpu_s_per_image": per_image("direct", "cpu_s"),
         "worker_cpu_s_per_image": per_image("worker", "cpu_s"),
+        "worker_event_loop_cpu_s_per_image": per_image("worker", "thread_cpu_s"),
         "ratio": wall["median"],
         "ratio_spread": wall,
         "cpu_ratio": cpu["median"],

@@ -135,7 +135,10 @@ class LoadMeter:
 
     ``roles`` names our processes (e.g. ``{"driver": [pid], "broker": [pid]}``); the
     report gives each role's CPU seconds, so a run shows where its cores went, and the
-    CPU seconds and cores that other processes took meanwhile (busy minus ours).
+    CPU seconds and cores that other processes took meanwhile (busy minus ours). It also
+    gives ``thread_cpu_s``, the CPU of the thread that entered the block: in an async
+    bench the event loop's, which a model thread in the same process pays for again
+    through the GIL (bench/gil_tax.py).
     """
 
     roles: dict[str, list[int]]
@@ -144,13 +147,16 @@ class LoadMeter:
     ours: float = 0.0
     by_role: dict[str, float] = field(default_factory=dict)
     load_avg_before: float = 0.0
+    thread_cpu_s: float = 0.0
     _t0: float = 0.0
+    _thread0: float = 0.0
     _busy0: float | None = None
     _cpu0: dict[int, float] = field(default_factory=dict)
 
     def __enter__(self) -> LoadMeter:
         self.load_avg_before = os.getloadavg()[0]
         self._t0, self._busy0 = time.perf_counter(), machine_busy_s()
+        self._thread0 = time.thread_time()
         self._cpu0 = {
             pid: process_cpu_s(pid) or 0.0 for pids in self.roles.values() for pid in pids
         }
@@ -158,6 +164,7 @@ class LoadMeter:
 
     def __exit__(self, *exc: object) -> None:
         self.wall = time.perf_counter() - self._t0
+        self.thread_cpu_s = time.thread_time() - self._thread0
         busy1 = machine_busy_s()
         if busy1 is not None and self._busy0 is not None:
             self.busy = busy1 - self._busy0
@@ -178,6 +185,7 @@ class LoadMeter:
             "ours_cpu_s": round(self.ours, 3),
             "ours_cores": round(self.ours / wall, 2),
             "cpu_s_by_role": {role: round(s, 3) for role, s in self.by_role.items()},
+            "thread_cpu_s": round(self.thread_cpu_s, 3),
         }
         if self.busy is not None and self.other_cpu_s is not None:
             out["busy_cores"] = round(self.busy / wall, 2)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
-from bench.machine import VECTOR_FLAGS, describe, speed_probe
+from bench.machine import VECTOR_FLAGS, LoadMeter, describe, speed_probe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,3 +46,26 @@ def test_the_machine_names_its_cpu_generation() -> None:
     if Path("/proc/cpuinfo").exists():
         assert info["cpu_family"].isdigit() and info["model"].isdigit(), info
         assert set(info["vector"]) <= set(VECTOR_FLAGS), info
+
+
+def _burn_thread_cpu(seconds: float, work: Callable[[], object]) -> None:
+    """Spend ``seconds`` of this thread's CPU calling ``work()``."""
+    until = time.thread_time() + seconds
+    while time.thread_time() < until:
+        work()
+
+
+def test_load_meter_reports_the_entering_threads_cpu_apart_from_the_process() -> None:
+    """The block's thread (an async bench's event loop) burns 0.15 CPU-s, another thread
+    0.3 (hashing, GIL released): the meter gives the first alone as ``thread_cpu_s``."""
+    chunk = os.urandom(64 * 1024)
+    other = threading.Thread(
+        target=_burn_thread_cpu, args=(0.3, lambda: hashlib.sha256(chunk).digest())
+    )
+    with LoadMeter({"bench": [os.getpid()]}) as meter:
+        other.start()
+        _burn_thread_cpu(0.15, lambda: sum(range(50)))
+        other.join()
+    assert 0.15 <= meter.thread_cpu_s < 0.25, meter.thread_cpu_s
+    assert meter.by_role["bench"] >= meter.thread_cpu_s + 0.25, meter.by_role
+    assert meter.report()["thread_cpu_s"] == round(meter.thread_cpu_s, 3)
