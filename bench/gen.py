@@ -90,6 +90,8 @@ log = logging.getLogger("bench.gen")
 T = TypeVar("T")
 
 TARGET = 1.10
+#: The gen worker's default batch (the diagnostics that call ``run_direct`` use it too).
+GEN_MAX_BATCH = int(GenStage.runtime_defaults["max_batch"])
 #: A worker does the direct call's work and more: a ratio under this is a disturbed run.
 PLAUSIBLE = 0.95
 

@@ -41,19 +41,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.gen import in_fresh_thread, requests, run_direct
+from bench.gen import GEN_MAX_BATCH, in_fresh_thread, requests, run_direct
 from bench.harness import quiet_logs
 from bench.machine import LoadMeter, describe, spread
 from gen_worker.generate import Generator
-from gen_worker.handler import GenStage
 from gen_worker.profiles import GenModels
 from genseg.workers import settle_gc_for_serving
 from plumbing.settings import Settings
 
 log = logging.getLogger("bench.gil_tax")
 MODES = ("idle", "wakes", "python", "gil_free")
-#: The gen worker's default batch.
-GEN_MAX_BATCH = int(GenStage.runtime_defaults["max_batch"])
 #: hashlib releases the GIL while it hashes more than 2 KiB; 64 KiB take about 45 us here.
 _CHUNK = os.urandom(64 * 1024)
 

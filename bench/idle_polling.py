@@ -42,12 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from bench.gen import run_direct
+from bench.gen import GEN_MAX_BATCH, run_direct
 from bench.harness import on_broker, quiet_logs
 from bench.machine import LoadMeter, describe, spread
 from bench.pipeline import prompt
 from gen_worker.generate import Generator
-from gen_worker.handler import GenStage
 from gen_worker.profiles import GenModels
 from genseg.workers import settle_gc_for_serving
 from plumbing.kafka import ensure_topics
@@ -55,8 +54,6 @@ from plumbing.settings import Settings
 from schemas import PromptEvent
 
 log = logging.getLogger("bench.idle_polling")
-#: The gen worker's default batch.
-GEN_MAX_BATCH = int(GenStage.runtime_defaults["max_batch"])
 
 
 def idle_consumer(settings: Settings, wait_ms: int) -> AIOKafkaConsumer:
