@@ -1,0 +1,222 @@
+"""Benchmark: the generator worker at low load, one request at a time.
+
+``bench/gen.py`` measures the worker at saturation, where its fetch loop is paused at
+its bound while it generates. At low load (a real-time caller: publish a prompt, wait
+for its image, publish the next) nothing bounds it: the question is what the worker's
+event loop costs a generation that runs beside it. Side by side in one run, on one
+machine, with the same loaded models, rounds alternating (the order flips each round):
+
+- ``direct``: :meth:`gen_worker.generate.Generator.generate` on each request alone, in
+  a thread of this process (no runtime exists);
+- ``worker``: a :class:`GenStage` in a stage runtime at ``genseg worker``'s defaults; a
+  client in a process of its own publishes one request, reads its image-ready event,
+  then publishes the next;
+- ``fetching`` (a diagnostic): the same, but the runtime goes on fetching while its
+  handler runs (``RuntimeConfig.fetch_while_busy``, as every runtime did before issue
+  17's hold): an empty fetch each ``KAFKA_FETCH_MAX_WAIT_MS`` during the generation.
+
+Per request: the client's seconds from publish to image-ready, and the handler's own
+seconds (the sum of the phases the image-ready event reports: text encoding, denoising,
+VAE decoding, blob writes), each over the direct call's seconds for the same request.
+The medians per round, then the median of the rounds and their spread. The handler
+ratio shows the generation slowed by what runs beside it; the end-to-end ratio adds
+the Kafka hops. No target of its own: the gen worker's (<= 1.10) is set at saturation.
+
+    python bench/gen_paced.py      # 8 requests a round, tiny profile, 128x128, 20 steps, 5 rounds
+
+Prints the machine; the last line is one JSON object ``{"bench": "gen_paced", ...}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.gen import (
+    in_fresh_thread,
+    requests,
+    run_direct,
+    spawn_client,
+    until_ready,
+    until_runtime_threads_gone,
+    wait_assigned,
+)
+from bench.harness import on_broker, quiet_logs
+from bench.machine import LoadMeter, describe, load_average, spread
+from consumers.runtime import StageRuntime
+from consumers.subscriber import Subscriber
+from gen_worker.generate import Generator
+from gen_worker.handler import GenStage
+from gen_worker.profiles import GenModels
+from genseg.workers import runtime_config, settle_gc_for_serving
+from plumbing.kafka import ensure_topics
+from plumbing.settings import Settings
+from producers.publisher import Publisher
+from schemas import ImageReadyEvent, PromptEvent
+
+log = logging.getLogger("bench.gen_paced")
+
+MODES = ("direct", "worker", "fetching")
+
+
+def client_main(settings: dict[str, Any], events: list[str], conn: Connection) -> None:
+    """The client process: on "go", each request in turn: publish, read its image-ready
+    event; send back per request (seconds end to end, seconds of the handler's phases)."""
+    logging.basicConfig(level=logging.WARNING)
+    conn.send(asyncio.run(_client(Settings(**settings), events, conn)))
+
+
+async def _client(
+    settings: Settings, events: list[str], conn: Connection
+) -> list[tuple[float, float]]:
+    out: list[tuple[float, float]] = []
+    async with Subscriber(settings, ["images", "dlq"]) as sub, Publisher(settings) as pub:
+        conn.send("ready")
+        await asyncio.to_thread(conn.recv)  # "go"
+        for raw in events:
+            prompt = PromptEvent.model_validate_json(raw)
+            started = time.perf_counter()
+            await pub.publish(settings.topics.prompts, prompt)
+            ready: ImageReadyEvent | None = None
+            while ready is None:
+                for topic, event in await sub.next_events(0.2):
+                    if getattr(event, "id", None) != prompt.id:
+                        continue
+                    if not isinstance(event, ImageReadyEvent):
+                        raise RuntimeError(f"{topic}: {event}")
+                    ready = event
+            out.append((time.perf_counter() - started, sum(ready.timings_ms.values()) / 1e3))
+    return out
+
+
+async def run_worker(
+    stage: GenStage,
+    settings: Settings,
+    events: list[PromptEvent],
+    fetch_while_busy: bool,
+    timeout_s: float,
+) -> list[tuple[float, float]]:
+    """Per request (end-to-end s, handler s) through a runtime started for this round."""
+    config = runtime_config(stage, create_topics=False, fetch_while_busy=fetch_while_busy)
+    client, here = spawn_client(client_main, settings, [e.model_dump_json() for e in events])
+    async with StageRuntime(stage, settings, config) as rt:
+        await wait_assigned(rt, timeout_s)
+        client.start()
+        try:
+            await until_ready(here, client, LoadMeter({}), timeout_s)
+            here.send("go")
+            if not await asyncio.to_thread(here.poll, timeout_s):
+                raise TimeoutError(f"images missing after {timeout_s} s")
+            timings: list[tuple[float, float]] = here.recv()
+        finally:
+            await asyncio.to_thread(client.join, 30)
+            if client.is_alive():
+                client.kill()
+    await until_runtime_threads_gone(f"genseg-{stage.name}")
+    return timings
+
+
+def direct_each(generator: Generator, events: list[PromptEvent]) -> list[float]:
+    """Seconds of each request generated alone."""
+    return [run_direct(generator, [e], 1) for e in events]
+
+
+async def bench(args: argparse.Namespace, bootstrap: str, blob_dir: str) -> dict[str, Any]:
+    info = {**describe(), "cuda": torch.cuda.is_available()}
+    settings = Settings(
+        kafka_bootstrap_servers=bootstrap,
+        topic_prefix=f"paced{os.getpid()}",
+        blob_url=blob_dir,
+        models=args.profile,
+        device=args.device,
+    )
+    await ensure_topics(settings)
+    generator = Generator(await in_fresh_thread(GenModels.from_settings, settings))
+    stage = GenStage(settings, generator=generator)
+    settle_gc_for_serving()
+    warm = requests(2, args.size, 2, "warm")
+    await run_worker(stage, settings, warm, False, args.timeout)
+    await in_fresh_thread(direct_each, generator, warm)
+    rounds: list[dict[str, Any]] = []
+    for r in range(args.repeats):
+        row: dict[str, Any] = {"round": r}
+        for mode in MODES if r % 2 == 0 else MODES[::-1]:
+            # The same seeds in every mode of a round: the same work.
+            events = requests(args.requests, args.size, args.steps, f"{mode}-{r}", 1000 + 100 * r)
+            if mode == "direct":
+                seconds = await in_fresh_thread(direct_each, generator, events)
+                row[mode] = {"s": round(statistics.median(seconds), 4)}
+            else:
+                timings = await run_worker(
+                    stage, settings, events, mode == "fetching", args.timeout
+                )
+                row[mode] = {
+                    "s": round(statistics.median(t for t, _ in timings), 4),
+                    "handler_s": round(statistics.median(h for _, h in timings), 4),
+                }
+        for mode in ("worker", "fetching"):
+            row[f"{mode}_ratio"] = round(row[mode]["s"] / row["direct"]["s"], 3)
+            row[f"{mode}_handler_ratio"] = round(row[mode]["handler_s"] / row["direct"]["s"], 3)
+        rounds.append(row)
+        log.info("round %d: %s", r, json.dumps(row))
+    figures = {
+        key: spread([row[key] for row in rounds])
+        for mode in ("worker", "fetching")
+        for key in (f"{mode}_ratio", f"{mode}_handler_ratio")
+    }
+    return {
+        "bench": "gen_paced",
+        "profile": args.profile,
+        "size": args.size,
+        "steps": args.steps,
+        "requests_per_round": args.requests,
+        "repeats": args.repeats,
+        "fetch_max_wait_ms": settings.kafka_fetch_max_wait_ms,
+        "direct_s": spread([row["direct"]["s"] for row in rounds], 4),
+        **figures,
+        "load_avg_after": load_average(),
+        "rounds": rounds,
+        "machine": info,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=8, help="requests a round, one at a time")
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--profile", default="tiny", choices=["tiny", "random", "pretrained"])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeats", type=int, default=5, help="alternating rounds")
+    parser.add_argument("--timeout", type=float, default=600.0)
+    args = parser.parse_args()
+    quiet_logs(("aiokafka", "diffusers", "transformers", "consumers", "gen_worker"))
+    log.setLevel(logging.INFO)
+
+    print("machine:", json.dumps(describe()))
+    result = on_broker(lambda bootstrap, blobs, _pid: bench(args, bootstrap, blobs))
+    print(
+        f"one request at a time, median of {result['repeats']} rounds over the direct call: "
+        f"worker {result['worker_ratio']['median']:.3f} end to end, "
+        f"{result['worker_handler_ratio']['median']:.3f} in its handler; fetching during "
+        f"calls {result['fetching_ratio']['median']:.3f} / "
+        f"{result['fetching_handler_ratio']['median']:.3f}"
+    )
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

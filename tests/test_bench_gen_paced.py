@@ -1,0 +1,30 @@
+"""bench/gen_paced.py runs end to end at a tiny size and reports what docs/benchmarks.md
+reads from it (the figures themselves are the benchmark's business, not a test's)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.bench_utils import run_bench
+
+
+def test_gen_paced_bench_reports_each_mode_against_the_direct_call(tmp_path: Path) -> None:
+    result = run_bench(
+        "gen_paced.py", "--requests", "2", "--steps", "2", "--size", "64", "--repeats", "2",
+        tmp_path=tmp_path, timeout=400,
+    )  # fmt: skip
+    assert result["bench"] == "gen_paced" and result["fetch_max_wait_ms"] == 25
+    rounds = result["rounds"]
+    assert [k for k in rounds[0] if k in ("direct", "worker", "fetching")] == [
+        "direct", "worker", "fetching"
+    ]  # fmt: skip
+    assert [k for k in rounds[1] if k in ("direct", "worker", "fetching")] == [
+        "fetching", "worker", "direct"
+    ], "the modes take turns"  # fmt: skip
+    for mode in ("worker", "fetching"):
+        for row in rounds:
+            # The handler's phases are inside the client's wait for the image.
+            assert 0 < row[mode]["handler_s"] < row[mode]["s"], row
+            assert row[f"{mode}_ratio"] == round(row[mode]["s"] / row["direct"]["s"], 3)
+        ratios = result[f"{mode}_handler_ratio"]["all"]
+        assert ratios == [r[f"{mode}_handler_ratio"] for r in rounds]
