@@ -10,10 +10,8 @@ machine, with the same loaded models, rounds alternating (the order flips each r
   a thread of this process (no runtime exists);
 - ``worker``: a :class:`GenStage` in a stage runtime at ``genseg worker``'s defaults; a
   client in a process of its own publishes one request, reads its image-ready event,
-  then publishes the next;
-- ``fetching`` (a diagnostic): the same, but the runtime goes on fetching while its
-  handler runs (``RuntimeConfig.fetch_while_busy``, as every runtime did before issue
-  17's hold): an empty fetch each ``KAFKA_FETCH_MAX_WAIT_MS`` during the generation.
+  then publishes the next. Its fetch loop is not paused at this load: it sends an
+  empty fetch each ``KAFKA_FETCH_MAX_WAIT_MS`` while the model works.
 
 Per request: the client's seconds from publish to image-ready, and the handler's own
 seconds (the sum of the phases the image-ready event reports: text encoding, denoising,
@@ -69,7 +67,7 @@ from schemas import ImageReadyEvent, PromptEvent
 
 log = logging.getLogger("bench.gen_paced")
 
-MODES = ("direct", "worker", "fetching")
+MODES = ("direct", "worker")
 
 
 def client_main(settings: dict[str, Any], events: list[str], conn: Connection) -> None:
@@ -103,14 +101,10 @@ async def _client(
 
 
 async def run_worker(
-    stage: GenStage,
-    settings: Settings,
-    events: list[PromptEvent],
-    fetch_while_busy: bool,
-    timeout_s: float,
+    stage: GenStage, settings: Settings, events: list[PromptEvent], timeout_s: float
 ) -> list[tuple[float, float]]:
     """Per request (end-to-end s, handler s) through a runtime started for this round."""
-    config = runtime_config(stage, create_topics=False, fetch_while_busy=fetch_while_busy)
+    config = runtime_config(stage, create_topics=False)
     client, here = spawn_client(client_main, settings, [e.model_dump_json() for e in events])
     async with StageRuntime(stage, settings, config) as rt:
         await wait_assigned(rt, timeout_s)
@@ -148,7 +142,7 @@ async def bench(args: argparse.Namespace, bootstrap: str, blob_dir: str) -> dict
     stage = GenStage(settings, generator=generator)
     settle_gc_for_serving()
     warm = requests(2, args.size, 2, "warm")
-    await run_worker(stage, settings, warm, False, args.timeout)
+    await run_worker(stage, settings, warm, args.timeout)
     await in_fresh_thread(direct_each, generator, warm)
     rounds: list[dict[str, Any]] = []
     for r in range(args.repeats):
@@ -160,23 +154,15 @@ async def bench(args: argparse.Namespace, bootstrap: str, blob_dir: str) -> dict
                 seconds = await in_fresh_thread(direct_each, generator, events)
                 row[mode] = {"s": round(statistics.median(seconds), 4)}
             else:
-                timings = await run_worker(
-                    stage, settings, events, mode == "fetching", args.timeout
-                )
+                timings = await run_worker(stage, settings, events, args.timeout)
                 row[mode] = {
                     "s": round(statistics.median(t for t, _ in timings), 4),
                     "handler_s": round(statistics.median(h for _, h in timings), 4),
                 }
-        for mode in ("worker", "fetching"):
-            row[f"{mode}_ratio"] = round(row[mode]["s"] / row["direct"]["s"], 3)
-            row[f"{mode}_handler_ratio"] = round(row[mode]["handler_s"] / row["direct"]["s"], 3)
+        row["ratio"] = round(row["worker"]["s"] / row["direct"]["s"], 3)
+        row["handler_ratio"] = round(row["worker"]["handler_s"] / row["direct"]["s"], 3)
         rounds.append(row)
         log.info("round %d: %s", r, json.dumps(row))
-    figures = {
-        key: spread([row[key] for row in rounds])
-        for mode in ("worker", "fetching")
-        for key in (f"{mode}_ratio", f"{mode}_handler_ratio")
-    }
     return {
         "bench": "gen_paced",
         "profile": args.profile,
@@ -186,7 +172,8 @@ async def bench(args: argparse.Namespace, bootstrap: str, blob_dir: str) -> dict
         "repeats": args.repeats,
         "fetch_max_wait_ms": settings.kafka_fetch_max_wait_ms,
         "direct_s": spread([row["direct"]["s"] for row in rounds], 4),
-        **figures,
+        "ratio": spread([row["ratio"] for row in rounds]),
+        "handler_ratio": spread([row["handler_ratio"] for row in rounds]),
         "load_avg_after": load_average(),
         "rounds": rounds,
         "machine": info,
@@ -209,11 +196,9 @@ def main() -> None:
     print("machine:", json.dumps(describe()))
     result = on_broker(lambda bootstrap, blobs, _pid: bench(args, bootstrap, blobs))
     print(
-        f"one request at a time, median of {result['repeats']} rounds over the direct call: "
-        f"worker {result['worker_ratio']['median']:.3f} end to end, "
-        f"{result['worker_handler_ratio']['median']:.3f} in its handler; fetching during "
-        f"calls {result['fetching_ratio']['median']:.3f} / "
-        f"{result['fetching_handler_ratio']['median']:.3f}"
+        f"one request at a time, worker / direct call, median of {result['repeats']} rounds: "
+        f"{result['ratio']['median']:.3f} end to end, "
+        f"{result['handler_ratio']['median']:.3f} in its handler"
     )
     print(json.dumps(result))
 

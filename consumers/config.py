@@ -32,14 +32,6 @@ class RuntimeConfig:
     #: than its trips to the thread. A slower handler's loop pauses at once (unpaused
     #: partitions with nothing new cost an empty fetch each ``fetch_max_wait_ms``).
     pause_after_ms: int = 50
-    #: Whether a slow handler's fetch loop (calls of :data:`consumers.handoff.HOLD_MIN_S`
-    #: or more) goes on fetching while every handler slot is busy. Off (the default), it
-    #: pauses its partitions for the call: nothing fetched then could start before a
-    #: slot frees, and each empty fetch (one every ``fetch_max_wait_ms`` at low load)
-    #: woke the event loop, whose Python work the model thread pays for again through
-    #: the GIL. A record that arrives during a call is fetched when a slot frees, one
-    #: fetch round trip later.
-    fetch_while_busy: bool = False
     max_attempts: int = 3
     backoff_initial_ms: int = 200
     backoff_max_ms: int = 10_000

@@ -6,10 +6,7 @@ is done wait for the broker to acknowledge their outputs. At either bound the fe
 loop stops asking for records and waits until records move on, woken by the records
 themselves rather than a timer. It goes on (with hysteresis: once
 ``min(max_batch, max_in_flight / 4)`` handler slots are free, and the acks are under
-three quarters of their bound) where it left off. A slow handler's loop also stops
-while every handler slot is busy (``InFlight.hold_while_busy``, set by the hand-off;
-``RuntimeConfig.fetch_while_busy``): what it fetched then could not start before a
-slot frees, and its empty fetches would wake the event loop during the model's call.
+three quarters of their bound) where it left off.
 
 The wait pauses the partitions, and the loop keeps polling while paused (waits
 bounded by :data:`PAUSED_POLL_S`), so that the member stays alive past
@@ -63,12 +60,7 @@ class InFlight:
     when nothing is held."""
 
     def __init__(
-        self,
-        limit: int,
-        max_batch: int,
-        ack_limit: int = 1000,
-        pause_after_s: float = 0.0,
-        slots: int = 1,
+        self, limit: int, max_batch: int, ack_limit: int = 1000, pause_after_s: float = 0.0
     ) -> None:
         self.max_batch = max_batch
         self.ack_limit = ack_limit
@@ -77,12 +69,6 @@ class InFlight:
         # How long a full bound waits unpaused (0: it pauses at once); the runtime passes
         # RuntimeConfig.pause_after_ms, and the hand-off sets it to the handler's pace.
         self.pause_after_s = pause_after_s
-        #: Handler calls that may run at once (``concurrency``), and those running now.
-        self.slots = slots
-        self.busy = 0
-        #: Whether fetching stops while every slot is busy (a slow handler's, set by the
-        #: hand-off): what it fetched could not start before a slot frees anyway.
-        self.hold_while_busy = False
         self.count = 0
         self.handled = 0
         self.room = asyncio.Event()
@@ -103,29 +89,11 @@ class InFlight:
         """Records waiting for the handler or inside it (counted against ``limit``)."""
         return self.count - self.handled
 
-    def holding(self) -> bool:
-        """Whether fetching waits for a free handler slot (see :attr:`hold_while_busy`)."""
-        return self.hold_while_busy and self.busy >= self.slots
-
     def full(self) -> bool:
-        return self.waiting >= self.limit or self.handled >= self.ack_limit or self.holding()
+        return self.waiting >= self.limit or self.handled >= self.ack_limit
 
     def resumable(self) -> bool:
-        return (
-            self.waiting <= self.resume_at
-            and self.handled <= self.ack_resume_at
-            and not self.holding()
-        )
-
-    def call_started(self) -> None:
-        """A handler call took a slot."""
-        self.busy += 1
-
-    def call_ended(self) -> None:
-        """A handler call gave its slot back."""
-        self.busy -= 1
-        if self.resumable():
-            self.room.set()
+        return self.waiting <= self.resume_at and self.handled <= self.ack_resume_at
 
     async def wait_resumable(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for :meth:`resumable`; whether it is."""

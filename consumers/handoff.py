@@ -13,9 +13,6 @@ the hand-off follows the handler's pace:
   pauses the partitions (:mod:`consumers.fetcher`); otherwise it pauses at once;
 - a slow trip (model work) restores one batch a trip and ``max_in_flight`` at once;
   chaining comes back only after many fast trips;
-- while calls take :data:`HOLD_MIN_S` or more (and at first, when the pace is not yet
-  known), fetching stops whenever every slot is busy (``InFlight.hold_while_busy``),
-  unless ``RuntimeConfig.fetch_while_busy`` says otherwise;
 - only with one worker (with several, a batch must stay free for whichever is free
   first) and never for a sequential stage (its records go one by one).
 
@@ -47,12 +44,6 @@ log = logging.getLogger(__name__)
 CHAIN_BUDGET_S = 0.002
 #: At most this many batches in one trip.
 CHAIN_MAX_BATCHES = 256
-#: A handler whose calls take this long or more does not fetch while every slot is busy:
-#: such a call spans several fetch waits (25 ms by default), each an empty fetch and a
-#: wake of the event loop during the model's work, while pausing costs one fetch round
-#: trip for a record that arrives during the call. Far above a round trip, so a fast
-#: stage never pauses and resumes per call (a pause drops what aiokafka prefetched).
-HOLD_MIN_S = 0.1
 
 #: What one handler call came to in the thread: its results or what it raised, seconds.
 Outcome = tuple[list[ItemResult] | BaseException, float]
@@ -83,7 +74,6 @@ class Handoff:
         #: Batches a trip may carry now.
         self.chain = 1
         self._may_chain = config.concurrency == 1 and not stage.sequential
-        self.in_flight.hold_while_busy = not config.fetch_while_busy
 
     def room(self) -> int:
         """How many more ready batches the next trip may take along."""
@@ -102,7 +92,6 @@ class Handoff:
         # Room comes back within a trip of milliseconds: wait for it fetching. A model's
         # batch takes seconds: pause at once (no empty fetches meanwhile).
         self.in_flight.pause_after_s = self.config.pause_after_ms / 1000 if chain > 1 else 0.0
-        self.in_flight.hold_while_busy = not self.config.fetch_while_busy and pace >= HOLD_MIN_S
         if chain != self.chain:
             self.chain = chain
             stretched = 2 * chain * self.config.max_batch if chain > 1 else 0
@@ -137,7 +126,6 @@ class Handoff:
             calls.append((events, self.make_context(jobs)))
         started = time.monotonic()
         loop = asyncio.get_running_loop()
-        self.in_flight.call_started()
         try:
             call = loop.run_in_executor(self.executor, self._call, calls)
             outcomes = await asyncio.wait_for(call, self.config.job_timeout_s)
@@ -146,7 +134,6 @@ class Handoff:
             elapsed = (time.monotonic() - started) / len(batches)
             outcomes = [(timeout, elapsed)] * len(batches)
         finally:
-            self.in_flight.call_ended()
             for span in spans:
                 if span is not None:
                     span.end()

@@ -124,7 +124,6 @@ class StageRuntime(AsyncService):
             self.config.max_batch,
             self.config.max_unacked,
             pause_after_s=self.config.pause_after_ms / 1000,
-            slots=self.config.concurrency,
         )
         # Read when scraped: nothing to update per record.
         self.metrics.in_flight.set_function(lambda: self.in_flight_records.count)

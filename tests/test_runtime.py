@@ -295,8 +295,7 @@ async def test_in_flight_is_bounded_and_fetching_resumes(
     """At ``max_in_flight`` the partitions pause; as records finish, fetching resumes."""
     gate = threading.Event()
     stage = ToyStage(gates={"hold": gate})
-    # Fetching goes on during the blocked call, as for a fast handler: the bound is tested.
-    config = RuntimeConfig(**options, fetch_while_busy=True, **FAST)
+    config = RuntimeConfig(**options, **FAST)
     events = [Ping(id="held", block="hold"), *(Ping(id=f"q{i:02d}") for i in range(40))]
     try:
         async with StageRuntime(stage, settings, config) as rt:
@@ -325,7 +324,7 @@ async def test_a_short_wait_for_room_keeps_the_partitions_fetching(settings: Set
     pause drops what the consumer prefetched), and pauses them only after that."""
     gate = threading.Event()
     stage = ToyStage(gates={"hold": gate})
-    config = RuntimeConfig(max_in_flight=5, pause_after_ms=600, fetch_while_busy=True, **FAST)
+    config = RuntimeConfig(max_in_flight=5, pause_after_ms=600, **FAST)
     events = [Ping(id="held", block="hold"), *(Ping(id=f"q{i:02d}") for i in range(20))]
     try:
         async with StageRuntime(stage, settings, config) as rt:
@@ -342,59 +341,6 @@ async def test_a_short_wait_for_room_keeps_the_partitions_fetching(settings: Set
                 await reader.until(lambda: len(set(reader.keys("images"))) == len(events))
     finally:
         gate.set()
-
-
-@pytest.mark.parametrize("fetch_while_busy", [False, True], ids=["default", "fetch_while_busy"])
-async def test_a_slow_call_stops_fetching_until_its_slot_is_free(
-    settings: Settings, fetch_while_busy: bool
-) -> None:
-    """While every handler slot runs a slow call, the partitions are paused (no empty
-    fetches wake the event loop during the model's work); a record published meanwhile
-    is fetched and handled once the call is over. ``fetch_while_busy`` keeps fetching."""
-    gate = threading.Event()
-    stage = ToyStage(gates={"hold": gate})
-    config = RuntimeConfig(fetch_while_busy=fetch_while_busy, **FAST)
-    try:
-        async with (
-            StageRuntime(stage, settings, config) as rt,
-            TopicReader(settings, "images", unchecked=["images"]) as reader,
-        ):
-            consumer = rt._consumer
-            assert consumer is not None
-            await eventually(lambda: bool(consumer.assignment()), what="partitions")
-            await publish_all(settings, [Ping(id="held", block="hold")])
-            await eventually(lambda: rt.in_flight_records.busy == 1, what="call started")
-            if fetch_while_busy:
-                await publish_all(settings, [Ping(id="next")])
-                await eventually(lambda: rt.in_flight == 2, what="fetched during the call")
-                assert not consumer.paused()
-            else:
-                await eventually(lambda: bool(consumer.paused()), what="partitions paused")
-                assert consumer.paused() == consumer.assignment()
-                await publish_all(settings, [Ping(id="next")])
-                rounds = rt.commit_rounds  # a few turns of the loop: still not fetched
-                await eventually(lambda: rt.commit_rounds >= rounds + 3)
-                assert rt.in_flight == 1 and consumer.paused()
-            gate.set()
-            await reader.until(lambda: {"held", "next"} <= set(reader.keys("images")))
-            await eventually(lambda: not consumer.paused(), what="fetching resumed")
-    finally:
-        gate.set()
-
-
-def test_holding_waits_for_a_free_slot() -> None:
-    in_flight = InFlight(limit=8, max_batch=1, slots=2)
-    in_flight.hold_while_busy = True
-    in_flight.call_started()
-    assert not in_flight.full(), "one of two slots free: fetch for it"
-    in_flight.call_started()
-    assert in_flight.full() and not in_flight.resumable()
-    in_flight.room.clear()
-    in_flight.call_ended()
-    assert in_flight.resumable() and in_flight.room.is_set()
-    in_flight.call_started()
-    in_flight.hold_while_busy = False  # a fast handler: the bounds alone
-    assert not in_flight.full()
 
 
 def test_pause_after_must_be_below_the_poll_interval() -> None:
