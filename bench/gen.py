@@ -221,28 +221,23 @@ async def _poll(settings: Settings, conn: Connection) -> None:
             await sub.next_events(0.2)
 
 
-async def run_direct_polled(
-    generator: Generator,
-    settings: Settings,
-    events: list[PromptEvent],
-    max_batch: int,
-    meter: LoadMeter,
-    timeout_s: float,
-) -> float:
-    """``run_direct`` while an idle client polls the broker from its own process: what
-    the worker rounds' client and broker alone cost the generation (a diagnostic)."""
+async def beside_polling_client(
+    settings: Settings, meter: LoadMeter, timeout_s: float, fn: Callable[..., T], *args: Any
+) -> T:
+    """``fn(*args)`` on a fresh thread while an idle client polls the broker from its own
+    process (``meter`` covers the call and counts the client as ``client``): what a
+    waiting client and the broker alone take from the work beside them (a diagnostic)."""
     poller, here = spawn_client(poller_main, settings)
     poller.start()
     try:
         await until_ready(here, poller, meter, timeout_s)
         with meter:
-            seconds = await in_fresh_thread(run_direct, generator, events, max_batch)
+            return await in_fresh_thread(fn, *args)
     finally:
         here.send("stop")
         await asyncio.to_thread(poller.join, 30)
         if poller.is_alive():
             poller.kill()
-    return seconds
 
 
 async def run_worker(
@@ -328,8 +323,8 @@ async def bench(
                 with meter:
                     seconds = await in_fresh_thread(run_direct, generator, events, config.max_batch)
             elif mode == "polled":
-                seconds = await run_direct_polled(
-                    generator, settings, events, config.max_batch, meter, args.timeout
+                seconds = await beside_polling_client(
+                    settings, meter, args.timeout, run_direct, generator, events, config.max_batch
                 )
             else:
                 seconds, rt = await run_worker(

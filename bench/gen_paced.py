@@ -11,14 +11,18 @@ machine, with the same loaded models, rounds alternating (the order flips each r
 - ``worker``: a :class:`GenStage` in a stage runtime at ``genseg worker``'s defaults; a
   client in a process of its own publishes one request, reads its image-ready event,
   then publishes the next. Its fetch loop is not paused at this load: it sends an
-  empty fetch each ``KAFKA_FETCH_MAX_WAIT_MS`` while the model works.
+  empty fetch each ``KAFKA_FETCH_MAX_WAIT_MS`` while the model works;
+- ``polled`` (a diagnostic): ``direct`` while the worker rounds' kind of client, without
+  requests, waits for image-ready events from its own process: what the client and the
+  broker alone take from the generation on this machine.
 
 Per request: the client's seconds from publish to image-ready, and the handler's own
 seconds (the sum of the phases the image-ready event reports: text encoding, denoising,
 VAE decoding, blob writes), each over the direct call's seconds for the same request.
 The medians per round, then the median of the rounds and their spread. The handler
 ratio shows the generation slowed by what runs beside it; the end-to-end ratio adds
-the Kafka hops. No target of its own: the gen worker's (<= 1.10) is set at saturation.
+the Kafka hops; the ``polled`` ratio, the part of that which the client and the broker
+cause without any runtime. No target of its own: the gen worker's (<= 1.10) is set at saturation.
 
     python bench/gen_paced.py      # 8 requests a round, tiny profile, 128x128, 20 steps, 5 rounds
 
@@ -44,6 +48,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.gen import (
+    beside_polling_client,
     in_fresh_thread,
     requests,
     run_direct,
@@ -67,7 +72,7 @@ from schemas import ImageReadyEvent, PromptEvent
 
 log = logging.getLogger("bench.gen_paced")
 
-MODES = ("direct", "worker")
+MODES = ("direct", "worker", "polled")
 
 
 def client_main(settings: dict[str, Any], events: list[str], conn: Connection) -> None:
@@ -153,6 +158,11 @@ async def bench(args: argparse.Namespace, bootstrap: str, blob_dir: str) -> dict
             if mode == "direct":
                 seconds = await in_fresh_thread(direct_each, generator, events)
                 row[mode] = {"s": round(statistics.median(seconds), 4)}
+            elif mode == "polled":
+                seconds = await beside_polling_client(
+                    settings, LoadMeter({}), args.timeout, direct_each, generator, events
+                )
+                row[mode] = {"s": round(statistics.median(seconds), 4)}
             else:
                 timings = await run_worker(stage, settings, events, args.timeout)
                 row[mode] = {
@@ -161,6 +171,7 @@ async def bench(args: argparse.Namespace, bootstrap: str, blob_dir: str) -> dict
                 }
         row["ratio"] = round(row["worker"]["s"] / row["direct"]["s"], 3)
         row["handler_ratio"] = round(row["worker"]["handler_s"] / row["direct"]["s"], 3)
+        row["polled_ratio"] = round(row["polled"]["s"] / row["direct"]["s"], 3)
         rounds.append(row)
         log.info("round %d: %s", r, json.dumps(row))
     return {
@@ -174,6 +185,7 @@ async def bench(args: argparse.Namespace, bootstrap: str, blob_dir: str) -> dict
         "direct_s": spread([row["direct"]["s"] for row in rounds], 4),
         "ratio": spread([row["ratio"] for row in rounds]),
         "handler_ratio": spread([row["handler_ratio"] for row in rounds]),
+        "polled_ratio": spread([row["polled_ratio"] for row in rounds]),
         "load_avg_after": load_average(),
         "rounds": rounds,
         "machine": info,
@@ -198,7 +210,8 @@ def main() -> None:
     print(
         f"one request at a time, worker / direct call, median of {result['repeats']} rounds: "
         f"{result['ratio']['median']:.3f} end to end, "
-        f"{result['handler_ratio']['median']:.3f} in its handler"
+        f"{result['handler_ratio']['median']:.3f} in its handler; the direct call beside an "
+        f"idle client {result['polled_ratio']['median']:.3f}"
     )
     print(json.dumps(result))
 
