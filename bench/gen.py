@@ -281,20 +281,28 @@ def histogram_totals(histogram: Any) -> tuple[float, float]:
     return values["_count"], values["_sum"]
 
 
-async def bench(
-    args: argparse.Namespace, bootstrap: str, blob_dir: str, broker_pid: int | None
-) -> dict[str, Any]:
-    info = {**describe(), "cuda": torch.cuda.is_available()}  # the commit as the run starts
+async def load_generator(
+    args: argparse.Namespace, bootstrap: str, blob_dir: str, prefix: str
+) -> tuple[Settings, Generator]:
+    """A run's settings (topics under ``prefix`` + this pid, created) and the generator of
+    ``args.profile`` on ``args.device``, built on a thread that exits (see "Threads")."""
     settings = Settings(
         kafka_bootstrap_servers=bootstrap,
-        topic_prefix=f"bench{os.getpid()}",
+        topic_prefix=f"{prefix}{os.getpid()}",
         blob_url=blob_dir,
         models=args.profile,
         device=args.device,
     )
     await ensure_topics(settings)
-    models = await in_fresh_thread(GenModels.from_settings, settings)
-    generator = Generator(models)
+    return settings, Generator(await in_fresh_thread(GenModels.from_settings, settings))
+
+
+async def bench(
+    args: argparse.Namespace, bootstrap: str, blob_dir: str, broker_pid: int | None
+) -> dict[str, Any]:
+    info = {**describe(), "cuda": torch.cuda.is_available()}  # the commit as the run starts
+    settings, generator = await load_generator(args, bootstrap, blob_dir, "bench")
+    models = generator.models
     # Built here, not by genseg.workers: the stage shares its models with the direct path.
     stage = GenStage(settings, generator=generator)
     config = runtime_config(stage)

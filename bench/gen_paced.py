@@ -35,7 +35,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import statistics
 import sys
 import time
@@ -50,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.gen import (
     beside_polling_client,
     in_fresh_thread,
+    load_generator,
     requests,
     run_direct,
     spawn_client,
@@ -63,9 +63,7 @@ from consumers.runtime import StageRuntime
 from consumers.subscriber import Subscriber
 from gen_worker.generate import Generator
 from gen_worker.handler import GenStage
-from gen_worker.profiles import GenModels
 from genseg.workers import runtime_config, settle_gc_for_serving
-from plumbing.kafka import ensure_topics
 from plumbing.settings import Settings
 from producers.publisher import Publisher
 from schemas import ImageReadyEvent, PromptEvent
@@ -135,15 +133,7 @@ def direct_each(generator: Generator, events: list[PromptEvent]) -> list[float]:
 
 async def bench(args: argparse.Namespace, bootstrap: str, blob_dir: str) -> dict[str, Any]:
     info = {**describe(), "cuda": torch.cuda.is_available()}
-    settings = Settings(
-        kafka_bootstrap_servers=bootstrap,
-        topic_prefix=f"paced{os.getpid()}",
-        blob_url=blob_dir,
-        models=args.profile,
-        device=args.device,
-    )
-    await ensure_topics(settings)
-    generator = Generator(await in_fresh_thread(GenModels.from_settings, settings))
+    settings, generator = await load_generator(args, bootstrap, blob_dir, "paced")
     stage = GenStage(settings, generator=generator)
     settle_gc_for_serving()
     warm = requests(2, args.size, 2, "warm")
