@@ -247,12 +247,14 @@ async def run_worker(
     meter: LoadMeter,
     timeout_s: float,
     profiler: cProfile.Profile | None = None,
-) -> tuple[float, StageRuntime]:
-    """Seconds from the client's first publish until it read the last image-ready event,
+    client_target: Callable[..., None] = client_main,
+) -> tuple[Any, StageRuntime]:
+    """What the client process (``client_target``; by default :func:`client_main`: the
+    seconds from its first publish until it read the last image-ready event) sends back,
     through a runtime started (and joined) for this round; ``meter`` covers that span
     (the client's pid is added to it as ``client``)."""
     rt = StageRuntime(stage, settings, runtime_config(stage, create_topics=False))
-    client, here = spawn_client(client_main, settings, [e.model_dump_json() for e in events])
+    client, here = spawn_client(client_target, settings, [e.model_dump_json() for e in events])
     async with rt:
         await wait_assigned(rt, timeout_s)
         client.start()
@@ -264,7 +266,7 @@ async def run_worker(
                 here.send("go")
                 if not await asyncio.to_thread(here.poll, timeout_s):
                     raise TimeoutError(f"images missing after {timeout_s} s")
-                elapsed = float(here.recv())
+                reply = here.recv()
             if profiler is not None:
                 profiler.disable()
         finally:
@@ -272,7 +274,7 @@ async def run_worker(
             if client.is_alive():
                 client.kill()
     await until_runtime_threads_gone(f"genseg-{stage.name}")
-    return elapsed, rt
+    return reply, rt
 
 
 def histogram_totals(histogram: Any) -> tuple[float, float]:
@@ -335,9 +337,8 @@ async def bench(
                     settings, meter, args.timeout, run_direct, generator, events, config.max_batch
                 )
             else:
-                seconds, rt = await run_worker(
-                    stage, settings, events, meter, args.timeout, profiler
-                )
+                reply, rt = await run_worker(stage, settings, events, meter, args.timeout, profiler)
+                seconds = float(reply)
                 count, total = histogram_totals(rt.metrics.batch_size)
                 batches[0] += count
                 batches[1] += total

@@ -52,18 +52,14 @@ from bench.gen import (
     load_generator,
     requests,
     run_direct,
-    spawn_client,
-    until_ready,
-    until_runtime_threads_gone,
-    wait_assigned,
+    run_worker,
 )
 from bench.harness import on_broker, quiet_logs
 from bench.machine import LoadMeter, describe, load_average, spread
-from consumers.runtime import StageRuntime
 from consumers.subscriber import Subscriber
 from gen_worker.generate import Generator
 from gen_worker.handler import GenStage
-from genseg.workers import runtime_config, settle_gc_for_serving
+from genseg.workers import settle_gc_for_serving
 from plumbing.settings import Settings
 from producers.publisher import Publisher
 from schemas import ImageReadyEvent, PromptEvent
@@ -103,26 +99,13 @@ async def _client(
     return out
 
 
-async def run_worker(
+async def paced_round(
     stage: GenStage, settings: Settings, events: list[PromptEvent], timeout_s: float
 ) -> list[tuple[float, float]]:
     """Per request (end-to-end s, handler s) through a runtime started for this round."""
-    config = runtime_config(stage, create_topics=False)
-    client, here = spawn_client(client_main, settings, [e.model_dump_json() for e in events])
-    async with StageRuntime(stage, settings, config) as rt:
-        await wait_assigned(rt, timeout_s)
-        client.start()
-        try:
-            await until_ready(here, client, LoadMeter({}), timeout_s)
-            here.send("go")
-            if not await asyncio.to_thread(here.poll, timeout_s):
-                raise TimeoutError(f"images missing after {timeout_s} s")
-            timings: list[tuple[float, float]] = here.recv()
-        finally:
-            await asyncio.to_thread(client.join, 30)
-            if client.is_alive():
-                client.kill()
-    await until_runtime_threads_gone(f"genseg-{stage.name}")
+    timings, _ = await run_worker(
+        stage, settings, events, LoadMeter({}), timeout_s, client_target=client_main
+    )
     return timings
 
 
@@ -137,7 +120,7 @@ async def bench(args: argparse.Namespace, bootstrap: str, blob_dir: str) -> dict
     stage = GenStage(settings, generator=generator)
     settle_gc_for_serving()
     warm = requests(2, args.size, 2, "warm")
-    await run_worker(stage, settings, warm, args.timeout)
+    await paced_round(stage, settings, warm, args.timeout)
     await in_fresh_thread(direct_each, generator, warm)
     rounds: list[dict[str, Any]] = []
     for r in range(args.repeats):
@@ -154,7 +137,7 @@ async def bench(args: argparse.Namespace, bootstrap: str, blob_dir: str) -> dict
                 )
                 row[mode] = {"s": round(statistics.median(seconds), 4)}
             else:
-                timings = await run_worker(stage, settings, events, args.timeout)
+                timings = await paced_round(stage, settings, events, args.timeout)
                 row[mode] = {
                     "s": round(statistics.median(t for t, _ in timings), 4),
                     "handler_s": round(statistics.median(h for _, h in timings), 4),
