@@ -9,10 +9,10 @@ Side by side in one run, on one machine, with the same loaded models:
   ``KAFKA_BOOTSTRAP_SERVERS`` is set), consumed by a :class:`GenStage` inside a stage
   runtime in this process at ``genseg worker``'s default configuration
   (micro-batching, image and heat-map PNGs, blob writes, image-ready and progress
-  events). A client in a process of its own (as clients are: a
+  events). A client in a process of its own (:mod:`bench.clients`; as clients are: a
   :class:`~producers.publisher.Publisher` and a :class:`~consumers.subscriber.Subscriber`
-  with the default fetch wait) times it from its first publish until it has read the
-  last image-ready event.
+  with the default fetch wait, and no model code) times it from its first publish until
+  it has read the last image-ready event.
 - ``polled`` (only with ``--polled``; a diagnostic, no target): the direct run while a
   client process of the worker rounds' kind, without requests, polls the broker:
   what the client and the broker alone take from the generation on this machine.
@@ -55,7 +55,6 @@ import asyncio
 import cProfile
 import json
 import logging
-import multiprocessing as mp
 import os
 import statistics
 import sys
@@ -63,8 +62,6 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -72,10 +69,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.clients import client_process
 from bench.harness import on_broker, quiet_logs
 from bench.machine import LoadMeter, describe, load_average, spread
 from consumers.runtime import StageRuntime
-from consumers.subscriber import Subscriber
 from gen_worker.generate import Generator, Sample
 from gen_worker.handler import GenStage
 from gen_worker.profiles import GenModels
@@ -83,8 +80,7 @@ from gen_worker.requests import batch_spec, image_seeds
 from genseg.workers import runtime_config, settle_gc_for_serving
 from plumbing.kafka import ensure_topics
 from plumbing.settings import Settings
-from producers.publisher import Publisher
-from schemas import ImageReadyEvent, PromptEvent
+from schemas import PromptEvent
 
 log = logging.getLogger("bench.gen")
 T = TypeVar("T")
@@ -157,87 +153,16 @@ async def wait_assigned(rt: StageRuntime, timeout: float) -> None:
         await asyncio.sleep(0.05)
 
 
-def client_main(settings: dict[str, Any], events: list[str], conn: Connection) -> None:
-    """The client process: connect, say ready, on "go" publish ``events`` (JSON) and read
-    image-ready events until every request has one; send back the seconds that took."""
-    logging.basicConfig(level=logging.WARNING)
-    conn.send(asyncio.run(_client(Settings(**settings), events, conn)))
-
-
-async def _client(settings: Settings, events: list[str], conn: Connection) -> float:
-    prompts = [PromptEvent.model_validate_json(e) for e in events]
-    wanted, seen = {e.id for e in prompts}, set[str]()
-    async with Subscriber(settings, ["images", "dlq"]) as sub, Publisher(settings) as pub:
-        conn.send("ready")
-        await asyncio.to_thread(conn.recv)  # "go"
-        started = time.perf_counter()
-        await asyncio.gather(*(pub.publish(settings.topics.prompts, e) for e in prompts))
-        while not wanted <= seen:
-            for topic, event in await sub.next_events(0.2):
-                if getattr(event, "id", None) not in wanted:
-                    continue
-                if topic != settings.topics.images:
-                    raise RuntimeError(f"dead-lettered: {event}")
-                assert isinstance(event, ImageReadyEvent)
-                seen.add(event.id)
-        return time.perf_counter() - started
-
-
-def spawn_client(
-    target: Callable[..., None], settings: Settings, *args: Any
-) -> tuple[BaseProcess, Connection]:
-    """A client process (not started) that runs ``target(settings, *args, conn)``, with
-    the settings a client needs as a dict, and this end of its pipe."""
-    ctx = mp.get_context("spawn")
-    here, there = ctx.Pipe()
-    fields = {"kafka_bootstrap_servers", "topic_prefix", "blob_url"}
-    process = ctx.Process(
-        target=target, args=(settings.model_dump(include=fields), *args, there), daemon=True
-    )
-    return process, here
-
-
-async def until_ready(
-    conn: Connection, process: BaseProcess, meter: LoadMeter, timeout_s: float
-) -> None:
-    """Until the started client says "ready"; then ``meter`` counts it as ``client``."""
-    if not await asyncio.to_thread(conn.poll, timeout_s):
-        raise TimeoutError("the client did not start")
-    assert conn.recv() == "ready"
-    meter.roles["client"] = [process.pid or 0]
-
-
-def poller_main(settings: dict[str, Any], conn: Connection) -> None:
-    """A client that only waits (``--polled``): the worker rounds' client without
-    requests, its consumer polling the image-ready and dead-letter topics until told."""
-    logging.basicConfig(level=logging.WARNING)
-    asyncio.run(_poll(Settings(**settings), conn))
-
-
-async def _poll(settings: Settings, conn: Connection) -> None:
-    async with Subscriber(settings, ["images", "dlq"]) as sub:
-        conn.send("ready")
-        while not conn.poll():
-            await sub.next_events(0.2)
-
-
 async def beside_polling_client(
     settings: Settings, meter: LoadMeter, timeout_s: float, fn: Callable[..., T], *args: Any
 ) -> T:
     """``fn(*args)`` on a fresh thread while an idle client polls the broker from its own
     process (``meter`` covers the call and counts the client as ``client``): what a
     waiting client and the broker alone take from the work beside them (a diagnostic)."""
-    poller, here = spawn_client(poller_main, settings)
-    poller.start()
-    try:
-        await until_ready(here, poller, meter, timeout_s)
+    async with client_process("poll", settings, [], timeout_s) as poller:
+        meter.roles["client"] = [poller.pid]
         with meter:
             return await in_fresh_thread(fn, *args)
-    finally:
-        here.send("stop")
-        await asyncio.to_thread(poller.join, 30)
-        if poller.is_alive():
-            poller.kill()
 
 
 async def run_worker(
@@ -247,32 +172,23 @@ async def run_worker(
     meter: LoadMeter,
     timeout_s: float,
     profiler: cProfile.Profile | None = None,
-    client_target: Callable[..., None] = client_main,
+    client_role: str = "batch",
 ) -> tuple[Any, StageRuntime]:
-    """What the client process (``client_target``; by default :func:`client_main`: the
-    seconds from its first publish until it read the last image-ready event) sends back,
-    through a runtime started (and joined) for this round; ``meter`` covers that span
-    (the client's pid is added to it as ``client``)."""
+    """The reply of a ``client_role`` client (:mod:`bench.clients`; by default ``batch``:
+    the seconds from its first publish until it read the last image-ready event) through
+    a runtime started (and joined) for this round; ``meter`` covers that span (the
+    client's pid is added to it as ``client``)."""
     rt = StageRuntime(stage, settings, runtime_config(stage, create_topics=False))
-    client, here = spawn_client(client_target, settings, [e.model_dump_json() for e in events])
     async with rt:
         await wait_assigned(rt, timeout_s)
-        client.start()
-        try:
-            await until_ready(here, client, meter, timeout_s)
+        async with client_process(client_role, settings, events, timeout_s) as client:
+            meter.roles["client"] = [client.pid]
             if profiler is not None:
                 profiler.enable()
             with meter:
-                here.send("go")
-                if not await asyncio.to_thread(here.poll, timeout_s):
-                    raise TimeoutError(f"images missing after {timeout_s} s")
-                reply = here.recv()
+                reply = await client.go(timeout_s)
             if profiler is not None:
                 profiler.disable()
-        finally:
-            await asyncio.to_thread(client.join, 30)
-            if client.is_alive():
-                client.kill()
     await until_runtime_threads_gone(f"genseg-{stage.name}")
     return reply, rt
 

@@ -9,8 +9,8 @@ machine, with the same loaded models, rounds alternating (the order flips each r
 - ``direct``: :meth:`gen_worker.generate.Generator.generate` on each request alone, in
   a thread of this process (no runtime exists);
 - ``worker``: a :class:`GenStage` in a stage runtime at ``genseg worker``'s defaults; a
-  client in a process of its own publishes one request, reads its image-ready event,
-  then publishes the next. Its fetch loop is not paused at this load: it sends an
+  client in a process of its own (:mod:`bench.clients`) publishes one request, reads its
+  image-ready event, then publishes the next. Its fetch loop is not paused at this load: it sends an
   empty fetch each ``KAFKA_FETCH_MAX_WAIT_MS`` while the model works;
 - ``polled`` (a diagnostic): ``direct`` while the worker rounds' kind of client, without
   requests, waits for image-ready events from its own process: what the client and the
@@ -32,13 +32,10 @@ Prints the machine; the last line is one JSON object ``{"bench": "gen_paced", ..
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import statistics
 import sys
-import time
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -56,47 +53,15 @@ from bench.gen import (
 )
 from bench.harness import on_broker, quiet_logs
 from bench.machine import LoadMeter, describe, load_average, spread
-from consumers.subscriber import Subscriber
 from gen_worker.generate import Generator
 from gen_worker.handler import GenStage
 from genseg.workers import settle_gc_for_serving
 from plumbing.settings import Settings
-from producers.publisher import Publisher
-from schemas import ImageReadyEvent, PromptEvent
+from schemas import PromptEvent
 
 log = logging.getLogger("bench.gen_paced")
 
 MODES = ("direct", "worker", "polled")
-
-
-def client_main(settings: dict[str, Any], events: list[str], conn: Connection) -> None:
-    """The client process: on "go", each request in turn: publish, read its image-ready
-    event; send back per request (seconds end to end, seconds of the handler's phases)."""
-    logging.basicConfig(level=logging.WARNING)
-    conn.send(asyncio.run(_client(Settings(**settings), events, conn)))
-
-
-async def _client(
-    settings: Settings, events: list[str], conn: Connection
-) -> list[tuple[float, float]]:
-    out: list[tuple[float, float]] = []
-    async with Subscriber(settings, ["images", "dlq"]) as sub, Publisher(settings) as pub:
-        conn.send("ready")
-        await asyncio.to_thread(conn.recv)  # "go"
-        for raw in events:
-            prompt = PromptEvent.model_validate_json(raw)
-            started = time.perf_counter()
-            await pub.publish(settings.topics.prompts, prompt)
-            ready: ImageReadyEvent | None = None
-            while ready is None:
-                for topic, event in await sub.next_events(0.2):
-                    if getattr(event, "id", None) != prompt.id:
-                        continue
-                    if not isinstance(event, ImageReadyEvent):
-                        raise RuntimeError(f"{topic}: {event}")
-                    ready = event
-            out.append((time.perf_counter() - started, sum(ready.timings_ms.values()) / 1e3))
-    return out
 
 
 async def paced_round(
@@ -104,7 +69,7 @@ async def paced_round(
 ) -> list[tuple[float, float]]:
     """Per request (end-to-end s, handler s) through a runtime started for this round."""
     timings, _ = await run_worker(
-        stage, settings, events, LoadMeter({}), timeout_s, client_target=client_main
+        stage, settings, events, LoadMeter({}), timeout_s, client_role="paced"
     )
     return timings
 
