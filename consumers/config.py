@@ -47,7 +47,7 @@ class RuntimeConfig:
     instance_id: str | None = None  # static membership (group.instance.id)
     # Kafka notices a dead member after the session timeout; tansu also completes a
     # group join only after half of it, so it stays short (aiokafka's default).
-    session_timeout_ms: int = 10_000
+    session_timeout_ms: int | None = None  # None: Settings.kafka_session_timeout_ms
     heartbeat_interval_ms: int = 1_000
     max_poll_interval_ms: int = 300_000
     fetch_max_wait_ms: int | None = None  # None: Settings.kafka_fetch_max_wait_ms

@@ -183,7 +183,8 @@ class StageRuntime(AsyncService):
             group_instance_id=self.config.instance_id,
             enable_auto_commit=False,
             auto_offset_reset=self.config.auto_offset_reset,
-            session_timeout_ms=self.config.session_timeout_ms,
+            session_timeout_ms=self.config.session_timeout_ms
+            or self.settings.kafka_session_timeout_ms,
             heartbeat_interval_ms=self.config.heartbeat_interval_ms,
             max_poll_interval_ms=self.config.max_poll_interval_ms,
             fetch_max_wait_ms=fetch_wait,

@@ -46,6 +46,14 @@ class Settings(BaseSettings):
     kafka_fetch_max_wait_ms: int = Field(
         default=25, ge=1, le=60_000, validation_alias="KAFKA_FETCH_MAX_WAIT_MS"
     )
+    #: How long a worker's group waits for its heartbeat before giving its partitions to
+    #: another member: a crashed worker's requests wait this long. On tansu every group
+    #: join also completes only after half of it (Apache Kafka waits
+    #: ``group.initial.rebalance.delay.ms``, 3 s by default, and refuses sessions under
+    #: ``group.min.session.timeout.ms``, 6 s by default).
+    kafka_session_timeout_ms: int = Field(
+        default=10_000, ge=3_000, le=1_800_000, validation_alias="KAFKA_SESSION_TIMEOUT_MS"
+    )
     kafka_ssl_check_hostname: bool = Field(
         default=True, validation_alias="KAFKA_SSL_CHECK_HOSTNAME"
     )

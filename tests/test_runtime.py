@@ -343,6 +343,23 @@ async def test_a_short_wait_for_room_keeps_the_partitions_fetching(settings: Set
         gate.set()
 
 
+async def test_the_group_session_is_the_settings_unless_the_config_names_one(
+    settings: Settings,
+) -> None:
+    """``KAFKA_SESSION_TIMEOUT_MS`` is the session of every runtime whose config names none
+    (a crashed worker's partitions move after it); 3 s is the least it takes."""
+    short = settings.model_copy(update={"kafka_session_timeout_ms": 3000})
+    for config, expected in (
+        (RuntimeConfig(heartbeat_interval_ms=500), 3000),
+        (RuntimeConfig(**FAST), 6000),
+    ):
+        async with StageRuntime(ToyStage(), short, config) as rt:
+            assert rt._consumer is not None
+            assert rt._consumer._session_timeout_ms == expected  # what aiokafka joins with
+    with pytest.raises(ValueError, match="greater than or equal to 3000"):
+        Settings(kafka_session_timeout_ms=2000)
+
+
 def test_pause_after_must_be_below_the_poll_interval() -> None:
     with pytest.raises(ValueError, match="pause_after_ms"):
         RuntimeConfig(pause_after_ms=300_000)
