@@ -13,6 +13,7 @@ def test_pipeline_bench_reports_every_part(tmp_path: Path) -> None:
         "pipeline.py", "--requests", "2", "--steps", "2",
         "--repeats", "2", "--scale-requests", "4", "--scale-repeats", "2",
         "--flow-requests", "1", "--flow-size", "64", "--flow-repeats", "1", tmp_path=tmp_path,
+        session_timeout_ms=None,  # (b) freezes a group for 4 s at a time: 10 s, as it runs
     )  # fmt: skip
     assert result["bench"] == "pipeline"
 
