@@ -297,12 +297,16 @@ def load_sam(
     """
     spec = seg_profile(profile)
     sam_arch = resolve_arch(profile, arch)
-    model = build_sam(sam_arch, seed=seed)
+    state = None
     if spec.weights == "checkpoint":
         checkpoint = checkpoint or spec.default_checkpoint
         if not checkpoint:
             raise ValueError(f"the {profile} profile needs SAM_CHECKPOINT (a path or URL)")
+        # Read before building: a missing or unreadable checkpoint is said before the
+        # seeded initialisation of ViT-H's 636M parameters (about 10 s on a 2-core CPU).
         state = read_checkpoint(checkpoint)
+    model = build_sam(sam_arch, seed=seed)
+    if state is not None:
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
