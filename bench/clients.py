@@ -111,19 +111,25 @@ async def client_process(
 # --- the client process -----------------------------------------------------------------
 
 
-async def _batch(sub: Subscriber, pub: Publisher, prompts: list[PromptEvent]) -> float:
-    topics = sub.settings.topics
-    wanted, seen = {e.id for e in prompts}, set[str]()
-    started = time.perf_counter()
-    await asyncio.gather(*(pub.publish(topics.prompts, e) for e in prompts))
-    while not wanted <= seen:
+async def _images(sub: Subscriber, wanted: set[str]) -> dict[str, ImageReadyEvent]:
+    """The image-ready event of each id in ``wanted``, read until every one has one; any
+    other event for those ids (a dead letter) fails the run."""
+    images: dict[str, ImageReadyEvent] = {}
+    while len(images) < len(wanted):
         for topic, event in await sub.next_events(0.2):
             if getattr(event, "id", None) not in wanted:
                 continue
-            if topic != topics.images:
-                raise RuntimeError(f"dead-lettered: {event}")
-            assert isinstance(event, ImageReadyEvent)
-            seen.add(event.id)
+            if not isinstance(event, ImageReadyEvent):
+                raise RuntimeError(f"{topic}: {event}")
+            images[event.id] = event
+    return images
+
+
+async def _batch(sub: Subscriber, pub: Publisher, prompts: list[PromptEvent]) -> float:
+    started = time.perf_counter()
+    topic = sub.settings.topics.prompts
+    await asyncio.gather(*(pub.publish(topic, e) for e in prompts))
+    await _images(sub, {e.id for e in prompts})
     return time.perf_counter() - started
 
 
@@ -134,14 +140,7 @@ async def _paced(
     for prompt in prompts:
         started = time.perf_counter()
         await pub.publish(sub.settings.topics.prompts, prompt)
-        ready: ImageReadyEvent | None = None
-        while ready is None:
-            for topic, event in await sub.next_events(0.2):
-                if getattr(event, "id", None) != prompt.id:
-                    continue
-                if not isinstance(event, ImageReadyEvent):
-                    raise RuntimeError(f"{topic}: {event}")
-                ready = event
+        ready = (await _images(sub, {prompt.id}))[prompt.id]
         out.append((time.perf_counter() - started, sum(ready.timings_ms.values()) / 1e3))
     return out
 

@@ -10,8 +10,8 @@ machine, with the same loaded models, rounds alternating (the order flips each r
   a thread of this process (no runtime exists);
 - ``worker``: a :class:`GenStage` in a stage runtime at ``genseg worker``'s defaults; a
   client in a process of its own (:mod:`bench.clients`) publishes one request, reads its
-  image-ready event, then publishes the next. Its fetch loop is not paused at this load: it sends an
-  empty fetch each ``KAFKA_FETCH_MAX_WAIT_MS`` while the model works;
+  image-ready event, then publishes the next. Its fetch loop is not paused at this load:
+  it sends an empty fetch each ``KAFKA_FETCH_MAX_WAIT_MS`` while the model works;
 - ``polled`` (a diagnostic): ``direct`` while the worker rounds' kind of client, without
   requests, waits for image-ready events from its own process: what the client and the
   broker alone take from the generation on this machine.
@@ -71,7 +71,7 @@ async def paced_round(
     timings, _ = await run_worker(
         stage, settings, events, LoadMeter({}), timeout_s, client_role="paced"
     )
-    return timings
+    return [(end_to_end, handler) for end_to_end, handler in timings]  # JSON pairs
 
 
 def direct_each(generator: Generator, events: list[PromptEvent]) -> list[float]:
