@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from tests import forkserver
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +32,7 @@ def run_bench(
         env["KAFKA_SESSION_TIMEOUT_MS"] = str(session_timeout_ms)
     env["TMPDIR"] = str(tmp_path)
     command = [sys.executable, f"bench/{script}", *args]
-    done = subprocess.run(
+    done = forkserver.run(
         command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -39,6 +39,7 @@ from typing import Any
 
 from plumbing.broker import free_port
 from plumbing.settings import Settings
+from tests import forkserver
 from tests.kafka_utils import TopicReader
 
 REPO = Path(__file__).resolve().parent.parent
@@ -122,7 +123,7 @@ class WorkerProcess:
         self.name = name or kind
         self.args = list(args)
         self.log_path = log_dir / f"{self.name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: forkserver.Process | None = None
         self.starts = 0
         self.kills = 0
         self._log_offset = 0  # where the current incarnation's log starts
@@ -142,7 +143,7 @@ class WorkerProcess:
             log.write(f"\n=== start {self.starts} of {self.name} ===\n".encode())
             log.flush()
             self._log_offset = log.tell()
-            self.proc = subprocess.Popen(
+            self.proc = forkserver.popen(
                 self.command(), env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO
             )
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import subprocess
 import sys
 import tomllib
 from collections.abc import Iterator
@@ -34,6 +33,7 @@ import pytest
 from plumbing.kafka import ensure_topics
 from plumbing.settings import Settings
 from schemas import decode_record
+from tests import forkserver
 from tests.rel_utils import WorkerProcess, worker_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,7 +119,7 @@ async def _all_assigned(workers: list[WorkerProcess]) -> None:
 def test_python_blocks_run(block: Block, pipeline: dict[str, str], tmp_path: Path) -> None:
     script = tmp_path / "block.py"
     script.write_text(block.body)
-    done = subprocess.run(
+    done = forkserver.run(
         [sys.executable, str(script)],
         env=pipeline,
         cwd=tmp_path,

@@ -45,6 +45,7 @@ from schemas import (
     ResolvedParams,
     SegmentationOptions,
 )
+from tests import forkserver
 from tests.kafka_utils import TopicReader
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 
@@ -84,7 +85,7 @@ async def eventually(condition: Callable[[], bool], timeout: float, what: str) -
 @dataclass
 class Worker:
     kind: str
-    proc: subprocess.Popen[bytes]
+    proc: forkserver.Process
     log_path: Path
     metrics_port: int
 
@@ -132,14 +133,13 @@ class Pipeline:
 
     def cli(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
         """Run ``genseg ARGS`` as a process with the pipeline's environment."""
-        return subprocess.run(
+        return forkserver.run(
             [sys.executable, "-m", "genseg.cli", *args],
             env=self.env,
             cwd=ROOT,
             capture_output=True,
             text=True,
             timeout=timeout,
-            check=False,
         )
 
 
@@ -151,7 +151,7 @@ def start_worker(kind: str, env: dict[str, str], log_dir: Path, *extra: str) -> 
         "--torch-threads", "1", "--no-create-topics", "--drain-timeout", "60", *extra,
     ]  # fmt: skip
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        proc = forkserver.popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     return Worker(kind, proc, log_path, port)
 
 

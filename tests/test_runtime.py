@@ -31,6 +31,7 @@ from plumbing.settings import Settings
 from plumbing.telemetry import GensegTracerProvider, spans_recorded
 from producers.publisher import Publisher
 from schemas import PromptEvent, parse_prompts_record
+from tests import forkserver
 from tests.kafka_utils import TopicReader, committed_offsets, eventually
 from tests.toy_stage import Ping, Pong, ToyStage, fails
 
@@ -466,7 +467,7 @@ async def test_a_fast_handler_shares_trips_and_a_slow_call_stops_it(settings: Se
 # --- worker processes -------------------------------------------------------------------
 
 
-def start_worker(settings: Settings, name: str, log_dir: Path) -> tuple[subprocess.Popen, Path]:
+def start_worker(settings: Settings, name: str, log_dir: Path) -> tuple[forkserver.Process, Path]:
     log_path = log_dir / f"{name}.log"
     env = {
         **os.environ,
@@ -477,7 +478,7 @@ def start_worker(settings: Settings, name: str, log_dir: Path) -> tuple[subproce
         "TOY_LOG": "INFO",
     }
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(
+        proc = forkserver.popen(
             [sys.executable, "-m", "tests.toy_stage"],
             env=env,
             stdout=log,
@@ -487,7 +488,7 @@ def start_worker(settings: Settings, name: str, log_dir: Path) -> tuple[subproce
     return proc, log_path
 
 
-def logged(proc: subprocess.Popen, log_path: Path, text: str) -> bool:
+def logged(proc: forkserver.Process, log_path: Path, text: str) -> bool:
     """True once the worker logged ``text``; fails at once if the worker died."""
     output = log_path.read_text(errors="replace")
     assert proc.poll() is None or text in output, output[-3000:]

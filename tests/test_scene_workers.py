@@ -31,6 +31,7 @@ from plumbing.mesh import load_glb
 from plumbing.settings import Settings
 from producers.publisher import Publisher
 from schemas import ImageReadyEvent, ResolvedParams, SceneOptions, SceneReadyEvent, SceneViewRecord
+from tests import forkserver
 from tests.kafka_utils import TopicReader, committed_offsets, eventually
 
 ANGLES = (0, 45, 90, 135)
@@ -38,7 +39,7 @@ SIZE = 64
 PARTITIONS = 2
 
 
-def start_worker(settings: Settings, name: str, log_dir: Path) -> tuple[subprocess.Popen, Path]:
+def start_worker(settings: Settings, name: str, log_dir: Path) -> tuple[forkserver.Process, Path]:
     log_path = log_dir / f"{name}.log"
     env = {
         **os.environ,
@@ -53,13 +54,13 @@ def start_worker(settings: Settings, name: str, log_dir: Path) -> tuple[subproce
     command = [sys.executable, "-m", "genseg.cli", "worker", "seg", "--torch-threads", "1"]
     command += ["--partitions", str(PARTITIONS), "--log-level", "INFO"]
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(
+        proc = forkserver.popen(
             command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent
         )
     return proc, log_path
 
 
-def logged(proc: subprocess.Popen, log_path: Path, text: str) -> bool:
+def logged(proc: forkserver.Process, log_path: Path, text: str) -> bool:
     """True once the worker logged ``text``; fails at once if the worker died."""
     output = log_path.read_text(errors="replace")
     assert proc.poll() is None or text in output, output[-3000:]
