@@ -11,6 +11,7 @@ import pytest
 
 from plumbing.broker import EmbeddedBroker
 from plumbing.settings import Settings
+from tests import forkserver
 
 _prefixes = itertools.count()
 
@@ -20,6 +21,18 @@ _prefixes = itertools.count()
 # rebalance, and 4 s off every takeover of a killed worker's partitions. Tests that start
 # processes as a user would (no KAFKA_* of this run) keep the default.
 os.environ.setdefault("KAFKA_SESSION_TIMEOUT_MS", "6000")
+
+
+@pytest.fixture(autouse=True)
+def environment_restored() -> Iterator[None]:
+    """Each test leaves the environment as it found it. A command run in-process (typer's
+    CliRunner) sets variables that would otherwise stay for every later test, and the
+    processes they start (tests/forkserver.py forks only for an unchanged environment)."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")
@@ -57,3 +70,11 @@ def restore_threads() -> Iterator[None]:
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """How the test processes started (tests/forkserver.py): a run whose processes all
+    start fresh has lost the fork server, which the summary makes visible."""
+    if forkserver.counts:
+        summary = ", ".join(f"{n} {how}" for how, n in forkserver.counts.most_common())
+        terminalreporter.write_line(f"test processes: {summary}")

@@ -45,6 +45,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -76,6 +77,9 @@ RUN_TIME_VARIABLES = re.compile(
 )
 
 logger = logging.getLogger(__name__)
+
+#: How many requests were forked and why the others were not (the session's summary).
+counts: Counter[str] = Counter()
 
 # The environment before any test changed it: the server's, whenever it starts.
 _BASE_ENV = dict(os.environ)
@@ -374,6 +378,7 @@ def forkable(args: Sequence[str], env: Mapping[str, str]) -> dict[str, Any] | No
     for name in set(env) | set(_BASE_ENV):
         if not RUN_TIME_VARIABLES.match(name) and env.get(name) != _BASE_ENV.get(name):
             logger.info("a fresh interpreter for %s: %s differs", args[1:3], name)
+            counts[f"fresh ({name} differs)"] += 1
             return None
     return {"kind": kind, "target": target, "args": list(rest), "env": dict(env)}
 
@@ -416,6 +421,7 @@ def popen(
             else:
                 fds.append(given if isinstance(given, int) else given.fileno())
         connection, pid, pidfd = _the_server().spawn(args, request, fds)
+    counts["forked"] += 1
 
     def reader(number: int) -> IO[Any] | None:
         if number not in readers:

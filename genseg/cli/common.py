@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from enum import StrEnum
 from typing import Annotated, Any
@@ -64,10 +65,18 @@ def setup_logging(level: str) -> None:
         # Libraries' warnings (deprecations, "Couldn't connect to the Hub...") are for
         # developers, shown from --log-level INFO down; here they would crowd what a
         # failure says in words. diffusers and transformers log through handlers of
-        # their own, configured from these variables when first imported.
+        # their own, configured from these variables when first imported; one imported
+        # already (by the caller of this command, in-process) is told directly.
         logging.getLogger("py.warnings").setLevel(logging.ERROR)
-        for variable in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
-            os.environ.setdefault(variable, "error")
+        for variable, library in (
+            ("DIFFUSERS_VERBOSITY", "diffusers"),
+            ("TRANSFORMERS_VERBOSITY", "transformers"),
+        ):
+            if variable in os.environ:
+                continue  # the user's choice
+            os.environ[variable] = "error"
+            if library in sys.modules:
+                sys.modules[library].utils.logging.set_verbosity_error()
 
 
 def settings(**overrides: Any) -> Settings:
