@@ -54,6 +54,11 @@ ENTRY_POINT_GROUP = "genseg.seg_profiles"
 #: Seed of the random initialisation; the same in every process.
 DEFAULT_SEED = 0
 
+#: SAM's input normalisation (ImageNet's, in 0-255 units): buffers of ``Sam`` that no
+#: checkpoint holds.
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
 #: ``GENSEG_SEG_DTYPE`` values other than ``auto`` -> autocast dtype (None: fp32).
 SEG_DTYPES: dict[str, torch.dtype | None] = {
     "fp32": None,
@@ -122,43 +127,77 @@ def build_sam(arch: str | SamArch, *, seed: int = DEFAULT_SEED) -> Sam:
     spec = ARCHS[arch] if isinstance(arch, str) else arch
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Sam(
-            image_encoder=ImageEncoderViT(
-                depth=spec.encoder_depth,
-                embed_dim=spec.encoder_embed_dim,
-                img_size=spec.img_size,
-                mlp_ratio=4,
-                norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-                num_heads=spec.encoder_num_heads,
-                patch_size=spec.patch_size,
-                qkv_bias=True,
-                use_rel_pos=True,
-                global_attn_indexes=spec.encoder_global_attn_indexes,
-                window_size=spec.window_size,
-                out_chans=spec.prompt_embed_dim,
-            ),
-            prompt_encoder=PromptEncoder(
-                embed_dim=spec.prompt_embed_dim,
-                image_embedding_size=(spec.embedding_size, spec.embedding_size),
-                input_image_size=(spec.img_size, spec.img_size),
-                mask_in_chans=spec.mask_in_chans,
-            ),
-            mask_decoder=MaskDecoder(
-                num_multimask_outputs=3,
-                transformer=TwoWayTransformer(
-                    depth=spec.decoder_depth,
-                    embedding_dim=spec.prompt_embed_dim,
-                    mlp_dim=spec.decoder_mlp_dim,
-                    num_heads=spec.decoder_num_heads,
-                ),
-                transformer_dim=spec.prompt_embed_dim,
-                iou_head_depth=spec.iou_head_depth,
-                iou_head_hidden_dim=spec.iou_head_hidden_dim,
-            ),
-            pixel_mean=[123.675, 116.28, 103.53],
-            pixel_std=[58.395, 57.12, 57.375],
-        )
+        return _inference(_construct(spec))
+
+
+def sam_with_weights(arch: str | SamArch, state: Mapping[str, torch.Tensor]) -> Sam:
+    """A SAM model of ``arch`` holding the tensors of ``state``, in eval mode, on their
+    device (the CPU for :func:`read_checkpoint`'s).
+
+    The model is built on the meta device and takes the state's tensors as they are
+    (cast to the model's dtypes where they differ): ViT-H's 636M parameters are neither
+    initialised, about 10 s on a 2-core CPU, nor copied. Strict: a ``state`` of another
+    architecture raises ValueError with the mismatching keys.
+    """
+    spec = ARCHS[arch] if isinstance(arch, str) else arch
+    with torch.device("meta"):
+        model = _construct(spec)
+    expected = model.state_dict()
+    fitted = {
+        key: tensor.to(expected[key].dtype) if key in expected else tensor
+        for key, tensor in state.items()
+    }
+    try:
+        model.load_state_dict(fitted, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise ValueError(f"does not fit architecture {spec.name!r}: {exc}") from None
+    # The two buffers no checkpoint holds (persistent=False in Sam).
+    model.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(-1, 1, 1), False)
+    model.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(-1, 1, 1), False)
+    empty = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if empty:
+        raise RuntimeError(f"SAM {spec.name}: no tensor for {empty} after loading")
     return _inference(model)
+
+
+def _construct(spec: SamArch) -> Sam:
+    """SAM's modules for ``spec``, initialised as their constructors do."""
+    return Sam(
+        image_encoder=ImageEncoderViT(
+            depth=spec.encoder_depth,
+            embed_dim=spec.encoder_embed_dim,
+            img_size=spec.img_size,
+            mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=spec.encoder_num_heads,
+            patch_size=spec.patch_size,
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=spec.encoder_global_attn_indexes,
+            window_size=spec.window_size,
+            out_chans=spec.prompt_embed_dim,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=spec.prompt_embed_dim,
+            image_embedding_size=(spec.embedding_size, spec.embedding_size),
+            input_image_size=(spec.img_size, spec.img_size),
+            mask_in_chans=spec.mask_in_chans,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(
+                depth=spec.decoder_depth,
+                embedding_dim=spec.prompt_embed_dim,
+                mlp_dim=spec.decoder_mlp_dim,
+                num_heads=spec.decoder_num_heads,
+            ),
+            transformer_dim=spec.prompt_embed_dim,
+            iou_head_depth=spec.iou_head_depth,
+            iou_head_hidden_dim=spec.iou_head_hidden_dim,
+        ),
+        pixel_mean=list(PIXEL_MEAN),
+        pixel_std=list(PIXEL_STD),
+    )
 
 
 def _inference(model: Sam) -> Sam:
@@ -297,24 +336,18 @@ def load_sam(
     """
     spec = seg_profile(profile)
     sam_arch = resolve_arch(profile, arch)
-    state = None
-    if spec.weights == "checkpoint":
-        checkpoint = checkpoint or spec.default_checkpoint
-        if not checkpoint:
-            raise ValueError(f"the {profile} profile needs SAM_CHECKPOINT (a path or URL)")
-        # Read before building: a missing or unreadable checkpoint is said before the
-        # seeded initialisation of ViT-H's 636M parameters (about 10 s on a 2-core CPU).
-        state = read_checkpoint(checkpoint)
-    model = build_sam(sam_arch, seed=seed)
-    if state is not None:
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise ValueError(
-                f"SAM checkpoint {checkpoint!r} does not fit architecture {sam_arch.name!r}: {exc}"
-            ) from None
-        log.info("loaded SAM %s weights from %s", sam_arch.name, checkpoint)
-    return _inference(model).to(resolve_device(device))
+    if spec.weights != "checkpoint":
+        return build_sam(sam_arch, seed=seed).to(resolve_device(device))
+    checkpoint = checkpoint or spec.default_checkpoint
+    if not checkpoint:
+        raise ValueError(f"the {profile} profile needs SAM_CHECKPOINT (a path or URL)")
+    state = read_checkpoint(checkpoint)  # before building: a missing file is said first
+    try:
+        model = sam_with_weights(sam_arch, state)
+    except ValueError as exc:
+        raise ValueError(f"SAM checkpoint {checkpoint!r} {exc}") from None
+    log.info("loaded SAM %s weights from %s", sam_arch.name, checkpoint)
+    return model.to(resolve_device(device))
 
 
 def compile_image_encoder(

@@ -21,7 +21,7 @@ from seg_worker.finishing import (
     smooth_mask,
 )
 from seg_worker.predictor import CachedPredictor, Embedding, EmbeddingCache
-from seg_worker.profiles import ARCHS, build_sam, load_sam
+from seg_worker.profiles import ARCHS, build_sam, load_sam, sam_with_weights
 from seg_worker.prompts import (
     box_prompts,
     crop_around,
@@ -258,6 +258,22 @@ def test_pretrained_round_trip(tmp_path) -> None:
             )
         )
     torch.testing.assert_close(outs[0][0], outs[1][0])
+
+
+def test_weights_are_taken_not_initialised_and_copied() -> None:
+    source = build_sam("tiny", seed=7)
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    state["mask_decoder.iou_token.weight"] = state["mask_decoder.iou_token.weight"].half()
+    loaded = sam_with_weights("tiny", state)
+    taken = loaded.image_encoder.patch_embed.proj.weight
+    assert taken.data_ptr() == state["image_encoder.patch_embed.proj.weight"].data_ptr()
+    # a half-precision tensor is cast to the model's fp32, not taken as it is
+    assert loaded.mask_decoder.iou_token.weight.dtype == torch.float32
+    for (name, built), (_, got) in zip(
+        source.named_buffers(), loaded.named_buffers(), strict=True
+    ):  # pixel_mean and pixel_std included, which no checkpoint holds
+        assert not got.is_meta and torch.equal(built, got), name
+    assert not loaded.training and not taken.requires_grad
 
 
 def test_pretrained_refuses_wrong_architecture_and_pickled_code(tmp_path) -> None:
