@@ -72,6 +72,12 @@ def restore_threads() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The fork server's environment: the session's, with every test module imported
+    (toy's training modules set OMP_WAIT_POLICY when imported)."""
+    forkserver.set_baseline(os.environ)
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """How the test processes started (tests/forkserver.py): a run whose processes all
     start fresh has lost the fork server, which the summary makes visible."""

@@ -81,8 +81,26 @@ logger = logging.getLogger(__name__)
 #: How many requests were forked and why the others were not (the session's summary).
 counts: Counter[str] = Counter()
 
-# The environment before any test changed it: the server's, whenever it starts.
-_BASE_ENV = dict(os.environ)
+# The server's environment: the tests' own, before any test changed it (set_baseline).
+_baseline: dict[str, str] | None = None
+
+
+def set_baseline(env: Mapping[str, str]) -> None:
+    """The environment the server starts with, which a request must match outside
+    :data:`RUN_TIME_VARIABLES` to be forked: the session's once its test modules are
+    imported (tests/conftest.py; some set variables when imported). Without a call, the
+    environment at the first request."""
+    global _baseline
+    _baseline = dict(env)
+
+
+def _base_env() -> dict[str, str]:
+    if _baseline is None:
+        set_baseline(os.environ)
+    assert _baseline is not None
+    return _baseline
+
+
 _MAX_MESSAGE = 1 << 20
 
 
@@ -314,7 +332,7 @@ class _Server:
                 stderr=log,
                 # Its standard streams become each child's: unbuffered, as the workers'
                 # (PYTHONUNBUFFERED=1) are; a child without it only writes sooner.
-                env={**_BASE_ENV, "PYTHONUNBUFFERED": "1"},
+                env={**_base_env(), "PYTHONUNBUFFERED": "1"},
                 cwd=ROOT,
             )
         assert self.proc.stdout is not None
@@ -375,8 +393,9 @@ def forkable(args: Sequence[str], env: Mapping[str, str]) -> dict[str, Any] | No
         return None  # an interpreter option
     else:
         kind, target, rest = "script", args[1], args[2:]
-    for name in set(env) | set(_BASE_ENV):
-        if not RUN_TIME_VARIABLES.match(name) and env.get(name) != _BASE_ENV.get(name):
+    base = _base_env()
+    for name in set(env) | set(base):
+        if not RUN_TIME_VARIABLES.match(name) and env.get(name) != base.get(name):
             logger.info("a fresh interpreter for %s: %s differs", args[1:3], name)
             counts[f"fresh ({name} differs)"] += 1
             return None
