@@ -72,7 +72,7 @@ PRELOAD = (
 #: Variables a child may have different from the server's: read when a program runs,
 #: never by a library's import.
 RUN_TIME_VARIABLES = re.compile(
-    r"(KAFKA_|GENSEG_|SD_|SAM|TOY_|DEPTH_|OTEL_|AWS_|PYTEST_CURRENT_TEST$|PYTHONUNBUFFERED$|TMPDIR$"
+    r"(KAFKA_|GENSEG_|SD_|SAM|TOY_|DEPTH_|OTEL_|AWS_|REL_|PYTEST_CURRENT_TEST$|PYTHONUNBUFFERED$|TMPDIR$"
     r"|COLUMNS$|LINES$|(NO|HTTPS?|ALL)_PROXY$|(no|https?|all)_proxy$)"
 )
 
