@@ -249,6 +249,14 @@ async def run_cli(args: list[str], env: dict[str, str], timeout: float = 120.0) 
     )
 
 
+def logged(proc: forkserver.Process, log_path: Path, text: str) -> bool:
+    """True once the process ``proc``, writing to ``log_path``, logged ``text``; fails at
+    once if it died without (for tests that start their workers without WorkerProcess)."""
+    output = log_path.read_text(errors="replace")
+    assert proc.poll() is None or text in output, output[-3000:]
+    return text in output
+
+
 def stop_all(workers: Iterable[WorkerProcess]) -> None:
     for worker in workers:
         worker.stop(15)

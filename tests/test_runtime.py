@@ -33,6 +33,7 @@ from producers.publisher import Publisher
 from schemas import PromptEvent, parse_prompts_record
 from tests import forkserver
 from tests.kafka_utils import TopicReader, committed_offsets, eventually
+from tests.rel_utils import logged
 from tests.toy_stage import Ping, Pong, ToyStage, fails
 
 FAST = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 500, "commit_interval_ms": 50}
@@ -486,13 +487,6 @@ def start_worker(settings: Settings, name: str, log_dir: Path) -> tuple[forkserv
             cwd=Path(__file__).parent.parent,
         )
     return proc, log_path
-
-
-def logged(proc: forkserver.Process, log_path: Path, text: str) -> bool:
-    """True once the worker logged ``text``; fails at once if the worker died."""
-    output = log_path.read_text(errors="replace")
-    assert proc.poll() is None or text in output, output[-3000:]
-    return text in output
 
 
 @pytest.mark.slow

@@ -33,6 +33,7 @@ from producers.publisher import Publisher
 from schemas import ImageReadyEvent, ResolvedParams, SceneOptions, SceneReadyEvent, SceneViewRecord
 from tests import forkserver
 from tests.kafka_utils import TopicReader, committed_offsets, eventually
+from tests.rel_utils import logged
 
 ANGLES = (0, 45, 90, 135)
 SIZE = 64
@@ -58,13 +59,6 @@ def start_worker(settings: Settings, name: str, log_dir: Path) -> tuple[forkserv
             command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent
         )
     return proc, log_path
-
-
-def logged(proc: forkserver.Process, log_path: Path, text: str) -> bool:
-    """True once the worker logged ``text``; fails at once if the worker died."""
-    output = log_path.read_text(errors="replace")
-    assert proc.poll() is None or text in output, output[-3000:]
-    return text in output
 
 
 def room_image(angle: int) -> np.ndarray:
