@@ -36,7 +36,9 @@ import io
 import json
 import logging
 import os
+import random
 import re
+import runpy
 import selectors
 import signal
 import socket
@@ -45,6 +47,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -118,19 +121,13 @@ class _Job:
         if kind == "module":
             sys.argv = [target, *args]
             sys.path[0] = os.getcwd()
-            import runpy
-
             runpy.run_module(target, run_name="__main__", alter_sys=True)
         elif kind == "script":
             path = os.path.abspath(target)
             sys.argv = [target, *args]
             sys.path[0] = os.path.dirname(path)
-            import runpy
-
             runpy.run_path(path, run_name="__main__")
         else:
-            import types
-
             main = types.ModuleType("__main__")
             sys.modules["__main__"] = main
             sys.argv = ["-c", *args]
@@ -151,9 +148,7 @@ def _become_child(request: dict[str, Any], fds: list[int]) -> _Job:
     os.environ.update(request["env"])
     os.chdir(request["cwd"])
     # What a fresh interpreter would not share with its siblings.
-    import random
-
-    import numpy as np
+    import numpy as np  # here only: the client side needs the standard library alone
 
     random.seed()
     np.random.seed()
