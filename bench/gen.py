@@ -16,6 +16,10 @@ Side by side in one run, on one machine, with the same loaded models:
 - ``polled`` (only with ``--polled``; a diagnostic, no target): the direct run while a
   client process of the worker rounds' kind, without requests, polls the broker:
   what the client and the broker alone take from the generation on this machine.
+- ``process`` (only with ``--model-process``; a diagnostic, no target): the worker
+  with its generation in a process of its own (:mod:`bench.model_process`, forked
+  before anything else starts), the runtime's event loop apart from the model's GIL;
+  its CPU counts that process too.
 
 The runtime and the client exist only during worker rounds: they start and join
 their groups before the clock and stop after it, so a direct round runs beside
@@ -46,6 +50,7 @@ slower in wall time and 1.7x in CPU, whichever side it hit.
     python bench/gen.py                 # 32 requests, tiny profile, 64x64, 20 steps, 5 rounds
     python bench/gen.py --profile-worker /tmp/gen.pstats  # cProfile of the worker rounds
     python bench/gen.py --polled  # and the direct run beside an idle polling client
+    python bench/gen.py --model-process  # and the worker with its model in another process
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.clients import client_process
 from bench.harness import on_broker, quiet_logs
 from bench.machine import LoadMeter, describe, load_average, spread
+from bench.model_process import ModelProcess, ProcessGenerator
 from consumers.runtime import StageRuntime
 from gen_worker.generate import Generator, Sample
 from gen_worker.handler import GenStage
@@ -216,13 +222,22 @@ async def load_generator(
 
 
 async def bench(
-    args: argparse.Namespace, bootstrap: str, blob_dir: str, broker_pid: int | None
+    args: argparse.Namespace,
+    bootstrap: str,
+    blob_dir: str,
+    broker_pid: int | None,
+    model_process: ModelProcess | None = None,
 ) -> dict[str, Any]:
     info = {**describe(), "cuda": torch.cuda.is_available()}  # the commit as the run starts
     settings, generator = await load_generator(args, bootstrap, blob_dir, "bench")
     models = generator.models
     # Built here, not by genseg.workers: the stage shares its models with the direct path.
     stage = GenStage(settings, generator=generator)
+    remote = (
+        None
+        if model_process is None
+        else GenStage(settings, generator=ProcessGenerator(generator, model_process))
+    )
     config = runtime_config(stage)
     settle_gc_for_serving()  # as genseg worker does once its models are loaded; both modes
     roles = {"bench": [os.getpid()], "broker": [broker_pid] if broker_pid else []}
@@ -238,10 +253,19 @@ async def bench(
     await in_fresh_thread(
         run_direct, generator, requests(2, args.size, 2, "warm"), config.max_batch
     )
+    if remote is not None:
+        await run_worker(
+            remote, settings, requests(2, args.size, 2, "warmp"), LoadMeter({}), args.timeout
+        )
     for r in range(args.repeats):
         seed0 = 1000 + 100 * r
         row: dict[str, Any] = {"round": r}
-        modes = ["direct", "worker", *(["polled"] if args.polled else [])]
+        modes = [
+            "direct",
+            "worker",
+            *(["polled"] if args.polled else []),
+            *(["process"] if remote is not None else []),
+        ]
         for mode in modes if r % 2 == 0 else modes[::-1]:
             events = requests(n, args.size, args.steps, f"{mode[0]}{r}", seed0)
             meter = LoadMeter(dict(roles))
@@ -252,6 +276,11 @@ async def bench(
                 seconds = await beside_polling_client(
                     settings, meter, args.timeout, run_direct, generator, events, config.max_batch
                 )
+            elif mode == "process":
+                assert remote is not None and model_process is not None
+                meter.roles["bench"] = [os.getpid(), model_process.pid]
+                reply, _ = await run_worker(remote, settings, events, meter, args.timeout)
+                seconds = float(reply)
             else:
                 reply, rt = await run_worker(stage, settings, events, meter, args.timeout, profiler)
                 seconds = float(reply)
@@ -265,6 +294,9 @@ async def bench(
         row["cpu_ratio"] = round(row["worker"]["cpu_s"] / max(row["direct"]["cpu_s"], 1e-9), 3)
         if args.polled:
             row["polled_ratio"] = round(row["polled"]["s"] / row["direct"]["s"], 3)
+        if remote is not None:
+            row["process_ratio"] = round(row["process"]["s"] / row["direct"]["s"], 3)
+            row["process_cpu_ratio"] = round(row["process"]["cpu_s"] / row["direct"]["cpu_s"], 3)
         rounds.append(row)
         log.info("round %d: %s", r, json.dumps(row))
     if profiler is not None:
@@ -301,6 +333,14 @@ async def bench(
         "target_ratio": TARGET,
         "ok": verdict(wall["median"], cpu["median"]),
         **({"polled_ratio": spread([r["polled_ratio"] for r in rounds])} if args.polled else {}),
+        **(
+            {
+                "process_ratio": spread([r["process_ratio"] for r in rounds]),
+                "process_cpu_ratio": spread([r["process_cpu_ratio"] for r in rounds]),
+            }
+            if remote is not None
+            else {}
+        ),
         "mean_batch": round(batches[1] / max(batches[0], 1), 2),
         "other_load_cores": spread(
             [r[m].get("other_load_cores") or 0.0 for r in rounds for m in ("direct", "worker")], 2
@@ -327,13 +367,30 @@ def main() -> None:
         action="store_true",
         help="a third mode per round: the direct run while an idle client polls the broker",
     )
+    parser.add_argument(
+        "--model-process",
+        action="store_true",
+        help="a mode per round: the worker with its generation in a process of its own",
+    )
     args = parser.parse_args()
     quiet_logs(("aiokafka", "diffusers", "transformers", "consumers", "gen_worker"))
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
 
     print("machine:", json.dumps(describe()))
-    result = on_broker(lambda bootstrap, blobs, pid: bench(args, bootstrap, blobs, pid))
+    # Forked first: before this process computes with torch or starts a thread.
+    model_process = (
+        ModelProcess(Settings(models=args.profile, device=args.device))
+        if args.model_process
+        else None
+    )
+    try:
+        result = on_broker(
+            lambda bootstrap, blobs, pid: bench(args, bootstrap, blobs, pid, model_process)
+        )
+    finally:
+        if model_process is not None:
+            model_process.close()
     print(
         f"worker / direct, median of {result['repeats']} rounds: wall {result['ratio']:.3f}, "
         f"CPU {result['cpu_ratio']:.3f} (target <= {TARGET}); mean batch {result['mean_batch']}"
