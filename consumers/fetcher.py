@@ -18,7 +18,8 @@ at a time, waited for a fetch round trip after each pause (it drained a backlog 
 slower, docs/design-notes.md).
 
 Nothing but records, or room for them, wakes the loop: idle, it waits up to
-:data:`IDLE_POLL_MS` in ``getmany`` while aiokafka long-polls the broker; once the
+:data:`IDLE_POLL_MS` in ``getmany`` while aiokafka long-polls the broker, with the
+long fetch wait once nothing has come for a while (:mod:`plumbing.fetch_wait`); once the
 runtime stops, what a fetch still returns is not accepted, so no new work starts (the
 partition's next owner fetches it again). Each wake of the event loop costs the
 handler's thread a turn of the GIL; the 100 ms timers this replaced woke a waiting
@@ -41,6 +42,7 @@ from consumers.metrics import StageMetrics
 from consumers.offsets import Offsets, PartitionState
 from consumers.stage import Stage
 from consumers.tracing import RecordTracing
+from plumbing.fetch_wait import FetchWait
 from plumbing.telemetry import w3c_propagation
 
 log = logging.getLogger(__name__)
@@ -162,6 +164,7 @@ class Fetcher:
     def __init__(
         self,
         consumer: AIOKafkaConsumer,
+        fetch_wait: FetchWait,
         stage: Stage[object],
         offsets: Offsets,
         queue: ReadyQueue,
@@ -171,6 +174,7 @@ class Fetcher:
         on_invalid: Callable[[Job, Exception], None],
     ) -> None:
         self.consumer = consumer
+        self.fetch_wait = fetch_wait
         self.stage = stage
         self.offsets = offsets
         self.queue = queue
@@ -210,7 +214,9 @@ class Fetcher:
                 consumer.resume(*consumer.assignment())
                 self.paused = False
             try:
-                batches = await consumer.getmany(timeout_ms=timeout_ms, max_records=max(room, 1))
+                batches = await self.fetch_wait.getmany(
+                    timeout_ms=timeout_ms, max_records=max(room, 1)
+                )
             except KafkaError as exc:
                 log.warning("fetch failed, retrying: %s", exc)
                 await asyncio.sleep(0.5)

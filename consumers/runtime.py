@@ -49,6 +49,7 @@ from consumers.stage import ItemResult, Output, Stage, StageContext
 from consumers.topic_log import KafkaTopicLog
 from consumers.tracing import RecordTracing
 from plumbing.blobstore import BlobStore
+from plumbing.fetch_wait import FetchWait
 from plumbing.kafka import ensure_topics, make_consumer
 from plumbing.lifecycle import AsyncService
 from plumbing.settings import Settings
@@ -196,6 +197,7 @@ class StageRuntime(AsyncService):
             self.metrics.serve(self.config.metrics_port)
         self._fetcher = Fetcher(
             self._consumer,
+            FetchWait.from_settings(self._consumer, self.settings, busy_ms=fetch_wait),
             self.stage,
             self.offsets,
             self.queue,

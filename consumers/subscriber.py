@@ -17,6 +17,7 @@ from typing import Literal
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import murmur2
 
+from plumbing.fetch_wait import FetchWait
 from plumbing.kafka import make_consumer
 from plumbing.lifecycle import AsyncService
 from plumbing.settings import Settings
@@ -63,12 +64,14 @@ class Subscriber(AsyncService):
         self.start_at = start
         self.only_key = only_key
         self._consumer: AIOKafkaConsumer = None  # type: ignore[assignment]  # made in start()
+        self._fetch_wait: FetchWait = None  # type: ignore[assignment]  # made in start()
 
     async def start(self) -> None:
         self._consumer = make_consumer(
             self.settings, enable_auto_commit=False, client_id="genseg-subscriber"
         )
         await self._consumer.start()
+        self._fetch_wait = FetchWait.from_settings(self._consumer, self.settings)
         try:
             await self._assign()
         except BaseException:
@@ -111,7 +114,7 @@ class Subscriber(AsyncService):
 
     async def next_events(self, timeout_s: float = 1.0) -> list[tuple[str, Event]]:
         """The (topic, event) pairs that arrived within ``timeout_s`` (possibly none)."""
-        batches = await self._consumer.getmany(timeout_ms=int(timeout_s * 1000))
+        batches = await self._fetch_wait.getmany(timeout_ms=int(timeout_s * 1000))
         out: list[tuple[str, Event]] = []
         for tp, records in batches.items():
             for record in records:

@@ -46,6 +46,18 @@ class Settings(BaseSettings):
     kafka_fetch_max_wait_ms: int = Field(
         default=25, ge=1, le=60_000, validation_alias="KAFKA_FETCH_MAX_WAIT_MS"
     )
+    #: The fetch wait of a consumer that has read nothing for ``KAFKA_FETCH_IDLE_AFTER_MS``
+    #: (workers, subscribers and the gateway's view; plumbing.fetch_wait): an idle
+    #: consumer and the broker then wake 5 times a second instead of 40. On tansu the
+    #: first record after such a lull is read about 20 ms later; Apache Kafka answers at
+    #: once. At or under ``KAFKA_FETCH_MAX_WAIT_MS``: no lengthening.
+    kafka_fetch_idle_wait_ms: int = Field(
+        default=200, ge=1, le=60_000, validation_alias="KAFKA_FETCH_IDLE_WAIT_MS"
+    )
+    #: How long a consumer reads nothing before its fetches wait ``KAFKA_FETCH_IDLE_WAIT_MS``.
+    kafka_fetch_idle_after_ms: int = Field(
+        default=500, ge=0, le=3_600_000, validation_alias="KAFKA_FETCH_IDLE_AFTER_MS"
+    )
     #: How long a worker's group waits for its heartbeat before giving its partitions to
     #: another member: a crashed worker's requests wait this long. On tansu every group
     #: join also completes only after half of it (Apache Kafka waits

@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from genseg.gateway.metrics import GatewayMetrics
 from genseg.gateway.view import Record, StoredEvent, View
+from plumbing.fetch_wait import FetchWait
 from plumbing.kafka import make_consumer
 from plumbing.settings import Settings
 from schemas import InvalidEvent, decode_record
@@ -103,6 +104,7 @@ class Feeder:
         self.metrics = metrics
         self._short = {settings.topics.name(t): t for t in VIEW_TOPICS}
         self._consumer: AIOKafkaConsumer | None = None
+        self._fetch_wait: FetchWait | None = None
         self._task: asyncio.Task[None] | None = None
         #: End offsets when the feeder started, of the partitions not yet read past them.
         self._targets: dict[TopicPartition, int] | None = None
@@ -118,6 +120,7 @@ class Feeder:
             metadata_max_age_ms=int(REASSIGN_INTERVAL_S * 1000),
         )
         await self._consumer.start()
+        self._fetch_wait = FetchWait.from_settings(self._consumer, self.settings)
         self._task = asyncio.create_task(self._run(), name="genseg-gateway-feeder")
 
     async def stop(self) -> None:
@@ -144,7 +147,8 @@ class Feeder:
                 if reseek or time.monotonic() >= next_check:
                     await self._assign(reseek=reseek)
                     next_check, reseek = time.monotonic() + REASSIGN_INTERVAL_S, False
-                batches = await self.consumer.getmany(timeout_ms=1000, max_records=2000)
+                assert self._fetch_wait is not None
+                batches = await self._fetch_wait.getmany(timeout_ms=1000, max_records=2000)
                 if batches:
                     self._apply(batches)
                 await self._check_caught_up()
