@@ -3,13 +3,14 @@
 A consumer with nothing to read sends one fetch per ``fetch_max_wait_ms`` and the
 broker answers it empty when the wait runs out, so each idle consumer costs its own
 process and the broker a wake per wait. A short wait is what keeps hops fast on tansu,
-which answers a waiting fetch later the longer its wait (p50 about 5 ms at 25 ms, 24 ms
-at 100 to 200 ms: ``bench/idle_polling.py``); Apache Kafka answers as soon as a record
+which answers a waiting fetch later the longer its wait (p50 about 5 ms at 25 ms, 6.5
+at 50, 25 at 100: ``bench/idle_polling.py``); Apache Kafka answers as soon as a record
 arrives, so there a long wait costs nothing. :class:`FetchWait` uses the short wait
-(``KAFKA_FETCH_MAX_WAIT_MS``) while records come and the long one
-(``KAFKA_FETCH_IDLE_WAIT_MS``) once none has come for ``KAFKA_FETCH_IDLE_AFTER_MS``:
-a worker or client waiting for work polls a few times a second instead of forty, and
-on tansu the first record after such a lull is read about 20 ms later.
+(``KAFKA_FETCH_MAX_WAIT_MS``, 25 ms) while records come and the long one
+(``KAFKA_FETCH_IDLE_WAIT_MS``, 50 ms) once none has come for
+``KAFKA_FETCH_IDLE_AFTER_MS`` (500 ms): a worker or client waiting for work sends half
+the empty fetches, and on tansu the first record after such a lull is read 1-2 ms
+later.
 
 aiokafka fixes the wait when the consumer is built, and has no public way to change it;
 :class:`FetchWait` sets the attribute its fetcher reads when it builds each fetch
