@@ -62,7 +62,11 @@ class FetchWait:
         self._fetcher = getattr(consumer, "_fetcher", None)
         if self._fetcher is None or not hasattr(self._fetcher, "_fetch_max_wait_ms"):
             # An aiokafka without the attribute, or a consumer not started: keep its wait.
-            log.warning("this aiokafka's fetch wait cannot be changed: %d ms throughout", busy_ms)
+            log.warning(
+                "the consumer's fetch wait cannot be changed (not started, or an aiokafka "
+                "without Fetcher._fetch_max_wait_ms): %d ms throughout",
+                busy_ms,
+            )
             self._fetcher = None
         self._set(busy_ms)
 
