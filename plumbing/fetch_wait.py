@@ -89,7 +89,8 @@ class FetchWait:
 
     @property
     def idle(self) -> bool:
-        return self._wait_ms == self.idle_ms and self.idle_ms > self.busy_ms
+        """Whether the next fetch waits the long wait (never when it is not longer)."""
+        return self._wait_ms > self.busy_ms
 
     def _set(self, wait_ms: int) -> None:
         self._wait_ms = wait_ms
@@ -103,7 +104,7 @@ class FetchWait:
             self._last_records = now
             if self._wait_ms != self.busy_ms:
                 self._set(self.busy_ms)
-        elif not self.idle and now - self._last_records >= self.idle_after_s:
+        elif self._wait_ms < self.idle_ms and now - self._last_records >= self.idle_after_s:
             self._set(self.idle_ms)
 
     async def getmany(
@@ -114,7 +115,7 @@ class FetchWait:
         deadline = self.clock() + timeout_ms / 1000
         while True:
             left = deadline - self.clock()
-            if not self.idle and self.idle_ms > self.busy_ms:
+            if self._wait_ms < self.idle_ms:  # still short, and a longer one exists
                 left = min(left, self._last_records + self.idle_after_s - self.clock())
             batches = await self.consumer.getmany(
                 *partitions, timeout_ms=max(0, round(left * 1000)), max_records=max_records
