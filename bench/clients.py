@@ -13,12 +13,14 @@ Roles:
 
 - ``batch``: publish every request at once, then read image-ready events until each
   request has one; reply with the seconds from the first publish.
+- ``assets``: the same, through the segmenter too: read asset-ready events until each
+  request has one; reply with ``[seconds from the first publish, objects cut out]``.
 - ``paced``: one request at a time: publish, read its image-ready event, then the next;
   reply with ``[seconds end to end, seconds of the handler's phases]`` per request.
 - ``poll``: publish nothing; poll the image-ready and dead-letter topics until
   ``"stop"`` (what a waiting client costs the machine); no reply.
 
-    python -m bench.clients batch|paced|poll   # run by client_process, not by hand
+    python -m bench.clients batch|assets|paced|poll   # run by client_process, not by hand
 """
 
 from __future__ import annotations
@@ -31,17 +33,18 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 from consumers.subscriber import Subscriber
 from plumbing.settings import Settings
 from producers.publisher import Publisher
-from schemas import ImageReadyEvent, PromptEvent
+from schemas import AssetReadyEvent, Event, ImageReadyEvent, PromptEvent
 
 ROOT = Path(__file__).resolve().parents[1]
-ROLES = ("batch", "paced", "poll")
+ROLES = ("batch", "assets", "paced", "poll")
 #: The settings a client needs; the rest are the client's environment's, as for any client.
 CLIENT_FIELDS = {"kafka_bootstrap_servers", "topic_prefix", "blob_url"}
+E = TypeVar("E", bound=Event)
 
 
 class Client:
@@ -111,26 +114,38 @@ async def client_process(
 # --- the client process -----------------------------------------------------------------
 
 
-async def _images(sub: Subscriber, wanted: set[str]) -> dict[str, ImageReadyEvent]:
-    """The image-ready event of each id in ``wanted``, read until every one has one; any
+async def _outcomes(sub: Subscriber, wanted: set[str], kind: type[E]) -> dict[str, E]:
+    """The ``kind`` event of each id in ``wanted``, read until every one has one; any
     other event for those ids (a dead letter) fails the run."""
-    images: dict[str, ImageReadyEvent] = {}
-    while len(images) < len(wanted):
+    found: dict[str, E] = {}
+    while len(found) < len(wanted):
         for topic, event in await sub.next_events(0.2):
             if getattr(event, "id", None) not in wanted:
                 continue
-            if not isinstance(event, ImageReadyEvent):
+            if not isinstance(event, kind):
                 raise RuntimeError(f"{topic}: {event}")
-            images[event.id] = event
-    return images
+            found[event.id] = event
+    return found
 
 
-async def _batch(sub: Subscriber, pub: Publisher, prompts: list[PromptEvent]) -> float:
+async def _publish(sub: Subscriber, pub: Publisher, prompts: list[PromptEvent]) -> float:
+    """Publishes every prompt at once; ``time.perf_counter()`` before the first."""
     started = time.perf_counter()
     topic = sub.settings.topics.prompts
     await asyncio.gather(*(pub.publish(topic, e) for e in prompts))
-    await _images(sub, {e.id for e in prompts})
+    return started
+
+
+async def _batch(sub: Subscriber, pub: Publisher, prompts: list[PromptEvent]) -> float:
+    started = await _publish(sub, pub, prompts)
+    await _outcomes(sub, {e.id for e in prompts}, ImageReadyEvent)
     return time.perf_counter() - started
+
+
+async def _assets(sub: Subscriber, pub: Publisher, prompts: list[PromptEvent]) -> tuple[float, int]:
+    started = await _publish(sub, pub, prompts)
+    ready = await _outcomes(sub, {e.id for e in prompts}, AssetReadyEvent)
+    return time.perf_counter() - started, sum(len(e.assets) for e in ready.values())
 
 
 async def _paced(
@@ -140,7 +155,7 @@ async def _paced(
     for prompt in prompts:
         started = time.perf_counter()
         await pub.publish(sub.settings.topics.prompts, prompt)
-        ready = (await _images(sub, {prompt.id}))[prompt.id]
+        ready = (await _outcomes(sub, {prompt.id}, ImageReadyEvent))[prompt.id]
         out.append((time.perf_counter() - started, sum(ready.timings_ms.values()) / 1e3))
     return out
 
@@ -154,7 +169,8 @@ async def _run(role: str, stdin: TextIO, stdout: TextIO) -> None:
         stdout.write(json.dumps(message) + "\n")
         stdout.flush()
 
-    async with Subscriber(settings, ["images", "dlq"]) as sub, Publisher(settings) as pub:
+    topics = ["assets" if role == "assets" else "images", "dlq"]
+    async with Subscriber(settings, topics) as sub, Publisher(settings) as pub:
         say("ready")
         told = asyncio.ensure_future(asyncio.to_thread(stdin.readline))
         if role == "poll":
@@ -163,7 +179,8 @@ async def _run(role: str, stdin: TextIO, stdout: TextIO) -> None:
             return
         if (line := await told) == "" or json.loads(line) != "go":
             return  # told to stop, or the bench is gone
-        say(await (_batch if role == "batch" else _paced)(sub, pub, prompts))
+        work = {"batch": _batch, "assets": _assets, "paced": _paced}[role]
+        say(await work(sub, pub, prompts))
 
 
 def main() -> None:

@@ -12,15 +12,19 @@
       :class:`StageRuntime` at ``genseg worker``'s default configurations
       (:func:`genseg.workers.runtime_config`; blob store, image/heat-map PNGs, progress,
       image-ready, masks-ready and asset-ready events), timed from the first publish
-      until the client (a consumer with the default fetch wait) has read the last
-      asset-ready event. The runtimes exist only during pipeline rounds (they join
-      their groups before the clock starts and leave after), so the direct rounds run
-      beside nothing of the pipeline but the idle broker.
+      until the client has read the last asset-ready event. The client runs in a
+      process of its own, as clients do (:mod:`bench.clients`, role ``assets``: a
+      :class:`~producers.publisher.Publisher` and a
+      :class:`~consumers.subscriber.Subscriber` at their defaults). The runtimes and
+      the client exist only during pipeline rounds (they join their groups before the
+      clock starts and leave after), so the direct rounds run beside nothing of the
+      pipeline but the idle broker.
 
     Modes alternate ``--repeats`` times (the same seeds in both modes in one round,
     fresh seeds each round, so no embedding-cache hits); per round the pipeline's wall
     and CPU seconds (this process and the broker) over the direct code's; the medians
-    of those ratios and their spread count. Targets: wall <= 1.15, CPU <= 1.25. Both
+    of those ratios and their spread count; the pipeline's CPU counts this process
+    (the runtimes), the broker and the client. Targets: wall <= 1.15, CPU <= 1.25. Both
     modes run with ``--torch-threads`` (default 1) intra-op threads: the tiny models'
     tensors are too small for more to help, and on a busy 2-core machine two threads
     that wait for each other made some runs dozens of times slower than one.
@@ -63,8 +67,10 @@ client's; ``--scale-fetch-wait-ms`` overrides it for (b)'s workers); the JSON re
 value. Hops are a fixed fill-and-drain cost per run, not per request, while every empty
 fetch costs some CPU. (b)'s measuring consumer polls every 200 ms: it times runs by
 the records' own timestamps, so its latency is not counted and its polling costs
-little. (a)'s and (c)'s client reads with the settings' fetch wait, as a client would,
-and the clock stops when it has read the last asset-ready event.
+little. (a)'s and (c)'s client reads as the library's ``Subscriber`` does by default
+(the settings' fetch wait, longer once it has waited idle:
+:class:`plumbing.fetch_wait.FetchWait`), and the clock stops when it has read the last
+asset-ready event.
 
 Usage: ``python bench/pipeline.py [--requests 32] [--steps 20] [--scale-requests 24]
 [--flow-requests 6]`` (``--skip-overhead``, ``--skip-scale``, ``--skip-flow`` leave a part
@@ -102,6 +108,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from bench.clients import client_process
 from bench.harness import quiet_logs
 from bench.machine import LoadMeter, describe, load_average, spread
 from consumers.runtime import StageRuntime
@@ -371,25 +378,21 @@ class Pipeline:
         ]
 
     async def run(
-        self, producer: AIOKafkaProducer, events: list[PromptEvent], meter: LoadMeter
+        self, events: list[PromptEvent], meter: LoadMeter
     ) -> tuple[float, int, list[StageRuntime]]:
         """Seconds from the first publish until the client has read the last asset-ready
-        event, the assets cut out, and the runtimes (stopped). ``meter`` measures the
-        publish-to-read span only (not the group joins)."""
+        event, the objects cut out, and the runtimes (stopped). ``meter`` measures the
+        publish-to-read span only (not the group joins); the client's pid is added to it
+        as ``client``."""
         runtimes = self.runtimes()
         async with running(runtimes):
             for rt in runtimes:  # joined before the clock starts
                 await wait_assigned(rt, self.timeout)
-            async with Outcomes(self.settings, ["assets", "dlq"]) as outcomes:
+            async with client_process("assets", self.settings, events, self.timeout) as client:
+                meter.roles["client"] = [client.pid]
                 with meter:
-                    started = time.perf_counter()
-                    await publish(producer, self.settings, events)
-                    await outcomes.wait(
-                        {e.id for e in events}, self.settings.topics.assets, self.timeout
-                    )
-                    read = outcomes.read_at
-        found = sum(len(json.loads(v)["assets"]) for v in outcomes.values)
-        return read - started, found, runtimes
+                    seconds, found = await client.go(self.timeout)
+        return seconds, found, runtimes
 
 
 async def wait_assigned(rt: StageRuntime, timeout: float) -> None:
@@ -436,36 +439,35 @@ async def bench_overhead(
     def events(tag: str, count: int, steps: int, seed0: int) -> list[PromptEvent]:
         return [prompt(f"{tag}-{i:03d}", seed0 + i, size, steps) for i in range(count)]
 
-    async with client_producer(settings) as producer:
-        # Warm up both paths: first-call allocations, topic metadata, the client.
-        await pipeline.run(producer, events("warm", 4, 2, 10), LoadMeter({}))
-        await asyncio.to_thread(direct.two_threads, events("warm-d", 4, 2, 20), max_batch)
-        for r in range(args.repeats):
-            # The same seeds in both modes: the same images, heat maps and objects (the
-            # embedding cache keys differ, so neither mode reuses the other's work).
-            seed0 = 1000 + 100 * r
-            row: dict[str, Any] = {"round": r}
-            for mode in ("direct", "pipeline") if r % 2 == 0 else ("pipeline", "direct"):
-                meter = LoadMeter(roles)
-                if mode == "direct":
-                    with meter:
-                        seconds, objects = await asyncio.to_thread(
-                            direct.two_threads, events(f"d{r}", n, steps, seed0), max_batch
-                        )
-                else:
-                    seconds, objects, runtimes = await pipeline.run(
-                        producer, events(f"p{r}", n, steps, seed0), meter
+    # Warm up both paths: first-call allocations, topic metadata.
+    await pipeline.run(events("warm", 4, 2, 10), LoadMeter({}))
+    await asyncio.to_thread(direct.two_threads, events("warm-d", 4, 2, 20), max_batch)
+    for r in range(args.repeats):
+        # The same seeds in both modes: the same images, heat maps and objects (the
+        # embedding cache keys differ, so neither mode reuses the other's work).
+        seed0 = 1000 + 100 * r
+        row: dict[str, Any] = {"round": r}
+        for mode in ("direct", "pipeline") if r % 2 == 0 else ("pipeline", "direct"):
+            meter = LoadMeter(dict(roles))
+            if mode == "direct":
+                with meter:
+                    seconds, objects = await asyncio.to_thread(
+                        direct.two_threads, events(f"d{r}", n, steps, seed0), max_batch
                     )
-                    count, total = histogram_totals(runtimes[0].metrics.batch_size)
-                    batches[0] += count
-                    batches[1] += total
-                row[mode] = {"s": round(seconds, 3), "objects": objects, **meter.report()}
-            row["wall_ratio"] = round(row["pipeline"]["s"] / row["direct"]["s"], 3)
-            row["cpu_ratio"] = round(
-                row["pipeline"]["ours_cpu_s"] / max(row["direct"]["ours_cpu_s"], 1e-9), 3
-            )
-            rounds.append(row)
-            log.info("(a) round %d: %s", r, json.dumps(row))
+            else:
+                seconds, objects, runtimes = await pipeline.run(
+                    events(f"p{r}", n, steps, seed0), meter
+                )
+                count, total = histogram_totals(runtimes[0].metrics.batch_size)
+                batches[0] += count
+                batches[1] += total
+            row[mode] = {"s": round(seconds, 3), "objects": objects, **meter.report()}
+        row["wall_ratio"] = round(row["pipeline"]["s"] / row["direct"]["s"], 3)
+        row["cpu_ratio"] = round(
+            row["pipeline"]["ours_cpu_s"] / max(row["direct"]["ours_cpu_s"], 1e-9), 3
+        )
+        rounds.append(row)
+        log.info("(a) round %d: %s", r, json.dumps(row))
     wall = spread([r["wall_ratio"] for r in rounds])
     cpu = spread([r["cpu_ratio"] for r in rounds])
 
@@ -521,39 +523,36 @@ async def bench_flow(
     def events(tag: str, count: int, steps: int, seed0: int) -> list[PromptEvent]:
         return [prompt(f"{tag}-{i:03d}", seed0 + i, size, steps) for i in range(count)]
 
-    async with client_producer(settings) as producer:
-        await pipeline.run(producer, events("fwarm", 2, 2, 10), LoadMeter({}))
-        await asyncio.to_thread(direct.step_by_step, events("fwarm-d", 2, 2, 20))
-        for r in range(args.flow_repeats):
-            seed0 = 5000 + 100 * r
-            row: dict[str, Any] = {"round": r}
-            for mode in ("loop", "pipeline") if r % 2 == 0 else ("pipeline", "loop"):
-                meter = LoadMeter(roles)
-                if mode == "loop":
-                    with meter:
-                        seconds, objects, gen_s, seg_s = await asyncio.to_thread(
-                            direct.step_by_step, events(f"fl{r}", n, steps, seed0)
-                        )
-                    extra = {"gen_s": round(gen_s, 3), "seg_s": round(seg_s, 3)}
-                else:
-                    seconds, objects, _ = await pipeline.run(
-                        producer, events(f"fp{r}", n, steps, seed0), meter
+    await pipeline.run(events("fwarm", 2, 2, 10), LoadMeter({}))
+    await asyncio.to_thread(direct.step_by_step, events("fwarm-d", 2, 2, 20))
+    for r in range(args.flow_repeats):
+        seed0 = 5000 + 100 * r
+        row: dict[str, Any] = {"round": r}
+        for mode in ("loop", "pipeline") if r % 2 == 0 else ("pipeline", "loop"):
+            meter = LoadMeter(dict(roles))
+            if mode == "loop":
+                with meter:
+                    seconds, objects, gen_s, seg_s = await asyncio.to_thread(
+                        direct.step_by_step, events(f"fl{r}", n, steps, seed0)
                     )
-                    extra = {}
-                row[mode] = {
-                    "s": round(seconds, 3),
-                    "req_per_s": round(n / seconds, 4),
-                    "objects": objects,
-                    **extra,
-                    **meter.report(),
-                }
-            loop = row["loop"]
-            row["ratio"] = round(loop["s"] / row["pipeline"]["s"], 3)
-            row["ceiling"] = round(
-                (loop["gen_s"] + loop["seg_s"]) / max(loop["gen_s"], loop["seg_s"]), 3
-            )
-            rounds.append(row)
-            log.info("(c) round %d: %s", r, json.dumps(row))
+                extra = {"gen_s": round(gen_s, 3), "seg_s": round(seg_s, 3)}
+            else:
+                seconds, objects, _ = await pipeline.run(events(f"fp{r}", n, steps, seed0), meter)
+                extra = {}
+            row[mode] = {
+                "s": round(seconds, 3),
+                "req_per_s": round(n / seconds, 4),
+                "objects": objects,
+                **extra,
+                **meter.report(),
+            }
+        loop = row["loop"]
+        row["ratio"] = round(loop["s"] / row["pipeline"]["s"], 3)
+        row["ceiling"] = round(
+            (loop["gen_s"] + loop["seg_s"]) / max(loop["gen_s"], loop["seg_s"]), 3
+        )
+        rounds.append(row)
+        log.info("(c) round %d: %s", r, json.dumps(row))
     ratio = spread([r["ratio"] for r in rounds])
     return {
         "requests": n,
