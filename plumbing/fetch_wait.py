@@ -8,7 +8,7 @@ at 50, 25 at 100: ``bench/idle_polling.py``); Apache Kafka answers as soon as a 
 arrives, so there a long wait costs nothing. :class:`FetchWait` uses the short wait
 (``KAFKA_FETCH_MAX_WAIT_MS``, 25 ms) while records come and the long one
 (``KAFKA_FETCH_IDLE_WAIT_MS``, 50 ms) once none has come for
-``KAFKA_FETCH_IDLE_AFTER_MS`` (500 ms): a worker or client waiting for work sends half
+``KAFKA_FETCH_IDLE_AFTER_MS`` (100 ms): a worker or client waiting for work sends half
 the empty fetches, and on tansu the first record after such a lull is read 1-2 ms
 later.
 

@@ -55,9 +55,10 @@ class Settings(BaseSettings):
     kafka_fetch_idle_wait_ms: int = Field(
         default=50, ge=1, le=60_000, validation_alias="KAFKA_FETCH_IDLE_WAIT_MS"
     )
-    #: How long a consumer reads nothing before its fetches wait ``KAFKA_FETCH_IDLE_WAIT_MS``.
+    #: How long a consumer reads nothing before its fetches wait ``KAFKA_FETCH_IDLE_WAIT_MS``:
+    #: four empty fetches at the 25 ms wait (docs/design-notes.md says why not longer).
     kafka_fetch_idle_after_ms: int = Field(
-        default=500, ge=0, le=3_600_000, validation_alias="KAFKA_FETCH_IDLE_AFTER_MS"
+        default=100, ge=0, le=3_600_000, validation_alias="KAFKA_FETCH_IDLE_AFTER_MS"
     )
     #: How long a worker's group waits for its heartbeat before giving its partitions to
     #: another member: a crashed worker's requests wait this long. On tansu every group
