@@ -9,7 +9,7 @@ arrives, so there a long wait costs nothing. :class:`FetchWait` uses the short w
 (``KAFKA_FETCH_MAX_WAIT_MS``, 25 ms) while records come and the long one
 (``KAFKA_FETCH_IDLE_WAIT_MS``, 50 ms) once none has come for
 ``KAFKA_FETCH_IDLE_AFTER_MS`` (100 ms): a worker or client waiting for work sends half
-the empty fetches, and on tansu the first record after such a lull is read 1-2 ms
+the empty fetches, and on tansu the first record after such a lull is read 1-3 ms
 later.
 
 aiokafka fixes the wait when the consumer is built, and has no public way to change it;

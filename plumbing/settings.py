@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     #: The fetch wait of a consumer that has read nothing for ``KAFKA_FETCH_IDLE_AFTER_MS``
     #: (workers, subscribers and the gateway's view; plumbing.fetch_wait): an idle
     #: consumer and the broker then wake 20 times a second instead of 40. On tansu the
-    #: first record after such a lull is read 1-2 ms later at 50 (about 20 ms later at
+    #: first record after such a lull is read 1-3 ms later at 50 (about 20 ms later at
     #: 100 or more); Apache Kafka answers at once, so raise it there. At or under
     #: ``KAFKA_FETCH_MAX_WAIT_MS``: no lengthening.
     kafka_fetch_idle_wait_ms: int = Field(
