@@ -22,9 +22,9 @@
 
     Modes alternate ``--repeats`` times (the same seeds in both modes in one round,
     fresh seeds each round, so no embedding-cache hits); per round the pipeline's wall
-    and CPU seconds (this process and the broker) over the direct code's; the medians
-    of those ratios and their spread count; the pipeline's CPU counts this process
-    (the runtimes), the broker and the client. Targets: wall <= 1.15, CPU <= 1.25. Both
+    and CPU seconds over the direct code's (the pipeline's CPU counts this process, which
+    holds the runtimes, the broker and the client); the medians of those ratios and
+    their spread count. Targets: wall <= 1.15, CPU <= 1.25. Both
     modes run with ``--torch-threads`` (default 1) intra-op threads: the tiny models'
     tensors are too small for more to help, and on a busy 2-core machine two threads
     that wait for each other made some runs dozens of times slower than one.
