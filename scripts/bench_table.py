@@ -70,11 +70,15 @@ def _plausible(wall: dict[str, Any], cpu: dict[str, Any], ok: bool | None) -> bo
 
 def event_plane(r: dict[str, Any]) -> list[Row]:
     config = r.get("stage_configs", {}).get("stage", {})
+    window = ""
+    if r.get("warmup_records"):
+        window = f", after the first {r['warmup_records']:,} of {r['records']:,} records"
     return [
         Row(
             "stage runtime at `genseg worker`'s defaults (max_batch "
             f"{config.get('max_batch')}, max_in_flight {config.get('max_in_flight')}) vs the "
-            f"best simple aiokafka loop, events/s, median of {r['repeats']} rounds (spread)",
+            f"best simple aiokafka loop, events/s{window}, median of {r['repeats']} rounds "
+            "(spread)",
             "bench/event_plane.py",
             f"{_spread(r['ratio_spread'])}; {r['events_per_s']:,.0f} vs "
             f"{r['bare_events_per_s']:,.0f} events/s",

@@ -32,6 +32,7 @@ RESULTS = {
     "event_plane": {
         "bench": "event_plane", "events_per_s": 24000.0, "bare_events_per_s": 50000.0,
         "ratio_spread": spread(0.48, 0.3, 0.61), "ok": False, "repeats": 5,
+        "records": 40000, "warmup_records": 10000,
         "stage_configs": {"stage": {"max_batch": 1, "max_in_flight": 8}},
         "variants": {"bare": {"other_load_cores": spread(0.02, 0.0, 0.1)}},
         "machine": {**MACHINE, "torch": None},
@@ -79,6 +80,7 @@ def test_one_row_per_figure_with_the_verdict(logs: Path) -> None:
     rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) == 1 + 1 + 1 + 3 + 1, text  # header, event plane, gen, (a)(b)(c), quality
     assert "0.480 (0.300-0.610)" in text and "**missed**" in rows[1]
+    assert "after the first 10,000 of 40,000 records" in rows[1]
     assert "1.050 (1.010-1.120) / 1.040 (1.000-1.090)" in rows[2] and "**met**" in rows[2]
     assert "direct 0.120 s vs genseg 0.126 s an image" in rows[2]
     assert "direct 0." not in rows[3], "(a) without its absolute seconds: none shown"
