@@ -52,9 +52,10 @@ demo: install
 
 # The CPU benchmarks, at sizes that finish in about 15 minutes on the 2-core machine (each
 # script's defaults unless named here): event plane 5 rounds of 40,000 records (the first
-# 10,000 its warm-up, timed apart) and 200 paced; gen worker 9 rounds of 32 requests (64 px, 20 steps); pipeline (a) 9 rounds of 32
-# requests, (b) 4 rounds of 24, (c) 3 rounds of 6 at 256 px; seg 40 images and the
-# ViT-B cache; scenes 12 views a size; quality 300 prompts. Each script's output goes to
+# 10,000 its warm-up, timed apart) and 200 paced; gen worker 9 rounds of 32 requests
+# (64 px, 20 steps); pipeline (a) 9 rounds of 32 requests, (b) 4 rounds of 24, (c) 3
+# rounds of 6 at 256 px; seg 40 images and the ViT-B cache; scenes 12 views a size;
+# quality 300 prompts. Each script's output goes to
 # $(BENCH_DIR)/NAME.log; scripts/bench_table.py writes the table of their last-line JSON
 # to docs/bench-latest.md and into README.md's Benchmarks section, with a speed probe of
 # the machine before and after (bench/machine.py). Run it on a quiet machine.

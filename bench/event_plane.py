@@ -45,7 +45,7 @@ adds little). Per variant and round:
    VM, 4 rounds: the bare loop's first 10,000 outputs came 10 to 50 % faster than the
    30,000 after them, and the stage's first 2,500 10 to 30 % slower than its later ones.
    The old window of 10,000 records in all measured that start alone, in 0.3 to 0.8 s,
-   over which this VM's speed by itself varies by about 10 %.) The CPU seconds of the
+   over which this VM's speed by itself varies by about 8 %.) The CPU seconds of the
    worker (``worker_cpu_us_per_event``), the driver, tansu and every other process on
    the machine (the *other load*) are read from /proc (Linux) over the same timed part;
 2. live (``live_events_per_s``): the same number again, pushed as fast as the loader
@@ -519,7 +519,8 @@ async def run_variant(
         "round": round_no,
         "events_per_s": round((args.records - args.warmup - 1) / (last - warm), 1),
         "drain_s": round(last - warm, 3),
-        "warmup_events_per_s": round(args.warmup / (warm - first), 1) if args.warmup else None,
+        # None when the whole warm-up came in one fetch (a small --warmup): no interval
+        "warmup_events_per_s": round(args.warmup / (warm - first), 1) if warm > first else None,
         "warmup_s": round(warm - first, 3),
         "live_events_per_s": round(args.records / (live_last - started), 1),
         "live_load_s": round(all_sent - started, 3),
